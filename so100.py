@@ -1,0 +1,1399 @@
+"""SO-100 arm driver over raw serial: six Feetech STS3215 servos on one half-duplex bus.
+
+Built on pyserial alone. Read top to bottom:
+  1. the control table and the driver's errors
+  2. the Feetech protocol: packets, checksums, sign-magnitude values, reply parsing
+  3. FeetechBus: transactions on a serial port with a reply timeout and retries
+  4. LeRobot-compatible calibration files and units (DEGREES, RANGE_0_100, legacy `main_*`)
+  5. SO100: connect, configure, read, write (with safety limits), torque, disconnect
+  6. the interactive calibration procedure
+  7. SimulatedArm: a simulated servo bus on a pseudo-terminal, with fault injection
+  8. the command line: `python so100.py {sim,calibrate,read}`
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import errno
+import json
+import os
+import select
+import sys
+import threading
+import time
+import tty
+import warnings
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import serial
+
+# ---------------------------------------------------------------------------------------------
+# 1. Control table, arm layout, errors
+# ---------------------------------------------------------------------------------------------
+
+# name: (address, size in bytes, sign bit or None). STS registers are little-endian; a few are
+# sign-magnitude (the sign is one bit, the rest is the magnitude), with the sign bit given here.
+REGISTERS: dict[str, tuple[int, int, int | None]] = {
+    "Firmware_Major_Version": (0, 1, None),
+    "Firmware_Minor_Version": (1, 1, None),
+    "Model_Number": (3, 2, None),
+    "ID": (5, 1, None),
+    "Baud_Rate": (6, 1, None),
+    "Return_Delay": (7, 1, None),
+    "Response_Status_Level": (8, 1, None),
+    "Min_Position_Limit": (9, 2, None),
+    "Max_Position_Limit": (11, 2, None),
+    "Max_Temperature_Limit": (13, 1, None),
+    "Max_Voltage_Limit": (14, 1, None),
+    "Min_Voltage_Limit": (15, 1, None),
+    "Max_Torque_Limit": (16, 2, None),
+    "Phase": (18, 1, None),
+    "P_Coefficient": (21, 1, None),
+    "D_Coefficient": (22, 1, None),
+    "I_Coefficient": (23, 1, None),
+    "Protection_Current": (28, 2, None),
+    "Homing_Offset": (31, 2, 11),
+    "Operating_Mode": (33, 1, None),
+    "Overload_Torque": (36, 1, None),
+    "Torque_Enable": (40, 1, None),
+    "Acceleration": (41, 1, None),
+    "Goal_Position": (42, 2, 15),
+    "Goal_Time": (44, 2, None),
+    "Goal_Velocity": (46, 2, 15),
+    "Torque_Limit": (48, 2, None),
+    "Lock": (55, 1, None),
+    "Present_Position": (56, 2, 15),
+    "Present_Velocity": (58, 2, 15),
+    "Present_Load": (60, 2, 10),
+    "Present_Voltage": (62, 1, None),
+    "Present_Temperature": (63, 1, None),
+    "Moving": (66, 1, None),
+    "Present_Current": (69, 2, None),
+    "Maximum_Acceleration": (85, 1, None),
+}
+EEPROM_END = 40  # addresses below Torque_Enable live in EEPROM: writable only with Lock 0
+STS3215_MODEL = 777
+PHASE_MULTI_TURN = 0x10  # Phase bit 4: multi-turn mode, which breaks the single-turn calibration
+STEPS_PER_TURN = 4096
+MAX_RESOLUTION = 4095  # LeRobot's unit conversions divide by 4095, not 4096
+HALF_TURN = 2047  # calibration puts the middle pose at this raw position
+
+BROADCAST_ID = 0xFE
+PING, READ, WRITE, REG_WRITE, ACTION, RESET, SYNC_READ, SYNC_WRITE = 0x01, 0x02, 0x03, 0x04, 0x05, 0x0A, 0x82, 0x83
+
+JOINT_NAMES: tuple[str, ...] = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
+MOTOR_IDS: dict[str, int] = {name: i + 1 for i, name in enumerate(JOINT_NAMES)}
+FULL_TURN_JOINT = "wrist_roll"  # turns freely: calibrated to the whole 0..4095 range
+GRIPPER = "gripper"
+
+# Written on connect, with torque off and Lock 0 (REFERENCE.md 5, as LeRobot configures the arm).
+ARM_SETTINGS: tuple[tuple[str, int], ...] = (
+    ("Return_Delay", 0),  # reply at once (the default waits 500 us before answering)
+    ("Maximum_Acceleration", 254),
+    ("Acceleration", 254),
+    ("Operating_Mode", 0),  # position control
+    ("P_Coefficient", 16),  # lower than the factory 32 to avoid shakiness
+    ("I_Coefficient", 0),
+    ("D_Coefficient", 32),
+)
+GRIPPER_SETTINGS: tuple[tuple[str, int], ...] = (
+    # The gripper squeezes objects: cap its torque and current so it does not overheat or burn out.
+    ("Max_Torque_Limit", 500),
+    ("Protection_Current", 250),
+    ("Overload_Torque", 25),
+)
+
+FAULT_BITS: dict[int, str] = {0x01: "voltage", 0x02: "angle sensor", 0x04: "overheat", 0x08: "over-current", 0x20: "overload"}
+
+
+class FeetechError(Exception):
+    """Base of every error this driver raises about the bus, the servos or the calibration."""
+
+    def __init__(self, message: str, *, port: str | None = None, servo_id: int | None = None,
+                 register: str | None = None):
+        super().__init__(message)
+        self.port, self.servo_id, self.register = port, servo_id, register
+
+
+class NoReplyError(FeetechError):
+    """A servo did not answer within the timeout, on every attempt."""
+
+
+class CorruptReplyError(FeetechError):
+    """Bytes came back but no valid status packet (truncated, wrong length, wrong id)."""
+
+
+class ChecksumError(CorruptReplyError):
+    """A complete status packet whose checksum does not match."""
+
+
+class ServoFaultError(FeetechError):
+    """A servo answered with error bits set (voltage, angle sensor, overheat, over-current, overload)."""
+
+    def __init__(self, message: str, *, faults: dict[int, list[str]] | None = None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.faults = faults or {}
+
+
+class CalibrationError(FeetechError):
+    """A calibration file is missing, malformed, or does not match the servos' registers."""
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The Feetech protocol
+# ---------------------------------------------------------------------------------------------
+
+def checksum(body: bytes) -> int:
+    """~(id + len + instruction/error + params) & 0xFF, over everything after the FF FF header."""
+    return ~sum(body) & 0xFF
+
+
+def instruction_packet(servo_id: int, instruction: int, params: bytes = b"") -> bytes:
+    body = bytes([servo_id, len(params) + 2, instruction]) + bytes(params)
+    return b"\xff\xff" + body + bytes([checksum(body)])
+
+
+def status_packet(servo_id: int, error: int, params: bytes = b"") -> bytes:
+    """A servo's reply; the simulator sends these and the tests build expected replies with it."""
+    body = bytes([servo_id, len(params) + 2, error]) + bytes(params)
+    return b"\xff\xff" + body + bytes([checksum(body)])
+
+
+def ping_packet(servo_id: int) -> bytes:
+    return instruction_packet(servo_id, PING)
+
+
+def read_packet(servo_id: int, address: int, size: int) -> bytes:
+    return instruction_packet(servo_id, READ, bytes([address, size]))
+
+
+def write_packet(servo_id: int, address: int, data: bytes) -> bytes:
+    return instruction_packet(servo_id, WRITE, bytes([address]) + bytes(data))
+
+
+def sync_read_packet(servo_ids: Sequence[int], address: int, size: int) -> bytes:
+    return instruction_packet(BROADCAST_ID, SYNC_READ, bytes([address, size, *servo_ids]))
+
+
+def sync_write_packet(address: int, size: int, data: Mapping[int, bytes]) -> bytes:
+    params = bytearray([address, size])
+    for servo_id, value in data.items():
+        if len(value) != size:
+            raise ValueError(f"SYNC_WRITE data for servo {servo_id} is {len(value)} bytes, expected {size}")
+        params += bytes([servo_id]) + bytes(value)
+    return instruction_packet(BROADCAST_ID, SYNC_WRITE, bytes(params))
+
+
+def encode_sign_magnitude(value: int, sign_bit: int) -> int:
+    magnitude = abs(value)
+    if magnitude >= 1 << sign_bit:
+        raise ValueError(f"{value} does not fit a sign-magnitude value with the sign at bit {sign_bit}")
+    return magnitude | (1 << sign_bit) if value < 0 else magnitude
+
+
+def decode_sign_magnitude(raw: int, sign_bit: int) -> int:
+    magnitude = raw & ((1 << sign_bit) - 1)
+    return -magnitude if raw & (1 << sign_bit) else magnitude
+
+
+def encode_register(name: str, value: int) -> bytes:
+    _, size, sign_bit = REGISTERS[name]
+    value = int(value)
+    if sign_bit is not None:
+        value = encode_sign_magnitude(value, sign_bit)
+    if not 0 <= value < 1 << (8 * size):
+        raise ValueError(f"{value} does not fit register {name} ({size} byte{'s' * (size > 1)})")
+    return value.to_bytes(size, "little")
+
+
+def decode_register(name: str, data: bytes) -> int:
+    _, size, sign_bit = REGISTERS[name]
+    if len(data) != size:
+        raise ValueError(f"register {name} is {size} bytes, got {len(data)}")
+    value = int.from_bytes(data, "little")
+    return decode_sign_magnitude(value, sign_bit) if sign_bit is not None else value
+
+
+def decode_error_byte(error: int) -> list[str]:
+    """Names of the faults set in a status packet's error byte; unknown bits are named by value."""
+    names = [name for bit, name in FAULT_BITS.items() if error & bit]
+    names += [f"unknown bit 0x{bit:02X}" for bit in (0x10, 0x40, 0x80) if error & bit]
+    return names
+
+
+@dataclass(frozen=True)
+class StatusPacket:
+    servo_id: int
+    error: int
+    params: bytes
+    raw: bytes  # the whole packet, header and checksum included
+
+
+MAX_STATUS_LENGTH = 130  # len field bound: no register block we read is longer than 128 bytes
+
+
+def parse_status(buffer: bytearray, params_length: int | None = None) -> StatusPacket | None:
+    """Take the first valid status packet out of `buffer` (consumed in place).
+
+    Bytes before an FF FF header are dropped. Returns None when no complete packet is there yet,
+    keeping the bytes that may start one. A header that cannot be real (id FF, a length out of
+    bounds, or not `params_length` + 2 when the caller knows what it expects) is treated as noise:
+    one byte is dropped and the search goes on, which resynchronises on the next FF FF. A complete
+    packet with a bad checksum raises ChecksumError after dropping its first byte, so the caller can
+    note it and call again to resynchronise.
+    """
+    while True:
+        start = buffer.find(b"\xff\xff")
+        if start < 0:
+            del buffer[: len(buffer) - 1 if buffer.endswith(b"\xff") else len(buffer)]
+            return None
+        del buffer[:start]
+        if len(buffer) < 4:
+            return None
+        servo_id, length = buffer[2], buffer[3]
+        plausible = servo_id < BROADCAST_ID and 2 <= length <= MAX_STATUS_LENGTH
+        if plausible and params_length is not None:
+            plausible = length == params_length + 2
+        if not plausible:
+            del buffer[:1]
+            continue
+        total = 4 + length
+        if len(buffer) < total:
+            return None
+        packet = bytes(buffer[:total])
+        if checksum(packet[2:-1]) != packet[-1]:
+            del buffer[:1]
+            raise ChecksumError(f"status packet {packet.hex(' ')} from id {servo_id} fails its checksum",
+                                servo_id=servo_id)
+        del buffer[:total]
+        return StatusPacket(servo_id=servo_id, error=packet[4], params=packet[5:-1], raw=packet)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. FeetechBus: transactions with a bounded timeout and retries
+# ---------------------------------------------------------------------------------------------
+
+def open_serial_port(port: str, baudrate: int) -> serial.Serial:
+    """Open `port` raw at `baudrate`, turning the usual failures into advice."""
+    try:
+        return serial.Serial(port, baudrate=baudrate, timeout=0.05, write_timeout=1.0)
+    except serial.SerialException as e:
+        code = getattr(e, "errno", None)
+        hint = "list the serial ports with `python -m serial.tools.list_ports -v`"
+        if code == errno.EACCES:
+            hint = ("permission denied: add yourself to the dialout group "
+                    "(`sudo usermod -aG dialout $USER`, then log out and back in)")
+        elif code == errno.ENOENT:
+            hint = ("no such device: check the USB cable; on Ubuntu the brltty service can grab CH340 "
+                    "adapters (`sudo apt remove brltty`); " + hint)
+        elif code == errno.EBUSY:
+            hint = "the port is busy: another program has it open"
+        raise FeetechError(f"cannot open serial port {port}: {e}. Hint: {hint}", port=port) from e
+
+
+class FeetechBus:
+    """Feetech protocol transactions on one serial port.
+
+    Every transaction discards stale input, sends one instruction packet and collects the status
+    packets it expects within `reply_timeout` seconds; a missing, corrupt or faulted reply is
+    retried, `attempts` tries in all, then raised as an error naming the port, servo and register.
+    A lock makes each transaction atomic, so several threads may share one bus.
+    """
+
+    def __init__(self, port: str, *, baudrate: int = 1_000_000, reply_timeout: float = 0.05,
+                 attempts: int = 3, motor_names: Mapping[int, str] | None = None):
+        self.port = port
+        self.baudrate = baudrate
+        self.reply_timeout = reply_timeout
+        self.attempts = attempts
+        self.motor_names = dict(motor_names or {})
+        self.retries = 0  # failed attempts that were retried, for diagnostics
+        self._serial: serial.Serial | None = None
+        self._lock = threading.RLock()
+
+    @property
+    def is_open(self) -> bool:
+        return self._serial is not None
+
+    def open(self) -> None:
+        if self._serial is None:
+            self._serial = open_serial_port(self.port, self.baudrate)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._serial is not None:
+                try:
+                    self._serial.close()
+                finally:
+                    self._serial = None
+
+    def _who(self, servo_id: int) -> str:
+        name = self.motor_names.get(servo_id)
+        return f"servo {servo_id} ({name})" if name else f"servo {servo_id}"
+
+    def _port(self) -> serial.Serial:
+        if self._serial is None:
+            raise FeetechError(f"serial port {self.port} is not open", port=self.port)
+        return self._serial
+
+    def _exchange(self, packet: bytes, servo_ids: Sequence[int], params_length: int):
+        """One attempt: send `packet`, collect replies from `servo_ids` until all came or time is up."""
+        port = self._port()
+        try:
+            port.reset_input_buffer()  # stale bytes from an earlier timed-out reply must not be read as ours
+            port.write(packet)
+            port.flush()
+        except serial.SerialException as e:
+            raise FeetechError(f"{self.port}: serial write failed: {e}", port=self.port) from e
+        replies: dict[int, StatusPacket] = {}
+        notes: list[str] = []
+        buffer = bytearray()
+        reply_size = 6 + params_length
+        deadline = time.monotonic() + self.reply_timeout
+        while len(replies) < len(servo_ids):
+            try:
+                reply = parse_status(buffer, params_length)
+            except ChecksumError as e:
+                notes.append(f"checksum mismatch in a reply from id {e.servo_id}")
+                continue
+            if reply is not None:
+                if reply.servo_id not in servo_ids:
+                    notes.append(f"unexpected reply from id {reply.servo_id} (two servos with one id?)")
+                else:
+                    replies.setdefault(reply.servo_id, reply)
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            port.timeout = remaining
+            wanted = max(1, reply_size * (len(servo_ids) - len(replies)) - len(buffer))
+            try:
+                buffer += port.read(wanted)
+            except serial.SerialException as e:
+                raise FeetechError(f"{self.port}: serial read failed: {e}", port=self.port) from e
+        if buffer and len(replies) < len(servo_ids):
+            notes.append(f"incomplete bytes left over: {bytes(buffer).hex(' ')}")
+        return replies, notes
+
+    def transaction(self, packet: bytes, servo_ids: Sequence[int], params_length: int,
+                    register: str | None = None) -> dict[int, StatusPacket]:
+        """Send `packet` and return the status packet of each of `servo_ids`, retrying failures."""
+        with self._lock:
+            for attempt in range(self.attempts):
+                replies, notes = self._exchange(packet, servo_ids, params_length)
+                missing = [i for i in servo_ids if i not in replies]
+                faults = {i: decode_error_byte(r.error) for i, r in replies.items() if r.error}
+                if not missing and not faults:
+                    return replies
+                if attempt + 1 < self.attempts:
+                    self.retries += 1
+            raise self._failure(missing, faults, notes, register)
+
+    def _failure(self, missing: list[int], faults: dict[int, list[str]], notes: list[str],
+                 register: str | None) -> FeetechError:
+        where = f" reading/writing register {register} (address {REGISTERS[register][0]})" if register else ""
+        tries = f"after {self.attempts} attempt{'s' * (self.attempts > 1)} of {self.reply_timeout * 1000:.0f} ms"
+        detail = f" ({'; '.join(notes)})" if notes else ""
+        servo_id = missing[0] if missing else next(iter(faults))
+        if missing:
+            who = ", ".join(self._who(i) for i in missing)
+            if notes:
+                return (ChecksumError if any("checksum" in n for n in notes) else CorruptReplyError)(
+                    f"{self.port}: {who}{where}: no valid reply {tries}{detail}. "
+                    "Hint: noise on the bus, a loose cable, or two servos sharing one id.",
+                    port=self.port, servo_id=servo_id, register=register)
+            return NoReplyError(
+                f"{self.port}: {who}{where}: no reply {tries}. Hint: is the arm's power supply on "
+                "(USB alone does not power the servos), is the cable to this servo plugged in, and is "
+                "its id right?", port=self.port, servo_id=servo_id, register=register)
+        who = "; ".join(f"{self._who(i)}: {', '.join(names)}" for i, names in faults.items())
+        return ServoFaultError(
+            f"{self.port}{where}: servo fault {tries}: {who}. Hint: overload means a blocked joint or a "
+            "gripper squeezing too hard; voltage means a wrong or weak power supply; overheat means let "
+            "it cool down.", faults=faults, port=self.port, servo_id=servo_id, register=register)
+
+    # -- instructions -----------------------------------------------------------------------------
+
+    def ping(self, servo_id: int) -> None:
+        self.transaction(ping_packet(servo_id), [servo_id], 0)
+
+    def read(self, servo_id: int, address: int, size: int, register: str | None = None) -> bytes:
+        replies = self.transaction(read_packet(servo_id, address, size), [servo_id], size, register)
+        return replies[servo_id].params
+
+    def write(self, servo_id: int, address: int, data: bytes, register: str | None = None) -> None:
+        self.transaction(write_packet(servo_id, address, data), [servo_id], 0, register)
+
+    def sync_read(self, servo_ids: Sequence[int], address: int, size: int,
+                  register: str | None = None) -> dict[int, bytes]:
+        replies = self.transaction(sync_read_packet(servo_ids, address, size), list(servo_ids), size, register)
+        return {i: replies[i].params for i in servo_ids}
+
+    def sync_write(self, address: int, size: int, data: Mapping[int, bytes]) -> None:
+        """No servo answers a SYNC_WRITE, so there is nothing to check or retry."""
+        packet = sync_write_packet(address, size, data)
+        with self._lock:
+            port = self._port()
+            try:
+                port.write(packet)
+                port.flush()
+            except serial.SerialException as e:
+                raise FeetechError(f"{self.port}: serial write failed: {e}", port=self.port) from e
+
+    # -- registers by name ------------------------------------------------------------------------
+
+    def read_register(self, servo_id: int, name: str) -> int:
+        address, size, _ = REGISTERS[name]
+        return decode_register(name, self.read(servo_id, address, size, name))
+
+    def write_register(self, servo_id: int, name: str, value: int) -> None:
+        self.write(servo_id, REGISTERS[name][0], encode_register(name, value), name)
+
+    def sync_read_register(self, name: str, servo_ids: Sequence[int]) -> dict[int, int]:
+        address, size, _ = REGISTERS[name]
+        data = self.sync_read(servo_ids, address, size, name)
+        return {i: decode_register(name, value) for i, value in data.items()}
+
+    def sync_write_register(self, name: str, values: Mapping[int, int]) -> None:
+        address, size, _ = REGISTERS[name]
+        self.sync_write(address, size, {i: encode_register(name, v) for i, v in values.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Calibration files and units
+# ---------------------------------------------------------------------------------------------
+
+CALIBRATION_FIELDS = ("id", "drive_mode", "homing_offset", "range_min", "range_max")
+# LeRobot up to v0.4.2 files SO-100 calibrations under so100_follower, from v0.4.3 under so_follower.
+CALIBRATION_ROBOT_DIRS = ("so_follower", "so100_follower")
+
+
+def calibration_root() -> Path:
+    """LeRobot's calibration directory, honouring its environment variables."""
+    if os.environ.get("HF_LEROBOT_CALIBRATION"):
+        return Path(os.environ["HF_LEROBOT_CALIBRATION"]).expanduser()
+    if os.environ.get("HF_LEROBOT_HOME"):
+        return Path(os.environ["HF_LEROBOT_HOME"]).expanduser() / "calibration"
+    hf_home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(hf_home).expanduser() / "lerobot" / "calibration"
+
+
+def default_calibration_path(robot_id: str) -> Path:
+    """Where `python so100.py calibrate` writes: the location current LeRobot reads."""
+    return calibration_root() / "robots" / CALIBRATION_ROBOT_DIRS[0] / f"{robot_id}.json"
+
+
+def find_calibration_file(robot_id: str | None) -> Path:
+    dirs = [calibration_root() / "robots" / d for d in CALIBRATION_ROBOT_DIRS]
+    if robot_id is not None:
+        candidates = [d / f"{robot_id}.json" for d in dirs]
+        for path in candidates:
+            if path.is_file():
+                return path
+        looked = ", ".join(str(p) for p in candidates)
+    else:
+        found = sorted(p for d in dirs if d.is_dir() for p in d.glob("*.json"))
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise CalibrationError(
+                f"several SO-100 calibrations found ({', '.join(str(p) for p in found)}); "
+                "say which with id=... (CLI: --id) or pass the file's path")
+        looked = ", ".join(f"{d}/*.json" for d in dirs)
+    raise CalibrationError(
+        f"no SO-100 calibration found (looked at {looked}). Run "
+        f"`python so100.py calibrate --port PORT --id {robot_id or 'ID'}` to make one, or pass the path "
+        "of a LeRobot calibration JSON")
+
+
+def validate_calibration(calibration: Mapping, source: str) -> dict[str, dict[str, int]]:
+    """Check a LeRobot-format calibration dict and return a clean copy, naming what is wrong."""
+    if not isinstance(calibration, Mapping):
+        raise CalibrationError(f"{source}: calibration must be a JSON object keyed by joint name")
+    missing = [name for name in JOINT_NAMES if name not in calibration]
+    if missing:
+        raise CalibrationError(f"{source}: no entry for joint(s) {', '.join(missing)}")
+    clean: dict[str, dict[str, int]] = {}
+    for name in JOINT_NAMES:
+        entry = calibration[name]
+        if not isinstance(entry, Mapping):
+            raise CalibrationError(f"{source}: {name} must be an object with {', '.join(CALIBRATION_FIELDS)}")
+        absent = [f for f in CALIBRATION_FIELDS if f not in entry]
+        if absent:
+            raise CalibrationError(f"{source}: {name} lacks {', '.join(absent)}")
+        values = {}
+        for field in CALIBRATION_FIELDS:
+            value = entry[field]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+                raise CalibrationError(f"{source}: {name}.{field} must be an integer, got {value!r}")
+            values[field] = int(value)
+        if values["id"] != MOTOR_IDS[name]:
+            raise CalibrationError(f"{source}: {name}.id is {values['id']}, the SO-100 uses id {MOTOR_IDS[name]}")
+        if values["drive_mode"] != 0:
+            # LeRobot's SO-100 calibration always writes drive_mode 0; inverted joints are not supported
+            # here rather than guessed.
+            raise CalibrationError(f"{source}: {name}.drive_mode is {values['drive_mode']}; only 0 is supported")
+        if not 0 <= values["range_min"] < values["range_max"] <= MAX_RESOLUTION:
+            raise CalibrationError(
+                f"{source}: {name} range {values['range_min']}..{values['range_max']} must satisfy "
+                f"0 <= range_min < range_max <= {MAX_RESOLUTION}")
+        if abs(values["homing_offset"]) > HALF_TURN:
+            raise CalibrationError(f"{source}: {name}.homing_offset {values['homing_offset']} is outside "
+                                   f"-{HALF_TURN}..{HALF_TURN}")
+        clean[name] = values
+    return clean
+
+
+def load_calibration(calibration: str | os.PathLike | Mapping | None,
+                     robot_id: str | None = None) -> tuple[dict[str, dict[str, int]], str]:
+    """Return (calibration, where it came from) from a path, a dict, or LeRobot's default location."""
+    if isinstance(calibration, Mapping):
+        return validate_calibration(calibration, "calibration dict"), "calibration dict"
+    path = Path(calibration).expanduser() if calibration is not None else find_calibration_file(robot_id)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CalibrationError(f"calibration file {path} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise CalibrationError(f"cannot read calibration file {path}: {e}") from e
+    return validate_calibration(data, str(path)), str(path)
+
+
+def save_calibration(calibration: Mapping, path: str | os.PathLike) -> Path:
+    """Write LeRobot's JSON format; an existing file is kept as <name>.json.bak first."""
+    path = Path(path).expanduser()
+    clean = validate_calibration(calibration, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        os.replace(path, path.with_name(path.name + ".bak"))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(clean, indent=4) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# LeRobot's units (REFERENCE.md 5). Joints: DEGREES, 0 at the middle of the calibrated range.
+def ticks_to_degrees(ticks: float, range_min: int, range_max: int) -> float:
+    return (ticks - (range_min + range_max) / 2) * 360 / MAX_RESOLUTION
+
+
+def degrees_to_ticks(degrees: float, range_min: int, range_max: int) -> int:
+    return int(degrees * MAX_RESOLUTION / 360 + (range_min + range_max) / 2)  # int(): toward zero
+
+
+# Gripper: RANGE_0_100, percent of the calibrated range.
+def ticks_to_percent(ticks: float, range_min: int, range_max: int) -> float:
+    ticks = min(max(ticks, range_min), range_max)
+    return (ticks - range_min) / (range_max - range_min) * 100
+
+
+def percent_to_ticks(percent: float, range_min: int, range_max: int) -> int:
+    percent = min(max(percent, 0.0), 100.0)
+    return int(percent / 100 * (range_max - range_min) + range_min)
+
+
+# The old convention of `main_*` datasets (svla_so100_pickplace): zero with the arm fully extended.
+# Approximate per arm: the two zero poses differ by about, not exactly, 90 degrees.
+LIFT, ELBOW = JOINT_NAMES.index("shoulder_lift"), JOINT_NAMES.index("elbow_flex")
+
+
+def to_legacy(values: np.ndarray) -> np.ndarray:
+    out = np.array(values, dtype=np.float64, copy=True)
+    out[..., LIFT] = 90.0 - out[..., LIFT]
+    out[..., ELBOW] = out[..., ELBOW] + 90.0
+    return out
+
+
+def from_legacy(values: np.ndarray) -> np.ndarray:
+    out = np.array(values, dtype=np.float64, copy=True)
+    out[..., LIFT] = 90.0 - out[..., LIFT]
+    out[..., ELBOW] = out[..., ELBOW] - 90.0
+    return out
+
+
+def ticks_to_units(ticks: Sequence[float], calibration: Mapping) -> np.ndarray:
+    out = np.empty(len(JOINT_NAMES), dtype=np.float64)
+    for j, name in enumerate(JOINT_NAMES):
+        c = calibration[name]
+        convert = ticks_to_percent if name == GRIPPER else ticks_to_degrees
+        out[j] = convert(ticks[j], c["range_min"], c["range_max"])
+    return out
+
+
+def units_to_ticks(values: Sequence[float], calibration: Mapping) -> list[int]:
+    out = []
+    for j, name in enumerate(JOINT_NAMES):
+        c = calibration[name]
+        convert = percent_to_ticks if name == GRIPPER else degrees_to_ticks
+        out.append(convert(float(values[j]), c["range_min"], c["range_max"]))
+    return out
+
+
+def unit_limits(calibration: Mapping) -> tuple[np.ndarray, np.ndarray]:
+    """The calibrated range of each joint in user units (degrees; percent for the gripper)."""
+    low = ticks_to_units([calibration[n]["range_min"] for n in JOINT_NAMES], calibration)
+    high = ticks_to_units([calibration[n]["range_max"] for n in JOINT_NAMES], calibration)
+    return low, high
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The SO-100 arm
+# ---------------------------------------------------------------------------------------------
+
+def check_servos(bus: FeetechBus, servo_ids: Sequence[int] = tuple(MOTOR_IDS.values())) -> None:
+    """Ping every servo (reporting all missing ones at once), then check each is an STS3215."""
+    missing = []
+    for servo_id in servo_ids:
+        try:
+            bus.ping(servo_id)
+        except FeetechError as e:
+            missing.append((servo_id, e))
+    if missing:
+        who = ", ".join(bus._who(i) for i, _ in missing)
+        raise NoReplyError(
+            f"{bus.port}: {who} did not answer a PING ({len(missing)} of {len(servo_ids)} missing; first "
+            f"error: {missing[0][1]}). Hint: check the arm's power supply, the daisy-chain cables, and "
+            "that the servos were given ids 1..6.", port=bus.port, servo_id=missing[0][0])
+    for servo_id in servo_ids:
+        model = bus.read_register(servo_id, "Model_Number")
+        if model != STS3215_MODEL:
+            raise FeetechError(f"{bus.port}: {bus._who(servo_id)} reports model number {model}, expected "
+                               f"{STS3215_MODEL} (STS3215)", port=bus.port, servo_id=servo_id,
+                               register="Model_Number")
+
+
+class SO100:
+    """One SO-100 follower arm.
+
+    Units: five joints in degrees (LeRobot's DEGREES convention, 0 at the middle of the calibrated
+    range) and the gripper in percent of its range (0..100). With legacy=True, read and write use
+    the old convention of `main_*` datasets instead (shoulder_lift and elbow_flex shifted, see
+    to_legacy).
+
+    Safety in write(): non-finite goals are refused (ValueError); goals are clipped to the
+    calibrated range; `max_relative_target` (degrees, one number or one per joint) clamps each goal
+    to present +- cap; and after connect() or torque_on() the goals ramp: each write() moves every
+    joint at most `ramp_step` (degrees, percent for the gripper) from the previous goal, starting
+    from the present position, until a goal within `ramp_step` of the last one has been reached;
+    from then on goals pass straight through. At 30 calls a second and ramp_step 3 that is 90
+    degrees a second.
+
+    A calibration is a LeRobot JSON path, a dict in that format, or None to look up
+    `<calibration dir>/robots/{so_follower,so100_follower}/<id>.json` (id= or robot_id=). On
+    connect the file is compared with the servos' registers 9/11/31; a difference raises
+    CalibrationError unless calibration_mismatch="write", which writes the file's values to the
+    servos (what LeRobot does when you accept the file).
+    """
+
+    joint_names: list[str] = list(JOINT_NAMES)
+
+    def __init__(self, port: str, calibration: str | os.PathLike | Mapping | None = None, legacy: bool = False,
+                 max_relative_target: float | Sequence[float] | Mapping[str, float] | None = None, *,
+                 id: str | None = None, robot_id: str | None = None, calibration_mismatch: str = "raise",
+                 ramp_step: float = 3.0, reply_timeout: float = 0.05, attempts: int = 3):
+        if calibration_mismatch not in ("raise", "write"):
+            raise ValueError(f"calibration_mismatch must be 'raise' or 'write', got {calibration_mismatch!r}")
+        if not ramp_step > 0:
+            raise ValueError(f"ramp_step must be positive, got {ramp_step}")
+        self.port = port
+        self.robot_id = robot_id if robot_id is not None else id
+        self.legacy = legacy
+        self.calibration, self.calibration_source = load_calibration(calibration, self.robot_id)
+        self.calibration_mismatch = calibration_mismatch
+        self.ramp_step = float(ramp_step)
+        self.max_relative_target = self._per_joint(max_relative_target)
+        self.joint_names = list(JOINT_NAMES)
+        self.bus = FeetechBus(port, reply_timeout=reply_timeout, attempts=attempts,
+                              motor_names={i: n for n, i in MOTOR_IDS.items()})
+        self._ids = [MOTOR_IDS[n] for n in JOINT_NAMES]
+        self._low, self._high = unit_limits(self.calibration)
+        self._connected = False
+        self._torque = False
+        self._ramping = False
+        self._last_goal: np.ndarray | None = None  # LeRobot units
+
+    @property
+    def state_names(self) -> list[str]:
+        """Feature names as datasets spell them: `main_*` in legacy mode."""
+        return [f"main_{n}" for n in JOINT_NAMES] if self.legacy else list(JOINT_NAMES)
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connected
+
+    @staticmethod
+    def _per_joint(cap) -> np.ndarray | None:
+        if cap is None:
+            return None
+        if isinstance(cap, Mapping):
+            unknown = set(cap) - set(JOINT_NAMES)
+            if unknown:
+                raise ValueError(f"max_relative_target names unknown joint(s) {sorted(unknown)}")
+            cap = [cap.get(n, np.inf) for n in JOINT_NAMES]
+        caps = np.broadcast_to(np.asarray(cap, dtype=np.float64), (len(JOINT_NAMES),)).copy()
+        if np.any(np.isnan(caps)) or np.any(caps <= 0):
+            raise ValueError(f"max_relative_target must be positive, got {cap}")
+        return caps
+
+    # -- connection -------------------------------------------------------------------------------
+
+    def connect(self, torque: bool = True) -> None:
+        """Open the port, check the servos and calibration, configure, and (by default) torque on."""
+        if self._connected:
+            return
+        self.bus.open()
+        try:
+            check_servos(self.bus, self._ids)
+            mismatches = self.calibration_mismatches()
+            if mismatches and self.calibration_mismatch == "raise":
+                raise CalibrationError(
+                    f"{self.port}: the calibration ({self.calibration_source}) does not match the servos: "
+                    + "; ".join(mismatches) + ". Either recalibrate (`python so100.py calibrate --port "
+                    f"{self.port} --id ...`) or write the file to the servos with calibration_mismatch='write'.",
+                    port=self.port)
+            self._configure(write_calibration=bool(mismatches))
+            self._connected = True
+            if torque:
+                self.torque_on()
+        except BaseException:
+            self._connected = False
+            self._torque_off_quietly()
+            self.bus.close()
+            raise
+
+    def calibration_mismatches(self) -> list[str]:
+        """Differences between the calibration and the servos' registers 9/11/31, in words."""
+        fields = (("Homing_Offset", "homing_offset"), ("Min_Position_Limit", "range_min"),
+                  ("Max_Position_Limit", "range_max"))
+        diffs = []
+        for name in JOINT_NAMES:
+            servo_id = MOTOR_IDS[name]
+            for register, field in fields:
+                value = self.bus.read_register(servo_id, register)
+                if value != self.calibration[name][field]:
+                    diffs.append(f"{name} (id {servo_id}) {register} is {value} on the servo, "
+                                 f"{self.calibration[name][field]} in the file")
+        return diffs
+
+    def _configure(self, write_calibration: bool) -> None:
+        bus = self.bus
+        for servo_id in self._ids:  # EEPROM writes need torque off and the lock open
+            bus.write_register(servo_id, "Torque_Enable", 0)
+            bus.write_register(servo_id, "Lock", 0)
+        self._torque = False
+        for name in JOINT_NAMES:
+            servo_id = MOTOR_IDS[name]
+            if write_calibration:
+                c = self.calibration[name]
+                bus.write_register(servo_id, "Homing_Offset", c["homing_offset"])
+                bus.write_register(servo_id, "Min_Position_Limit", c["range_min"])
+                bus.write_register(servo_id, "Max_Position_Limit", c["range_max"])
+            for register, value in ARM_SETTINGS:
+                bus.write_register(servo_id, register, value)
+            phase = bus.read_register(servo_id, "Phase")
+            if phase & PHASE_MULTI_TURN:
+                bus.write_register(servo_id, "Phase", phase & ~PHASE_MULTI_TURN)
+            if name == GRIPPER:
+                for register, value in GRIPPER_SETTINGS:
+                    bus.write_register(servo_id, register, value)
+        for servo_id in self._ids:
+            bus.write_register(servo_id, "Lock", 1)
+
+    def disconnect(self) -> None:
+        """Turn torque off (always, best effort on every servo) and close the port."""
+        if not self.bus.is_open:
+            self._connected = False
+            return
+        try:
+            failures = self._torque_off_quietly()
+            if failures:
+                warnings.warn(f"{self.port}: could not confirm torque off on: {'; '.join(failures)}. "
+                              "Switch the arm's power off.", RuntimeWarning, stacklevel=2)
+        finally:
+            self._connected = False
+            self.bus.close()
+
+    def __enter__(self) -> "SO100":
+        self.connect()
+        return self
+
+    def __exit__(self, *exc_info) -> bool:
+        self.disconnect()
+        return False
+
+    def _require_connection(self) -> None:
+        if not self._connected:
+            raise FeetechError(f"SO-100 on {self.port} is not connected: call connect() or use `with`",
+                               port=self.port)
+
+    # -- torque -----------------------------------------------------------------------------------
+
+    def torque_on(self) -> None:
+        """Hold the present pose: goal := present position, then torque on; restarts the ramp."""
+        self._require_connection()
+        ticks = self._read_ticks()
+        self.bus.sync_write_register("Goal_Position", dict(zip(self._ids, ticks)))
+        for servo_id in self._ids:
+            self.bus.write_register(servo_id, "Torque_Enable", 1)
+        self._torque = True
+        self._last_goal = ticks_to_units(ticks, self.calibration)
+        self._ramping = True
+
+    def torque_off(self) -> None:
+        """Let the arm go limp (it falls if unsupported). Raises if a servo does not confirm."""
+        self._require_connection()
+        self._torque = False
+        failures = self._torque_off_quietly()
+        if failures:
+            raise FeetechError(f"{self.port}: torque off not confirmed on: {'; '.join(failures)}", port=self.port)
+
+    def _torque_off_quietly(self) -> list[str]:
+        """Torque off on every servo: one broadcast, then a confirmed write each. Returns failures."""
+        self._torque = False
+        if not self.bus.is_open:
+            return ["port not open"]
+        failures = []
+        try:
+            self.bus.sync_write_register("Torque_Enable", {i: 0 for i in self._ids})
+        except FeetechError as e:
+            failures.append(str(e))
+        for servo_id in self._ids:
+            try:
+                self.bus.write_register(servo_id, "Torque_Enable", 0)
+            except FeetechError as e:
+                failures.append(f"{self.bus._who(servo_id)}: {e}")
+        return failures
+
+    # -- reading and writing ----------------------------------------------------------------------
+
+    def _read_ticks(self) -> list[int]:
+        positions = self.bus.sync_read_register("Present_Position", self._ids)
+        return [positions[i] for i in self._ids]
+
+    def read(self) -> np.ndarray:
+        """Present joint positions (float32[6]): degrees, gripper in percent (legacy units if legacy)."""
+        self._require_connection()
+        values = ticks_to_units(self._read_ticks(), self.calibration)
+        return (to_legacy(values) if self.legacy else values).astype(np.float32)
+
+    def write(self, goal: Sequence[float] | np.ndarray) -> np.ndarray:
+        """Send goal positions (same units as read()); returns the goal actually sent after the
+        safety limits (clip to range, max_relative_target, ramp), in the same units."""
+        self._require_connection()
+        if not self._torque:
+            raise FeetechError(f"{self.port}: torque is off; call torque_on() before write()", port=self.port)
+        goal = np.asarray(goal, dtype=np.float64)
+        if goal.shape != (len(JOINT_NAMES),):
+            raise ValueError(f"goal must have shape ({len(JOINT_NAMES)},) for {', '.join(JOINT_NAMES)}; got {goal.shape}")
+        bad = [n for n, v in zip(JOINT_NAMES, goal) if not np.isfinite(v)]
+        if bad:
+            raise ValueError(f"refusing non-finite goal for {', '.join(bad)}: {goal.tolist()}")
+        if self.legacy:
+            goal = from_legacy(goal)
+        goal = np.clip(goal, self._low, self._high)
+        if self.max_relative_target is not None:
+            present = ticks_to_units(self._read_ticks(), self.calibration)
+            goal = np.clip(goal, present - self.max_relative_target, present + self.max_relative_target)
+        if self._ramping:
+            delta = goal - self._last_goal
+            if np.all(np.abs(delta) <= self.ramp_step):
+                self._ramping = False
+            goal = self._last_goal + np.clip(delta, -self.ramp_step, self.ramp_step)
+        ticks = units_to_ticks(goal, self.calibration)
+        ticks = [min(max(t, self.calibration[n]["range_min"]), self.calibration[n]["range_max"])
+                 for t, n in zip(ticks, JOINT_NAMES)]
+        self.bus.sync_write_register("Goal_Position", dict(zip(self._ids, ticks)))
+        self._last_goal = goal
+        return (to_legacy(goal) if self.legacy else goal).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Calibration procedure (LeRobot's: middle pose -> homing offsets, then ranges of motion)
+# ---------------------------------------------------------------------------------------------
+
+def _enter_pressed_flag() -> Callable[[], bool]:
+    """A poll that turns true once ENTER is pressed (a thread blocks on stdin; works everywhere)."""
+    pressed = threading.Event()
+
+    def wait() -> None:
+        try:
+            sys.stdin.readline()
+        finally:
+            pressed.set()
+
+    threading.Thread(target=wait, daemon=True).start()
+    return pressed.is_set
+
+
+def run_calibration(bus: FeetechBus, *, wait_for_enter: Callable[[str], object] = input,
+                    recording_done: Callable[[], bool] | None = None,
+                    log: Callable[[str], None] = print) -> dict[str, dict[str, int]]:
+    """Calibrate the arm on `bus` interactively; writes registers 9/11/31 and returns the calibration.
+
+    `wait_for_enter(prompt)` blocks until the user is ready; `recording_done()` is polled between
+    position samples while the user moves the joints (default: ENTER pressed). Tests script both.
+    """
+    ids = [MOTOR_IDS[n] for n in JOINT_NAMES]
+    check_servos(bus, ids)
+    for servo_id in ids:
+        bus.write_register(servo_id, "Torque_Enable", 0)
+        bus.write_register(servo_id, "Lock", 0)
+    for servo_id in ids:  # read raw positions: no offset, full range
+        bus.write_register(servo_id, "Homing_Offset", 0)
+        bus.write_register(servo_id, "Min_Position_Limit", 0)
+        bus.write_register(servo_id, "Max_Position_Limit", MAX_RESOLUTION)
+
+    wait_for_enter("Move the arm to the middle of its range of motion (every joint halfway, gripper "
+                   "half open), then press ENTER...")
+    raw = bus.sync_read_register("Present_Position", ids)
+    # Homing offset so that this pose reads HALF_TURN (Present = Actual - Offset); the register holds
+    # 11 bits of magnitude, so a joint sitting exactly at 4095 gets 2047 (one tick off the middle).
+    offsets = {name: min(raw[MOTOR_IDS[name]] - HALF_TURN, HALF_TURN) for name in JOINT_NAMES}
+    for name in JOINT_NAMES:
+        bus.write_register(MOTOR_IDS[name], "Homing_Offset", offsets[name])
+
+    recorded = [n for n in JOINT_NAMES if n != FULL_TURN_JOINT]
+    log(f"Move every joint except {FULL_TURN_JOINT} through its whole range of motion, one at a time. "
+        "Recording positions; press ENTER to stop.")
+    done = recording_done or _enter_pressed_flag()
+    lows: dict[str, int] = {}
+    highs: dict[str, int] = {}
+    last_print = 0.0
+    while True:
+        positions = bus.sync_read_register("Present_Position", ids)
+        for name in recorded:
+            p = positions[MOTOR_IDS[name]]
+            lows[name] = min(lows.get(name, p), p)
+            highs[name] = max(highs.get(name, p), p)
+        if time.monotonic() - last_print > 0.5:
+            last_print = time.monotonic()
+            log("  " + "  ".join(f"{n} {lows[n]}..{highs[n]}" for n in recorded))
+        if done():
+            break
+    lows[FULL_TURN_JOINT], highs[FULL_TURN_JOINT] = 0, MAX_RESOLUTION
+    unmoved = [n for n in recorded if highs[n] - lows[n] < 20]
+    if unmoved:
+        raise CalibrationError(f"{bus.port}: joint(s) {', '.join(unmoved)} hardly moved while recording "
+                               "(less than 20 steps); run the calibration again and move every joint "
+                               "through its full range", port=bus.port)
+    calibration = {name: {"id": MOTOR_IDS[name], "drive_mode": 0, "homing_offset": offsets[name],
+                          "range_min": lows[name], "range_max": highs[name]} for name in JOINT_NAMES}
+    for name in JOINT_NAMES:
+        bus.write_register(MOTOR_IDS[name], "Min_Position_Limit", lows[name])
+        bus.write_register(MOTOR_IDS[name], "Max_Position_Limit", highs[name])
+    for servo_id in ids:
+        bus.write_register(servo_id, "Lock", 1)
+    return calibration
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. SimulatedArm: a simulated servo bus on a pseudo-terminal
+# ---------------------------------------------------------------------------------------------
+
+FAULTS = ("no_reply", "bad_checksum", "truncated", "noise", "error", "wrong_id")
+NOISE = b"\x00\xff\x13\xff\xfe\x37"  # garbage before a reply, with lone FF bytes to test resync
+
+# A plausible calibrated arm: (homing_offset, range_min, range_max) per joint.
+SIM_CALIBRATION = {
+    "shoulder_pan": (120, 780, 3310),
+    "shoulder_lift": (-850, 830, 3240),
+    "elbow_flex": (1015, 900, 3120),
+    "wrist_flex": (-310, 850, 3260),
+    "wrist_roll": (600, 0, MAX_RESOLUTION),
+    "gripper": (-1200, 2020, 3420),
+}
+
+
+class SimulatedServo:
+    """One STS3215's register table and shaft. Registers hold what a real servo would report;
+    the shaft's `actual` angle (raw encoder steps, float) is the physical truth."""
+
+    def __init__(self, servo_id: int):
+        self.id = servo_id
+        self.registers = bytearray(256)
+        self.actual = 2048.0
+        defaults = {
+            "Firmware_Major_Version": 3, "Firmware_Minor_Version": 10, "Model_Number": STS3215_MODEL,
+            "ID": servo_id, "Baud_Rate": 0, "Return_Delay": 250, "Response_Status_Level": 1,
+            "Min_Position_Limit": 0, "Max_Position_Limit": MAX_RESOLUTION, "Max_Temperature_Limit": 70,
+            "Max_Voltage_Limit": 140, "Min_Voltage_Limit": 40, "Max_Torque_Limit": 1000, "Phase": 0x0C,
+            "P_Coefficient": 32, "D_Coefficient": 32, "I_Coefficient": 0, "Protection_Current": 500,
+            "Homing_Offset": 0, "Operating_Mode": 0, "Overload_Torque": 80, "Torque_Enable": 0,
+            "Acceleration": 0, "Goal_Position": 0, "Torque_Limit": 1000, "Lock": 1,
+            "Present_Voltage": 120, "Present_Temperature": 28, "Maximum_Acceleration": 0,
+        }
+        for name, value in defaults.items():
+            self.set(name, value)
+        self.set("Goal_Position", self.present())
+
+    def get(self, name: str) -> int:
+        address, size, _ = REGISTERS[name]
+        return decode_register(name, bytes(self.registers[address:address + size]))
+
+    def set(self, name: str, value: int) -> None:
+        address, size, _ = REGISTERS[name]
+        self.registers[address:address + size] = encode_register(name, value)
+
+    def present(self) -> int:
+        """Present = Actual - Homing_Offset, wrapped to one turn (single-turn mode)."""
+        return int(round(self.actual - self.get("Homing_Offset"))) % STEPS_PER_TURN
+
+    def set_present(self, present: float) -> None:
+        self.actual = (present + self.get("Homing_Offset")) % STEPS_PER_TURN
+
+    def advance(self, dt: float, speed: float) -> None:
+        """Move toward the goal at `speed` steps/s while torque is on; refresh the Present_* registers."""
+        velocity = 0
+        if self.get("Torque_Enable"):
+            goal = self.get("Goal_Position")
+            low, high = self.get("Min_Position_Limit"), self.get("Max_Position_Limit")
+            if low < high:  # the servo itself keeps goals inside its position limits
+                goal = min(max(goal, low), high)
+            offset = self.get("Homing_Offset")
+            present = (self.actual - offset) % STEPS_PER_TURN
+            error = goal - present
+            step = min(abs(error), speed * dt)
+            if step > 0:
+                present += step if error > 0 else -step
+                self.actual = (present + offset) % STEPS_PER_TURN
+                velocity = int(round(step / dt)) * (1 if error > 0 else -1) if dt > 0 else 0
+        self.set("Present_Position", self.present())
+        self.set("Present_Velocity", max(-32767, min(32767, velocity)))
+        self.set("Moving", int(velocity != 0))
+
+    def write(self, address: int, data: bytes) -> None:
+        for offset, byte in enumerate(data):
+            a = address + offset
+            if a < REGISTERS["Return_Delay"][0]:
+                continue  # firmware, model, id and baud rate stay fixed in the simulator
+            if a < EEPROM_END and self.get("Lock"):
+                continue  # EEPROM is write-protected while locked (simplification: ignored, no error)
+            if a < len(self.registers):
+                self.registers[a] = byte
+
+
+class SimulatedArm:
+    """A simulated SO-100 servo bus served by a thread on a pseudo-terminal.
+
+    `with SimulatedArm() as sim: SO100(sim.port, calibration=sim.calibration)` talks to it exactly as
+    to a real arm. It answers PING, READ, WRITE, SYNC_READ and SYNC_WRITE (bad-checksum instruction
+    packets are ignored, as servos do); servos move toward their goal at `speed` steps/s while torque
+    is on. `inject(servo_id, fault, count)` corrupts that servo's next replies. With
+    calibrated=False the registers hold factory values (no offset, full range) for calibration tests.
+    """
+
+    def __init__(self, calibrated: bool = True, speed: float = 3000.0,
+                 servo_ids: Sequence[int] = tuple(MOTOR_IDS.values())):
+        self.speed = speed
+        self.servos = {i: SimulatedServo(i) for i in servo_ids}
+        self._calibration = {
+            name: {"id": MOTOR_IDS[name], "drive_mode": 0, "homing_offset": offset,
+                   "range_min": low, "range_max": high}
+            for name, (offset, low, high) in SIM_CALIBRATION.items()}
+        for name, (offset, low, high) in SIM_CALIBRATION.items():
+            servo = self.servos.get(MOTOR_IDS[name])
+            if servo is None:
+                continue
+            if calibrated:
+                servo.set("Homing_Offset", offset)
+                servo.set("Min_Position_Limit", low)
+                servo.set("Max_Position_Limit", high)
+            servo.actual = ((low + high) // 2 + offset) % STEPS_PER_TURN  # rest pose: mid-range
+            servo.set("Goal_Position", servo.present())
+            servo.advance(0.0, speed)
+        self._faults: dict[int, deque] = {i: deque() for i in servo_ids}
+        self.log: deque = deque(maxlen=10000)  # (servo id, instruction) of each packet received
+        self._lock = threading.Lock()
+        self._last_advance = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._master = self._slave = -1
+        self.port = ""
+
+    @property
+    def calibration(self) -> dict[str, dict[str, int]]:
+        """A LeRobot-format calibration matching the registers of a calibrated simulator."""
+        return copy.deepcopy(self._calibration)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> "SimulatedArm":
+        self._master, self._slave = os.openpty()
+        tty.setraw(self._master)
+        tty.setraw(self._slave)  # bytes pass unchanged: no echo, no newline translation
+        self.port = os.ttyname(self._slave)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._serve, name="so100-sim", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+            self._thread = None
+        for fd in (self._master, self._slave):  # the slave stays open meanwhile so the master never sees EIO
+            if fd >= 0:
+                os.close(fd)
+        self._master = self._slave = -1
+
+    def __enter__(self) -> "SimulatedArm":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> bool:
+        self.stop()
+        return False
+
+    # -- test hooks -------------------------------------------------------------------------------
+
+    def inject(self, servo_id: int, fault: str, count: int = 1, bits: int = 0x20) -> None:
+        """Corrupt the next `count` replies of `servo_id`: no_reply, bad_checksum, truncated, noise
+        (garbage before the header), error (status error byte = `bits`), wrong_id (reply from id+1)."""
+        if fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; choose from {', '.join(FAULTS)}")
+        with self._lock:
+            self._faults[servo_id].append([fault, count, bits])
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            for queue in self._faults.values():
+                queue.clear()
+
+    def _with_state(self, servo_id: int):
+        self._advance()
+        return self.servos[servo_id]
+
+    def registers(self, servo_id: int) -> bytes:
+        with self._lock:
+            return bytes(self._with_state(servo_id).registers)
+
+    def register(self, servo_id: int, name: str) -> int:
+        with self._lock:
+            return self._with_state(servo_id).get(name)
+
+    def set_register(self, servo_id: int, name: str, value: int) -> None:
+        """Set a register directly (ignores Lock): to set up a scenario in a test."""
+        with self._lock:
+            self._with_state(servo_id).set(name, value)
+
+    def position(self, servo_id: int) -> int:
+        """Present_Position in steps (after the homing offset)."""
+        with self._lock:
+            return self._with_state(servo_id).present()
+
+    def set_position(self, servo_id: int, present: float) -> None:
+        """Move the shaft by hand so that Present_Position reads `present`."""
+        with self._lock:
+            servo = self._with_state(servo_id)
+            servo.set_present(present)
+            servo.advance(0.0, self.speed)
+
+    def torque_enabled(self, servo_id: int) -> bool:
+        return bool(self.register(servo_id, "Torque_Enable"))
+
+    # -- serving ----------------------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        now = time.monotonic()
+        dt, self._last_advance = now - self._last_advance, now
+        for servo in self.servos.values():
+            servo.advance(dt, self.speed)
+
+    def _serve(self) -> None:
+        buffer = bytearray()
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._master], [], [], 0.02)
+            if not ready:
+                buffer.clear()  # a packet left incomplete this long is abandoned, as a servo's timeout does
+                continue
+            try:
+                buffer += os.read(self._master, 4096)
+            except OSError:
+                time.sleep(0.01)
+                continue
+            while True:
+                packet = self._take_instruction(buffer)
+                if packet is None:
+                    break
+                with self._lock:
+                    self._advance()
+                    reply = self._handle(*packet)
+                if reply:
+                    self._send(reply)
+
+    @staticmethod
+    def _take_instruction(buffer: bytearray) -> tuple[int, int, bytes] | None:
+        while True:
+            start = buffer.find(b"\xff\xff")
+            if start < 0:
+                del buffer[: len(buffer) - 1 if buffer.endswith(b"\xff") else len(buffer)]
+                return None
+            del buffer[:start]
+            if len(buffer) < 4:
+                return None
+            servo_id, length = buffer[2], buffer[3]
+            if servo_id == 0xFF or length < 2:
+                del buffer[:1]
+                continue
+            if len(buffer) < 4 + length:
+                return None
+            packet = bytes(buffer[: 4 + length])
+            if checksum(packet[2:-1]) != packet[-1]:
+                del buffer[:1]
+                continue
+            del buffer[: 4 + length]
+            return servo_id, packet[4], packet[5:-1]
+
+    def _handle(self, servo_id: int, instruction: int, params: bytes) -> bytes:
+        """Apply one instruction packet; return the bytes the bus answers with."""
+        self.log.append((servo_id, instruction))
+        if instruction == SYNC_READ and servo_id == BROADCAST_ID and len(params) >= 2:
+            address, size = params[0], params[1]
+            return b"".join(self._reply(i, bytes(self.servos[i].registers[address:address + size]))
+                            for i in params[2:] if i in self.servos)
+        if instruction == SYNC_WRITE and servo_id == BROADCAST_ID and len(params) >= 2:
+            address, size = params[0], params[1]
+            body = params[2:]
+            for k in range(0, len(body) - size, size + 1):
+                target = body[k]
+                if target in self.servos:
+                    self.servos[target].write(address, body[k + 1:k + 1 + size])
+            return b""
+        servo = self.servos.get(servo_id)
+        if servo is None:
+            return b""
+        if instruction == PING:
+            return self._reply(servo_id, b"")
+        if instruction == READ and len(params) == 2:
+            address, size = params
+            return self._reply(servo_id, bytes(servo.registers[address:address + size]))
+        if instruction == WRITE and len(params) >= 2:
+            servo.write(params[0], params[1:])
+            return self._reply(servo_id, b"")
+        return b""
+
+    def _reply(self, servo_id: int, data: bytes) -> bytes:
+        queue = self._faults[servo_id]
+        if not queue:
+            return status_packet(servo_id, 0, data)
+        entry = queue[0]
+        fault, bits = entry[0], entry[2]
+        entry[1] -= 1
+        if entry[1] <= 0:
+            queue.popleft()
+        packet = status_packet(servo_id, bits if fault == "error" else 0, data)
+        if fault == "no_reply":
+            return b""
+        if fault == "bad_checksum":
+            return packet[:-1] + bytes([packet[-1] ^ 0x5A])
+        if fault == "truncated":
+            return packet[: len(packet) // 2]
+        if fault == "noise":
+            return NOISE + packet
+        if fault == "wrong_id":
+            return status_packet((servo_id % 253) + 1, 0, data)
+        return packet
+
+    def _send(self, data: bytes) -> None:
+        while data:
+            try:
+                written = os.write(self._master, data)
+            except OSError:
+                return
+            data = data[written:]
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Command line
+# ---------------------------------------------------------------------------------------------
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    with SimulatedArm(calibrated=not args.uncalibrated, speed=args.speed) as sim:
+        path = Path(args.calibration_out)
+        path.write_text(json.dumps(sim.calibration, indent=4) + "\n")
+        print(sim.port, flush=True)
+        print(f"Simulated SO-100 on {sim.port} (calibration: {path}). Ctrl-C to stop.", file=sys.stderr, flush=True)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            print("stopped", file=sys.stderr)
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    bus = FeetechBus(args.port, motor_names={i: n for n, i in MOTOR_IDS.items()})
+    bus.open()
+    try:
+        calibration = run_calibration(bus)
+    except KeyboardInterrupt:
+        print("\ncalibration interrupted; nothing written to the calibration file", file=sys.stderr)
+        return 130
+    finally:
+        for servo_id in MOTOR_IDS.values():  # leave the arm limp
+            try:
+                bus.write_register(servo_id, "Torque_Enable", 0)
+            except FeetechError:
+                pass
+        bus.close()
+    path = save_calibration(calibration, args.output or default_calibration_path(args.id))
+    print(f"calibration written to {path}")
+    return 0
+
+
+def _cmd_read(args: argparse.Namespace) -> int:
+    arm = SO100(args.port, calibration=args.calibration, legacy=args.legacy, id=args.id)
+    arm.connect(torque=False)
+    try:
+        names = arm.state_names
+        print("  ".join(f"{n:>{max(len(n), 8)}}" for n in names))
+        while True:
+            values = arm.read()
+            print("  ".join(f"{v:>{max(len(n), 8)}.2f}" for n, v in zip(names, values)), flush=True)
+            if args.once:
+                break
+            time.sleep(1 / args.hz)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        arm.disconnect()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="SO-100 arm over raw serial (Feetech STS3215).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("sim", help="serve a simulated arm on a pseudo-terminal; prints its path")
+    p.add_argument("--uncalibrated", action="store_true", help="factory registers (to try `calibrate`)")
+    p.add_argument("--speed", type=float, default=3000.0, help="servo speed in steps/s (default 3000)")
+    p.add_argument("--calibration-out", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "so100_sim_calibration.json"),
+                   help="where to write the matching calibration JSON")
+    p.set_defaults(func=_cmd_sim)
+    p = sub.add_parser("calibrate", help="interactive calibration; writes LeRobot's JSON format")
+    p.add_argument("--port", required=True)
+    p.add_argument("--id", required=True, help="robot id: the file is <calibration dir>/robots/so_follower/<id>.json")
+    p.add_argument("--output", help="write the JSON here instead")
+    p.set_defaults(func=_cmd_calibrate)
+    p = sub.add_parser("read", help="print joint positions (torque stays off)")
+    p.add_argument("--port", required=True)
+    p.add_argument("--id", help="robot id to find the calibration file")
+    p.add_argument("--calibration", help="path of a LeRobot calibration JSON")
+    p.add_argument("--legacy", action="store_true", help="old main_* dataset units")
+    p.add_argument("--once", action="store_true", help="print one line and exit")
+    p.add_argument("--hz", type=float, default=10.0)
+    p.set_defaults(func=_cmd_read)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FeetechError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
