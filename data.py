@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import av
+from av.video.reformatter import VideoReformatter
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -284,7 +285,13 @@ class VideoReader:
             self.container.close()
             raise VideoDecodeError(f"{path}: no video stream")
         self.stream = self.container.streams.video[0]
+        # Random access decodes one or two frames per request: decoder threads only add start-up
+        # and hand-off cost there, and DataLoader workers already keep every core busy.
+        self.stream.codec_context.thread_count = 1
         self.time_base = float(self.stream.time_base)
+        # One converter for the file: a frame's own to_ndarray(format=...) builds a fresh swscale
+        # context every call, which costs more than the conversion itself.
+        self._to_rgb = VideoReformatter()
         self._frames: Iterator[av.VideoFrame] | None = None  # decoded frames after the last seek
         self._position_s = -math.inf  # time of the last frame taken from self._frames
         self._last_time_s = None  # the last frame returned, kept for repeated requests
@@ -355,7 +362,7 @@ class VideoReader:
                 f"tolerance {self.tolerance_s} s)"
             )
         self._last_time_s = frame_time_s
-        self._last_image = frame.to_ndarray(format="rgb24")
+        self._last_image = self._to_rgb.reformat(frame, format="rgb24").to_ndarray()
         return self._last_image
 
 
