@@ -351,11 +351,12 @@ class FeetechBus:
         except serial.SerialException as e:
             raise FeetechError(f"{self.port}: serial write failed: {e}", port=self.port) from e
         replies: dict[int, StatusPacket] = {}
+        conflicts: set[int] = set()  # ids that answered twice: neither answer can be trusted
         notes: list[str] = []
         buffer = bytearray()
         reply_size = 6 + params_length
         deadline = time.monotonic() + self.reply_timeout
-        while len(replies) < len(servo_ids):
+        while len(replies) + len(conflicts) < len(servo_ids):
             try:
                 reply = parse_status(buffer, params_length)
             except ChecksumError as e:
@@ -364,8 +365,12 @@ class FeetechBus:
             if reply is not None:
                 if reply.servo_id not in servo_ids:
                     notes.append(f"unexpected reply from id {reply.servo_id} (two servos with one id?)")
+                elif reply.servo_id in replies or reply.servo_id in conflicts:
+                    notes.append(f"two replies from id {reply.servo_id} (two servos with one id?)")
+                    replies.pop(reply.servo_id, None)
+                    conflicts.add(reply.servo_id)
                 else:
-                    replies.setdefault(reply.servo_id, reply)
+                    replies[reply.servo_id] = reply
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -582,8 +587,14 @@ def ticks_to_degrees(ticks: float, range_min: int, range_max: int) -> float:
     return (ticks - (range_min + range_max) / 2) * 360 / MAX_RESOLUTION
 
 
+# Back to ticks LeRobot truncates toward zero. Rounding to 1e-6 first only removes float noise, so
+# that a position read and written back (or a range limit) maps to the same tick, not one below.
+def _truncate(ticks: float) -> int:
+    return int(round(ticks, 6))
+
+
 def degrees_to_ticks(degrees: float, range_min: int, range_max: int) -> int:
-    return int(degrees * MAX_RESOLUTION / 360 + (range_min + range_max) / 2)  # int(): toward zero
+    return _truncate(degrees * MAX_RESOLUTION / 360 + (range_min + range_max) / 2)
 
 
 # Gripper: RANGE_0_100, percent of the calibrated range.
@@ -594,7 +605,7 @@ def ticks_to_percent(ticks: float, range_min: int, range_max: int) -> float:
 
 def percent_to_ticks(percent: float, range_min: int, range_max: int) -> int:
     percent = min(max(percent, 0.0), 100.0)
-    return int(percent / 100 * (range_max - range_min) + range_min)
+    return _truncate(percent / 100 * (range_max - range_min) + range_min)
 
 
 # The old convention of `main_*` datasets (svla_so100_pickplace): zero with the arm fully extended.
@@ -902,8 +913,9 @@ class SO100:
         if self._ramping:
             delta = goal - self._last_goal
             if np.all(np.abs(delta) <= self.ramp_step):
-                self._ramping = False
-            goal = self._last_goal + np.clip(delta, -self.ramp_step, self.ramp_step)
+                self._ramping = False  # reached: this goal goes out as asked
+            else:
+                goal = self._last_goal + np.clip(delta, -self.ramp_step, self.ramp_step)
         ticks = units_to_ticks(goal, self.calibration)
         ticks = [min(max(t, self.calibration[n]["range_min"]), self.calibration[n]["range_max"])
                  for t, n in zip(ticks, JOINT_NAMES)]
