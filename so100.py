@@ -18,11 +18,9 @@ import copy
 import errno
 import json
 import os
-import select
 import sys
 import threading
 import time
-import tty
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -278,10 +276,10 @@ def parse_status(buffer: bytearray, params_length: int | None = None) -> StatusP
 # 3. FeetechBus: transactions with a bounded timeout and retries
 # ---------------------------------------------------------------------------------------------
 
-def open_serial_port(port: str, baudrate: int) -> serial.Serial:
+def open_serial_port(port: str, baudrate: int, timeout: float = 0.05) -> serial.Serial:
     """Open `port` raw at `baudrate`, turning the usual failures into advice."""
     try:
-        return serial.Serial(port, baudrate=baudrate, timeout=0.05, write_timeout=1.0)
+        return serial.Serial(port, baudrate=baudrate, timeout=timeout, write_timeout=1.0)
     except serial.SerialException as e:
         code = getattr(e, "errno", None)
         hint = "list the serial ports with `python -m serial.tools.list_ports -v`"
@@ -322,7 +320,7 @@ class FeetechBus:
 
     def open(self) -> None:
         if self._serial is None:
-            self._serial = open_serial_port(self.port, self.baudrate)
+            self._serial = open_serial_port(self.port, self.baudrate, self.reply_timeout)
 
     def close(self) -> None:
         with self._lock:
@@ -372,10 +370,10 @@ class FeetechBus:
                 else:
                     replies[reply.servo_id] = reply
                 continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            # The port's read timeout stays at reply_timeout (changing it reconfigures the adapter, which
+            # costs a USB round trip on some): an attempt lasts at most about twice reply_timeout.
+            if time.monotonic() >= deadline:
                 break
-            port.timeout = remaining
             wanted = max(1, reply_size * (len(servo_ids) - len(replies)) - len(buffer))
             try:
                 buffer += port.read(wanted)
@@ -1135,6 +1133,8 @@ class SimulatedArm:
     # -- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> "SimulatedArm":
+        import tty  # POSIX only: the driver itself must still import on Windows
+
         self._master, self._slave = os.openpty()
         tty.setraw(self._master)
         tty.setraw(self._slave)  # bytes pass unchanged: no echo, no newline translation
@@ -1217,6 +1217,8 @@ class SimulatedArm:
             servo.advance(dt, self.speed)
 
     def _serve(self) -> None:
+        import select
+
         buffer = bytearray()
         while not self._stop.is_set():
             ready, _, _ = select.select([self._master], [], [], 0.02)
@@ -1234,7 +1236,10 @@ class SimulatedArm:
                     break
                 with self._lock:
                     self._advance()
-                    reply = self._handle(*packet)
+                    try:
+                        reply = self._handle(*packet)
+                    except (ValueError, IndexError):
+                        reply = b""  # a malformed instruction is ignored, as a servo would
                 if reply:
                     self._send(reply)
 
@@ -1325,6 +1330,9 @@ class SimulatedArm:
 # ---------------------------------------------------------------------------------------------
 
 def _cmd_sim(args: argparse.Namespace) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops it as cleanly as Ctrl-C
     with SimulatedArm(calibrated=not args.uncalibrated, speed=args.speed) as sim:
         path = Path(args.calibration_out)
         path.write_text(json.dumps(sim.calibration, indent=4) + "\n")
@@ -1353,25 +1361,45 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             except FeetechError:
                 pass
         bus.close()
-    path = save_calibration(calibration, args.output or default_calibration_path(args.id))
-    print(f"calibration written to {path}")
+    path = Path(args.output or default_calibration_path(args.id)).expanduser()
+    existed = path.exists()
+    save_calibration(calibration, path)
+    for name, c in calibration.items():
+        print(f"  {name:>13}: homing_offset {c['homing_offset']:>5}  range {c['range_min']}..{c['range_max']}")
+    print(f"calibration written to {path}" + (f" (previous file kept as {path.name}.bak)" if existed else ""))
     return 0
 
 
+def _print_positions(names: Sequence[str], read: Callable[[], Sequence[float]], once: bool, hz: float) -> None:
+    widths = [max(len(n), 8) for n in names]
+    print("  ".join(f"{n:>{w}}" for n, w in zip(names, widths)))
+    try:
+        while True:
+            cells = [f"{v:>{w}}" if isinstance(v, (int, np.integer)) else f"{v:>{w}.2f}" for v, w in zip(read(), widths)]
+            print("  ".join(cells), flush=True)
+            if once:
+                break
+            time.sleep(1 / hz)
+    except KeyboardInterrupt:
+        pass
+
+
 def _cmd_read(args: argparse.Namespace) -> int:
+    if args.raw:  # no calibration needed: raw Present_Position steps, torque left as it is
+        bus = FeetechBus(args.port, motor_names={i: n for n, i in MOTOR_IDS.items()})
+        bus.open()
+        try:
+            ids = list(MOTOR_IDS.values())
+            check_servos(bus, ids)
+            read = lambda: list(bus.sync_read_register("Present_Position", ids).values())  # noqa: E731
+            _print_positions(list(JOINT_NAMES), read, args.once, args.hz)
+        finally:
+            bus.close()
+        return 0
     arm = SO100(args.port, calibration=args.calibration, legacy=args.legacy, id=args.id)
     arm.connect(torque=False)
     try:
-        names = arm.state_names
-        print("  ".join(f"{n:>{max(len(n), 8)}}" for n in names))
-        while True:
-            values = arm.read()
-            print("  ".join(f"{v:>{max(len(n), 8)}.2f}" for n, v in zip(names, values)), flush=True)
-            if args.once:
-                break
-            time.sleep(1 / args.hz)
-    except KeyboardInterrupt:
-        pass
+        _print_positions(arm.state_names, arm.read, args.once, args.hz)
     finally:
         arm.disconnect()
     return 0
@@ -1396,6 +1424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--id", help="robot id to find the calibration file")
     p.add_argument("--calibration", help="path of a LeRobot calibration JSON")
     p.add_argument("--legacy", action="store_true", help="old main_* dataset units")
+    p.add_argument("--raw", action="store_true", help="raw servo steps, no calibration needed")
     p.add_argument("--once", action="store_true", help="print one line and exit")
     p.add_argument("--hz", type=float, default=10.0)
     p.set_defaults(func=_cmd_read)

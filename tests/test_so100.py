@@ -611,3 +611,33 @@ def test_persistent_fault_on_single_read(connected, fault, error, words):
     if fault == "error":
         assert e.value.faults == {5: ["voltage", "overheat"]}
     assert arm.bus.read_register(5, "Homing_Offset") == 600
+
+
+def test_cli_read_raw(sim, capsys):
+    sim.set_position(6, 2222)
+    assert so100.main(["read", "--port", sim.port, "--raw", "--once"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[5] == "2222"
+
+
+def test_cli_errors_are_one_line(capsys):
+    assert so100.main(["read", "--port", "/nonexistent/ttyACM9", "--raw", "--once"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot open serial port /nonexistent/ttyACM9") and "brltty" in err
+
+
+def test_cli_sim_serves_until_interrupted(tmp_path):
+    import signal
+    import subprocess
+
+    calibration_path = tmp_path / "sim.json"
+    process = subprocess.Popen(
+        [sys.executable, str(Path(so100.__file__)), "sim", "--calibration-out", str(calibration_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = process.stdout.readline().strip()
+        assert port.startswith("/dev/")
+        with so100.SO100(port, calibration=calibration_path, **FAST) as arm:
+            np.testing.assert_allclose(arm.read()[5], 50.0)  # the sim rests at mid-range
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0
