@@ -30,6 +30,13 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import serial
 
+try:  # pyserial's POSIX backend lets termios.error (not an OSError) through, e.g. on a vanished adapter
+    import termios
+
+    SERIAL_ERRORS: tuple[type[BaseException], ...] = (serial.SerialException, OSError, termios.error)
+except ImportError:  # Windows
+    SERIAL_ERRORS = (serial.SerialException, OSError)
+
 # ---------------------------------------------------------------------------------------------
 # 1. Control table, arm layout, errors
 # ---------------------------------------------------------------------------------------------
@@ -327,6 +334,8 @@ class FeetechBus:
             if self._serial is not None:
                 try:
                     self._serial.close()
+                except SERIAL_ERRORS:
+                    pass  # an unplugged adapter cannot be closed cleanly; the handle is dropped anyway
                 finally:
                     self._serial = None
 
@@ -346,7 +355,7 @@ class FeetechBus:
             port.reset_input_buffer()  # stale bytes from an earlier timed-out reply must not be read as ours
             port.write(packet)
             port.flush()
-        except serial.SerialException as e:
+        except SERIAL_ERRORS as e:
             raise FeetechError(f"{self.port}: serial write failed: {e}", port=self.port) from e
         replies: dict[int, StatusPacket] = {}
         conflicts: set[int] = set()  # ids that answered twice: neither answer can be trusted
@@ -377,7 +386,7 @@ class FeetechBus:
             wanted = max(1, reply_size * (len(servo_ids) - len(replies)) - len(buffer))
             try:
                 buffer += port.read(wanted)
-            except serial.SerialException as e:
+            except SERIAL_ERRORS as e:
                 raise FeetechError(f"{self.port}: serial read failed: {e}", port=self.port) from e
         if buffer and len(replies) < len(servo_ids):
             notes.append(f"incomplete bytes left over: {bytes(buffer).hex(' ')}")
@@ -445,7 +454,7 @@ class FeetechBus:
             try:
                 port.write(packet)
                 port.flush()
-            except serial.SerialException as e:
+            except SERIAL_ERRORS as e:
                 raise FeetechError(f"{self.port}: serial write failed: {e}", port=self.port) from e
 
     # -- registers by name ------------------------------------------------------------------------
@@ -660,7 +669,7 @@ def check_servos(bus: FeetechBus, servo_ids: Sequence[int] = tuple(MOTOR_IDS.val
     for servo_id in servo_ids:
         try:
             bus.ping(servo_id)
-        except FeetechError as e:
+        except (NoReplyError, CorruptReplyError) as e:  # a ServoFaultError names its fault: let it through
             missing.append((servo_id, e))
     if missing:
         who = ", ".join(bus._who(i) for i, _ in missing)

@@ -641,3 +641,15 @@ def test_cli_sim_serves_until_interrupted(tmp_path):
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=10) == 0
+
+
+def test_vanished_adapter_gives_clear_error_and_disconnect_still_closes():
+    sim = so100.SimulatedArm().start()
+    arm = so100.SO100(sim.port, calibration=sim.calibration, **FAST)
+    arm.connect()
+    sim.stop()  # like pulling the USB cable: the pseudo-terminal's other end is gone
+    with pytest.raises(so100.FeetechError, match=sim.port):
+        arm.read()
+    with pytest.warns(RuntimeWarning, match="could not confirm torque off"):
+        arm.disconnect()
+    assert not arm.bus.is_open and not arm.is_connected
