@@ -1,0 +1,134 @@
+"""The action expert: a narrower Llama-style decoder over the action tokens.
+
+Expert layer i is paired with VLM layer i and reads that layer's prefix keys/values in one of two ways:
+- self-attention layers (i % self_attn_every_n_layers == 0): the action tokens attend to the prefix
+  keys/values concatenated with their own (causal among themselves);
+- cross-attention layers (the others): the action tokens attend only to the prefix, through the
+  expert's own k/v projections applied to the VLM's (post-RoPE) keys and values.
+
+Everything derived from the prefix is the same at each of the denoising steps, so `prepare` computes
+it once per chunk (the reference recomputes the cross-attention projections at every step): the
+projected cross-attention keys/values, a preallocated key/value buffer per self-attention layer whose
+prefix part is filled once, the masks and the rotary tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from lm import DecoderLayer, RMSNorm, additive_mask, apply_rope, attention, repeat_kv, rope_cos_sin
+
+
+def expert_intermediate_size(hidden: int, multiplier: int = 4, multiple_of: int = 256) -> int:
+    """MLP width of the expert: 2/3 of 4x hidden, rounded up to a multiple of 256 (720 -> 2048)."""
+    size = int(multiplier * int(2 * hidden / 3))
+    return multiple_of * ((size + multiple_of - 1) // multiple_of)
+
+
+@dataclass
+class ExpertConfig:
+    hidden_size: int = 720  # int(960 * expert_width_multiplier 0.75)
+    intermediate_size: int = 2048
+    num_layers: int = 16  # one per kept VLM layer
+    num_attention_heads: int = 15
+    num_key_value_heads: int = 5
+    head_dim: int = 64
+    rms_norm_eps: float = 1e-5
+    vlm_kv_width: int = 320  # num_key_value_heads * head_dim of the VLM: input of cross-attention k/v
+    attention_mode: str = "cross_attn"
+    self_attn_every_n_layers: int = 2
+    rope_base: float = 10000.0
+
+    def is_cross(self, layer: int) -> bool:
+        if "cross" not in self.attention_mode:
+            return False
+        n = self.self_attn_every_n_layers
+        return not (n > 0 and layer % n == 0)
+
+
+@dataclass
+class ExpertCache:
+    """What the expert needs from one prefix, computed once per action chunk."""
+
+    keys: list[torch.Tensor]  # per layer (B, H, P[+S], D), kv heads already repeated to H
+    values: list[torch.Tensor]
+    prefix_len: int
+    self_mask: torch.Tensor  # (B, 1, S, P+S) additive
+    cross_mask: torch.Tensor  # (B, 1, S, P) additive
+    self_rope: tuple[torch.Tensor, torch.Tensor]  # positions continue after the valid prefix tokens
+    cross_rope: tuple[torch.Tensor, torch.Tensor]  # positions restart at 0
+
+
+class ActionExpert(nn.Module):
+    def __init__(self, cfg: ExpertConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                         cfg.head_dim, cfg.rms_norm_eps, kv_in=cfg.vlm_kv_width if cfg.is_cross(i) else None)
+            for i in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    @property
+    def groups(self) -> int:
+        return self.cfg.num_attention_heads // self.cfg.num_key_value_heads
+
+    def prepare(self, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]], prefix_pad_mask: torch.Tensor,
+                chunk_size: int) -> ExpertCache:
+        """Build the per-chunk cache from the VLM's prefix keys/values (B, kv_heads, P, D) per layer."""
+        batch, prefix_len = prefix_pad_mask.shape
+        dtype, device = prefix_kv[0][0].dtype, prefix_pad_mask.device
+        keys, values = [], []
+        for i, (layer, (k, v)) in enumerate(zip(self.layers, prefix_kv)):
+            attn = layer.self_attn
+            if self.cfg.is_cross(i):
+                # The expert's k/v projections read the VLM's keys/values flattened over heads.
+                k = attn.split_heads(attn.k_proj(k.transpose(1, 2).flatten(2)), attn.kv_heads)
+                v = attn.split_heads(attn.v_proj(v.transpose(1, 2).flatten(2)), attn.kv_heads)
+                keys.append(repeat_kv(k, self.groups))
+                values.append(repeat_kv(v, self.groups))
+            else:
+                # Preallocated [prefix | actions] buffers: each denoising step overwrites the tail.
+                shape = (batch, attn.heads, prefix_len + chunk_size, attn.head_dim)
+                k_all, v_all = k.new_empty(shape), v.new_empty(shape)
+                k_all[:, :, :prefix_len] = repeat_kv(k, self.groups)
+                v_all[:, :, :prefix_len] = repeat_kv(v, self.groups)
+                keys.append(k_all)
+                values.append(v_all)
+
+        # Action token j sees every valid prefix token and the action tokens 0..j.
+        prefix_allowed = prefix_pad_mask[:, None, :].expand(batch, chunk_size, prefix_len)
+        causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=device).tril()
+        self_allowed = torch.cat([prefix_allowed, causal.expand(batch, -1, -1)], dim=2)
+
+        steps = torch.arange(chunk_size, device=device)[None, :]
+        num_valid = prefix_pad_mask.sum(dim=1, keepdim=True)
+        rope = lambda pos: rope_cos_sin(pos.expand(batch, -1), self.cfg.head_dim, self.cfg.rope_base)  # noqa: E731
+        return ExpertCache(
+            keys=keys, values=values, prefix_len=prefix_len,
+            self_mask=additive_mask(self_allowed, dtype), cross_mask=additive_mask(prefix_allowed, dtype),
+            self_rope=rope(num_valid + steps), cross_rope=rope(steps),
+        )
+
+    def forward(self, x: torch.Tensor, cache: ExpertCache) -> torch.Tensor:
+        """Action tokens (B, S, hidden) -> final-normed hidden states (B, S, hidden)."""
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            if self.cfg.is_cross(i):
+                cos, sin = cache.cross_rope
+                mask = cache.cross_mask
+            else:
+                cos, sin = cache.self_rope
+                mask = cache.self_mask
+                k = apply_rope(attn.split_heads(attn.k_proj(h), attn.kv_heads), cos, sin)
+                v = attn.split_heads(attn.v_proj(h), attn.kv_heads)
+                cache.keys[i][:, :, cache.prefix_len:] = repeat_kv(k, self.groups)
+                cache.values[i][:, :, cache.prefix_len:] = repeat_kv(v, self.groups)
+            q = apply_rope(attn.split_heads(attn.q_proj(h), attn.heads), cos, sin)
+            x = layer.finish(x, attention(q, cache.keys[i], cache.values[i], mask))
+        return self.norm(x)

@@ -1,0 +1,701 @@
+"""SmolVLA: a flow-matching action head on a truncated SmolVLM (arXiv 2506.01844).
+
+  prefix = [64 image tokens per camera | language tokens | state token]  --VLM layers-->  keys/values
+  suffix = [chunk_size action tokens, each the noisy action x_t fused with the flow time t]
+  expert(suffix | prefix keys/values) -> velocity v(x_t, t)
+
+Training regresses v onto u = noise - action at x_t = t*noise + (1-t)*action (flow matching).
+Sampling starts from noise at t=1 and takes num_steps Euler steps x <- x + dt*v to t=0; the prefix
+goes through the VLM once per chunk and only the small expert runs at every step.
+
+This file also holds what turns robot data into model inputs and back: image preprocessing, the
+tokenizer, MEAN_STD normalisation, and checkpoints in LeRobot's layout (load and save).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from expert import ActionExpert, ExpertCache, ExpertConfig, expert_intermediate_size
+from lm import LMConfig, TextModel, additive_mask, rope_cos_sin
+from vision import Connector, VisionConfig, VisionEncoder, preprocess_images
+
+STATE = "observation.state"
+ACTION = "action"
+DEFAULT_VLM = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class SmolVLAConfig:
+    """The fields of LeRobot's smolvla config.json that the model uses (defaults: smolvla_base).
+
+    Other keys of a loaded config.json are kept in `extra` and written back unchanged.
+    """
+
+    input_features: dict = field(default_factory=lambda: {
+        **{f"observation.images.camera{i}": {"type": "VISUAL", "shape": [3, 256, 256]} for i in (1, 2, 3)},
+        STATE: {"type": "STATE", "shape": [6]},
+    })
+    output_features: dict = field(default_factory=lambda: {ACTION: {"type": "ACTION", "shape": [6]}})
+    chunk_size: int = 50
+    n_action_steps: int = 50
+    max_state_dim: int = 32
+    max_action_dim: int = 32
+    resize_imgs_with_padding: tuple = (512, 512)  # (width, height)
+    empty_cameras: int = 0
+    tokenizer_max_length: int = 48
+    pad_language_to: str = "max_length"
+    num_steps: int = 10
+    vlm_model_name: str = DEFAULT_VLM
+    attention_mode: str = "cross_attn"
+    prefix_length: int = -1
+    num_expert_layers: int = -1
+    num_vlm_layers: int = 16
+    self_attn_every_n_layers: int = 2
+    expert_width_multiplier: float = 0.75
+    min_period: float = 4e-3
+    max_period: float = 4.0
+    normalization_mapping: dict = field(
+        default_factory=lambda: {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"})
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "SmolVLAConfig":
+        if raw.get("type", "smolvla") != "smolvla":
+            raise ValueError(f"config.json describes a {raw.get('type')!r} policy, not smolvla")
+        names = {f.name for f in fields(cls)} - {"extra"}
+        known = {k: v for k, v in raw.items() if k in names}
+        if "resize_imgs_with_padding" in known and known["resize_imgs_with_padding"] is not None:
+            known["resize_imgs_with_padding"] = tuple(known["resize_imgs_with_padding"])
+        return cls(**known, extra={k: v for k, v in raw.items() if k not in names})
+
+    def to_dict(self) -> dict:
+        out = {"type": "smolvla", **self.extra}
+        for f in fields(self):
+            if f.name != "extra":
+                value = getattr(self, f.name)
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @property
+    def camera_keys(self) -> list[str]:
+        return [k for k, v in self.input_features.items() if v.get("type") == "VISUAL"]
+
+    @property
+    def state_dim(self) -> int:
+        return int(self.input_features[STATE]["shape"][0])
+
+    @property
+    def action_dim(self) -> int:
+        return int(self.output_features[ACTION]["shape"][0])
+
+
+# transformers' SmolVLMVisionConfig defaults: the VLM's config.json omits fields left at these.
+VISION_DEFAULTS = {"hidden_size": 1152, "intermediate_size": 3072, "num_hidden_layers": 12,
+                   "num_attention_heads": 16, "image_size": 224, "patch_size": 32, "layer_norm_eps": 1e-6,
+                   "hidden_act": "gelu_pytorch_tanh"}
+
+
+def vlm_configs(vlm_config: dict, cfg: SmolVLAConfig) -> tuple[VisionConfig, LMConfig, ExpertConfig]:
+    """Model sizes from the VLM's config.json and the policy config."""
+    vision = {**VISION_DEFAULTS, **vlm_config.get("vision_config", {})}
+    if vision["hidden_act"] not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ValueError(f"VLM vision_config.hidden_act {vision['hidden_act']!r} is not supported (gelu tanh only)")
+    text = vlm_config["text_config"]
+    heads = text["num_attention_heads"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // heads
+    num_layers = cfg.num_vlm_layers if cfg.num_vlm_layers > 0 else text["num_hidden_layers"]
+    if num_layers > text["num_hidden_layers"]:
+        raise ValueError(f"num_vlm_layers={num_layers} but the VLM has {text['num_hidden_layers']} layers")
+    lm = LMConfig(hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
+                  num_layers=num_layers, num_attention_heads=heads,
+                  num_key_value_heads=text.get("num_key_value_heads", heads), head_dim=head_dim,
+                  rms_norm_eps=text.get("rms_norm_eps", 1e-6), vocab_size=text["vocab_size"])
+    vis = VisionConfig(hidden_size=vision["hidden_size"], intermediate_size=vision["intermediate_size"],
+                       num_layers=vision["num_hidden_layers"], num_attention_heads=vision["num_attention_heads"],
+                       image_size=vision["image_size"], patch_size=vision["patch_size"],
+                       layer_norm_eps=vision["layer_norm_eps"], scale_factor=vlm_config.get("scale_factor", 2),
+                       text_hidden_size=lm.hidden_size)
+    if cfg.num_expert_layers > 0 and cfg.num_expert_layers != num_layers:
+        raise ValueError(f"num_expert_layers={cfg.num_expert_layers} differs from num_vlm_layers={num_layers}; "
+                         "only one expert layer per VLM layer is supported (use -1 or 0 for the default)")
+    expert_hidden = int(lm.hidden_size * cfg.expert_width_multiplier)
+    expert = ExpertConfig(hidden_size=expert_hidden, intermediate_size=expert_intermediate_size(expert_hidden),
+                          num_layers=num_layers, num_attention_heads=heads,
+                          num_key_value_heads=lm.num_key_value_heads, head_dim=head_dim,
+                          rms_norm_eps=lm.rms_norm_eps, vlm_kv_width=lm.num_key_value_heads * head_dim,
+                          attention_mode=cfg.attention_mode, self_attn_every_n_layers=cfg.self_attn_every_n_layers)
+    return vis, lm, expert
+
+
+# ----------------------------------------------------------------------------------------------
+# Locating checkpoints
+
+
+def resolve_dir(repo_id_or_dir: str | Path, what: str, allow_patterns: list[str] | None = None,
+                revision: str | None = None) -> Path:
+    """A local directory as is, or a Hugging Face Hub model id downloaded into the local cache."""
+    path = Path(repo_id_or_dir).expanduser()
+    if path.is_dir():
+        return path
+    text = str(repo_id_or_dir)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise FileNotFoundError(f"{what}: {text!r} is neither a directory nor a Hub id of the form 'owner/name'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=allow_patterns, revision=revision))
+    except Exception as err:  # network, auth, unknown repo: all mean "not available here"
+        raise FileNotFoundError(
+            f"{what}: could not get {text!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
+            "Check the id, your network, or pass a local directory instead.") from err
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and normalisation
+
+
+class Tokenizer:
+    """The VLM's byte-level BPE (`tokenizer.json`), used the way SmolVLA uses it: task + newline, no
+    special tokens, truncated and right-padded with `<|im_end|>`."""
+
+    def __init__(self, vlm_dir: Path, max_length: int, pad_to_max_length: bool):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = vlm_dir / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer.json in the VLM directory {vlm_dir}")
+        self.tokenizer = HFTokenizer.from_file(str(path))
+        pad_token = "<|im_end|>"
+        config_path = vlm_dir / "tokenizer_config.json"
+        if config_path.is_file():
+            pad_token = json.loads(config_path.read_text()).get("pad_token") or pad_token
+        pad_token = pad_token["content"] if isinstance(pad_token, dict) else pad_token
+        self.pad_id = self.tokenizer.token_to_id(pad_token)
+        if self.pad_id is None:
+            raise ValueError(f"pad token {pad_token!r} is not in {path}")
+        self.max_length = max_length
+        self.pad_to_max_length = pad_to_max_length
+
+    def __call__(self, tasks: list[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """-> token ids (B, L) int64 and the mask of real tokens (B, L) bool."""
+        texts = [t if t.endswith("\n") else t + "\n" for t in tasks]
+        ids = [e.ids[: self.max_length] for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        length = self.max_length if self.pad_to_max_length else max(len(i) for i in ids)
+        tokens = torch.full((len(ids), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), length), dtype=torch.bool)
+        for row, seq in enumerate(ids):
+            tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = True
+        return tokens.to(device), mask.to(device)
+
+
+STAT_NAMES = ("mean", "std", "min", "max", "count")
+# Normalisation buffers as older checkpoints store them: normalize_inputs.buffer_observation_state.mean,
+# or with a dataset name in front (normalize_inputs.so100-blue_buffer_observation_state.mean).
+_BUFFER_KEY = re.compile(r"^(?:normalize_inputs|normalize_targets|unnormalize_outputs)\.(?:.*_)?buffer_(\w+)\.(\w+)$")
+
+
+def parse_stats(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Flat '<feature>.<stat>' tensors (either layout) -> {feature: {stat: float32 tensor}}.
+
+    Only the state and action features are recognised in the older underscore spelling; keys for
+    other datasets' features (e.g. smolvla_base's 'so100.buffer.action.mean') are ignored.
+    """
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        match = _BUFFER_KEY.match(key)
+        if match:
+            feature = {"observation_state": STATE, "action": ACTION}.get(match.group(1))
+            stat = match.group(2)
+        else:
+            feature, _, stat = key.rpartition(".")
+        if feature and stat in STAT_NAMES:
+            stats.setdefault(feature, {})[stat] = value.detach().to(torch.float32).cpu()
+    return stats
+
+
+class Normalizer:
+    """MEAN_STD normalisation of state and action: (x - mean) / (std + 1e-8), and back x*std + mean."""
+
+    eps = 1e-8
+
+    def __init__(self, stats: dict[str, dict[str, Any]] | None, sources: list[str]):
+        self.stats = {k: {s: torch.as_tensor(v, dtype=torch.float32) for s, v in d.items()}
+                      for k, d in (stats or {}).items()}
+        self.sources = sources  # where stats were looked for, for the error message
+
+    def _get(self, feature: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        found = self.stats.get(feature, {})
+        if "mean" not in found or "std" not in found:
+            where = ", ".join(self.sources) or "nowhere (no checkpoint files)"
+            raise KeyError(
+                f"no normalisation stats (mean, std) for {feature!r}; looked in: {where}. Supply them from "
+                "the dataset the policy was trained on: policy.set_stats(dataset.stats) or "
+                "SmolVLA.from_pretrained(..., stats=...). Refusing to run unnormalised.")
+        return found["mean"].to(device), found["std"].to(device)
+
+    def normalize(self, feature: str, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self._get(feature, x.device)
+        return (x - mean) / (std + self.eps)
+
+    def unnormalize(self, feature: str, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self._get(feature, x.device)
+        return x * std + mean
+
+
+def pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero-pad the last dimension to `size` (state and action are padded to max_state/action_dim)."""
+    if x.shape[-1] > size:
+        raise ValueError(f"a vector of size {x.shape[-1]} does not fit the model's {size} dimensions")
+    return F.pad(x, (0, size - x.shape[-1]))
+
+
+def time_embedding(t: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:
+    """Sinusoidal embedding of flow times t (B,) -> (B, dim): [sin(2*pi*t/period), cos(...)] with periods
+    spaced geometrically from min_period to max_period. float64 where the device has it (not MPS)."""
+    dtype = torch.float32 if t.device.type == "mps" else torch.float64
+    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=dtype, device=t.device)
+    period = min_period * (max_period / min_period) ** fraction
+    angle = (1.0 / period * 2 * math.pi)[None, :] * t[:, None]
+    return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
+
+
+def attention_allowed(pad_mask: torch.Tensor, ar_flags: torch.Tensor) -> torch.Tensor:
+    """The ar-flag rule: token i may attend to non-padding token j iff cumsum(flags)[j] <= cumsum(flags)[i].
+
+    (B, L) pad mask and flags -> (B, L, L) bool. Tokens with flag 0 after a 1 join the same block.
+    """
+    cum = torch.cumsum(ar_flags, dim=1)
+    allowed = cum[:, None, :] <= cum[:, :, None]
+    return allowed & pad_mask[:, None, :] & pad_mask[:, :, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy
+
+
+# Our parameter names -> the official checkpoint's, by prefix (both directions are unambiguous).
+KEY_PREFIXES = [
+    ("vision.patch_embedding.", "model.vlm_with_expert.vlm.model.vision_model.embeddings.patch_embedding."),
+    ("vision.position_embedding.", "model.vlm_with_expert.vlm.model.vision_model.embeddings.position_embedding."),
+    ("vision.layers.", "model.vlm_with_expert.vlm.model.vision_model.encoder.layers."),
+    ("vision.post_layernorm.", "model.vlm_with_expert.vlm.model.vision_model.post_layernorm."),
+    ("connector.", "model.vlm_with_expert.vlm.model.connector.modality_projection."),
+    ("lm.", "model.vlm_with_expert.vlm.model.text_model."),
+    ("lm_head.", "model.vlm_with_expert.vlm.lm_head."),
+    ("expert.", "model.vlm_with_expert.lm_expert."),
+    ("", "model."),
+]
+
+
+def to_official(name: str) -> str:
+    ours, official = next((o, f) for o, f in KEY_PREFIXES if name.startswith(o))
+    return official + name[len(ours):]
+
+
+def from_official(key: str) -> str | None:
+    for ours, official in KEY_PREFIXES:
+        if key.startswith(official):
+            return ours + key[len(official):]
+    return None
+
+
+@dataclass
+class Prefix:
+    """The model inputs of one observation, after preprocessing (all on the model's device)."""
+
+    images: list[torch.Tensor]  # per camera (B,3,S,S) in [-1,1]
+    image_masks: list[torch.Tensor]  # per camera (B,) bool: False for an empty camera slot
+    tokens: torch.Tensor  # (B, L) int64
+    token_mask: torch.Tensor  # (B, L) bool
+    state: torch.Tensor  # (B, max_state_dim) normalised, zero-padded
+
+
+class SmolVLA(nn.Module):
+    def __init__(self, cfg: SmolVLAConfig, vlm_config: dict, tokenizer: Tokenizer | None = None,
+                 stats: Normalizer | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.vlm_config = vlm_config
+        self.vision_cfg, self.lm_cfg, self.expert_cfg = vlm_configs(vlm_config, cfg)
+        self.vision = VisionEncoder(self.vision_cfg)
+        self.connector = Connector(self.vision_cfg)
+        self.lm = TextModel(self.lm_cfg)
+        self.lm_head = nn.Linear(self.lm_cfg.hidden_size, self.lm_cfg.vocab_size, bias=False)  # unused, kept
+        self.expert = ActionExpert(self.expert_cfg)
+        width = self.expert_cfg.hidden_size
+        self.state_proj = nn.Linear(cfg.max_state_dim, self.lm_cfg.hidden_size)
+        self.action_in_proj = nn.Linear(cfg.max_action_dim, width)
+        self.action_out_proj = nn.Linear(width, cfg.max_action_dim)
+        self.action_time_mlp_in = nn.Linear(2 * width, width)
+        self.action_time_mlp_out = nn.Linear(width, width)
+        self.tokenizer = tokenizer
+        self.normalizer = stats or Normalizer(None, [])
+        self.rename_map: dict[str, str] = {}  # data key -> policy key (cameras named differently)
+
+    # -- conveniences used across the project ---------------------------------------------------
+
+    @property
+    def config(self) -> SmolVLAConfig:
+        return self.cfg
+
+    @property
+    def camera_keys(self) -> list[str]:
+        return self.cfg.camera_keys
+
+    @property
+    def device(self) -> torch.device:
+        return self.state_proj.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.embed_tokens.weight.dtype
+
+    def set_stats(self, stats: dict[str, dict[str, Any]], source: str = "given stats") -> None:
+        """Use these normalisation stats ({feature: {"mean": ..., "std": ...}}, e.g. dataset.stats)."""
+        self.normalizer = Normalizer(stats, [source])
+
+    # -- prefix: images, language, state ------------------------------------------------------------
+
+    def embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images (B,3,S,S) -> (B, tokens_per_image, lm_hidden): vision encoder + connector."""
+        return self.connector(self.vision(pixels.to(self.dtype)))
+
+    def embed_prefix(self, p: Prefix) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> embeddings (B, P, hidden), pad mask (B, P) and ar-flags (B, P).
+
+        Image and language embeddings are scaled by sqrt(hidden) as SmolVLM does for its token
+        embeddings. Flags: 0 for images and language (one bidirectional block), 1 for the state token.
+        """
+        scale = math.sqrt(self.lm_cfg.hidden_size)
+        embs, pads = [], []
+        for image, present in zip(p.images, p.image_masks):
+            emb = self.embed_image(image) * scale
+            embs.append(emb)
+            pads.append(present[:, None].expand(-1, emb.shape[1]))
+        embs.append(self.lm.embed_tokens(p.tokens) * scale)
+        pads.append(p.token_mask)
+        embs.append(self.state_proj(p.state.to(self.state_proj.weight.dtype))[:, None].to(self.dtype))
+        batch = p.state.shape[0]
+        pads.append(torch.ones(batch, 1, dtype=torch.bool, device=p.state.device))
+        emb, pad = torch.cat(embs, dim=1), torch.cat(pads, dim=1)
+        flags = torch.zeros_like(pad, dtype=torch.long)
+        flags[:, -1] = 1
+        if self.cfg.prefix_length > emb.shape[1]:  # static-length prefix: pad with masked zeros
+            extra = self.cfg.prefix_length - emb.shape[1]
+            emb = F.pad(emb, (0, 0, 0, extra))
+            pad, flags = F.pad(pad, (0, extra)), F.pad(flags, (0, extra))
+        return emb, pad, flags
+
+    def prefix_cache(self, p: Prefix) -> tuple[ExpertCache, torch.Tensor]:
+        """Run the prefix through the VLM once -> the expert's cache and the prefix pad mask."""
+        emb, pad, flags = self.embed_prefix(p)
+        positions = torch.cumsum(pad, dim=1) - 1
+        cos, sin = rope_cos_sin(positions, self.lm_cfg.head_dim, self.lm_cfg.rope_base)
+        mask = additive_mask(attention_allowed(pad, flags), emb.dtype)
+        prefix_kv = self.lm.prefix_kv(emb, cos, sin, mask)
+        return self.expert.prepare(prefix_kv, pad, self.cfg.chunk_size), pad
+
+    # -- suffix: noisy actions and time ---------------------------------------------------------------
+
+    def embed_suffix(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Noisy actions (B, chunk, max_action_dim) and times (B,) -> action tokens (B, chunk, width)."""
+        action_emb = self.action_in_proj(x_t)
+        time_emb = time_embedding(t, self.expert_cfg.hidden_size, self.cfg.min_period, self.cfg.max_period)
+        time_emb = time_emb.to(action_emb.dtype)[:, None, :].expand_as(action_emb)
+        fused = self.action_time_mlp_in(torch.cat([action_emb, time_emb], dim=2))
+        return self.action_time_mlp_out(F.silu(fused))
+
+    def velocity(self, cache: ExpertCache, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The flow v(x_t, t) (B, chunk, max_action_dim), in float32."""
+        tokens = self.embed_suffix(x_t.to(self.action_in_proj.weight.dtype), t)
+        hidden = self.expert(tokens.to(self.expert.norm.weight.dtype), cache)
+        return self.action_out_proj(hidden.to(self.action_out_proj.weight.dtype)).float()
+
+    # -- flow matching --------------------------------------------------------------------------------
+
+    def sample_actions(self, p: Prefix, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Euler integration of the flow from noise (t=1) to actions (t=0), normalised units."""
+        batch = p.state.shape[0]
+        if noise is None:
+            noise = torch.randn(batch, self.cfg.chunk_size, self.cfg.max_action_dim, device=p.state.device)
+        cache, _ = self.prefix_cache(p)
+        dt = -1.0 / self.cfg.num_steps
+        # t_k = 1 + k*dt in float64, then rounded once to float32 (an accumulated float32 t drifts by
+        # ulps, and the time embedding's 4 ms period turns that into visible action differences).
+        times = torch.tensor([1.0 + k * dt for k in range(self.cfg.num_steps)], dtype=torch.float32,
+                             device=p.state.device)
+        x = noise.float()
+        for k in range(self.cfg.num_steps):
+            x = x + dt * self.velocity(cache, x, times[k].expand(batch))
+        return x
+
+    def flow_losses(self, p: Prefix, actions: torch.Tensor, noise: torch.Tensor | None = None,
+                    time: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-element flow-matching loss (B, chunk, max_action_dim) for normalised padded actions."""
+        batch = actions.shape[0]
+        if noise is None:
+            noise = torch.randn_like(actions)
+        if time is None:
+            beta = torch.distributions.Beta(torch.tensor(1.5), torch.tensor(1.0))
+            time = (beta.sample((batch,)) * 0.999 + 0.001).to(actions.device)
+        t = time[:, None, None]
+        x_t = t * noise + (1 - t) * actions
+        target = noise - actions
+        cache, _ = self.prefix_cache(p)
+        return F.mse_loss(self.velocity(cache, x_t, time), target, reduction="none")
+
+    # -- robot-facing API -----------------------------------------------------------------------------
+
+    def prepare(self, batch: dict[str, Any]) -> Prefix:
+        """A LeRobot-style batch (robot units, images in [0,1]) -> normalised model inputs."""
+        batch = {self.rename_map.get(k, k): v for k, v in batch.items()}
+        device = self.device
+        if STATE not in batch:
+            raise KeyError(f"the batch has no {STATE!r} (keys: {sorted(batch)})")
+        state = torch.as_tensor(batch[STATE], dtype=torch.float32, device=device)
+        if state.ndim == 1:
+            state = state[None]
+        if state.shape[-1] != self.cfg.state_dim:
+            raise ValueError(f"{STATE} has {state.shape[-1]} dims, the policy expects {self.cfg.state_dim}")
+        state = pad_last(self.normalizer.normalize(STATE, state), self.cfg.max_state_dim)
+
+        present = [k for k in self.camera_keys if k in batch]
+        missing = [k for k in self.camera_keys if k not in batch]
+        if not present or len(missing) > self.cfg.empty_cameras:
+            given = sorted(k for k in batch if k.startswith("observation.images."))
+            raise KeyError(f"camera mismatch: the policy expects {self.camera_keys}, the batch has {given}; "
+                           "map names with rename={data_key: policy_key}")
+        images, masks = [], []
+        for key in present:
+            image = torch.as_tensor(batch[key], device=device).float()
+            if image.ndim == 3:
+                image = image[None]
+            images.append(preprocess_images(image, self.cfg.resize_imgs_with_padding))
+            masks.append(torch.ones(image.shape[0], dtype=torch.bool, device=device))
+        for _ in missing:  # empty camera slots: a blank image whose tokens are masked out
+            images.append(torch.full_like(images[0], -1.0))
+            masks.append(torch.zeros_like(masks[0]))
+
+        tasks = batch.get("task", "")
+        tasks = [tasks] * state.shape[0] if isinstance(tasks, str) else list(tasks)
+        if self.tokenizer is None:
+            raise RuntimeError("this policy has no tokenizer (build it with from_pretrained or from_vlm)")
+        tokens, token_mask = self.tokenizer(tasks, device)
+        return Prefix(images, masks, tokens, token_mask, state)
+
+    @torch.no_grad()
+    def predict_chunk(self, batch: dict[str, Any], noise: torch.Tensor | None = None) -> torch.Tensor:
+        """One action chunk (B, chunk_size, action_dim) in robot units for one observation batch."""
+        actions = self.sample_actions(self.prepare(batch), noise)[:, :, : self.cfg.action_dim]
+        return self.normalizer.unnormalize(ACTION, actions)
+
+    def loss(self, batch: dict[str, Any], noise: torch.Tensor | None = None,
+             time: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean flow-matching loss over the real action dims of the chunk steps inside the episode."""
+        p = self.prepare(batch)
+        actions = torch.as_tensor(batch[ACTION], dtype=torch.float32, device=self.device)
+        actions = pad_last(self.normalizer.normalize(ACTION, actions), self.cfg.max_action_dim)
+        losses = self.flow_losses(p, actions, noise, time)[:, :, : self.cfg.action_dim]
+        valid = torch.ones(losses.shape[:2], dtype=torch.bool, device=losses.device)
+        if batch.get("action_is_pad") is not None:
+            valid = ~torch.as_tensor(batch["action_is_pad"], device=losses.device).bool()
+        weights = valid[:, :, None].to(losses.dtype).expand_as(losses)
+        return (losses * weights).sum() / weights.sum().clamp(min=1)
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, repo_id_or_dir: str | Path, vlm: str | Path | None = None,
+                        device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+                        rename: dict[str, str] | None = None, stats: dict | None = None,
+                        revision: str | None = None) -> "SmolVLA":
+        """Load a LeRobot SmolVLA policy directory or Hub id (e.g. lerobot/smolvla_base).
+
+        vlm: where the VLM config and tokenizer come from (default: config.json's vlm_model_name).
+        dtype: float32 computes everything in float32 (the reference's CPU behaviour); bfloat16 or
+        float16 keep the checkpoint's float32 tensors in float32 and cast the rest.
+        rename: {data key: policy key} for cameras named differently in your data.
+        stats: normalisation stats overriding the checkpoint's ({feature: {"mean", "std"}}).
+        """
+        policy_dir = resolve_dir(repo_id_or_dir, "policy", revision=revision)
+        config_path = policy_dir / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"no config.json in the policy directory {policy_dir}")
+        cfg = SmolVLAConfig.from_dict(json.loads(config_path.read_text()))
+        vlm_dir, vlm_config, tokenizer = load_vlm_files(vlm or cfg.vlm_model_name, cfg, weights=False)
+
+        weights_path = policy_dir / "model.safetensors"
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"no model.safetensors in the policy directory {policy_dir}")
+        weights = read_safetensors(weights_path)
+        buffers = {k: weights.pop(k) for k in list(weights) if _BUFFER_KEY.match(k)}
+
+        with torch.device("meta"):
+            model = cls(cfg, vlm_config, tokenizer)
+        model.load_official(weights, str(weights_path), dtype)
+
+        flat, sources = dict(buffers), [str(weights_path)]
+        for name in ("policy_preprocessor.json", "policy_postprocessor.json"):
+            path = policy_dir / name
+            sources.append(str(path))
+            if path.is_file():
+                for step in json.loads(path.read_text()).get("steps", []):
+                    if step.get("state_file"):
+                        state_path = policy_dir / step["state_file"]
+                        if not state_path.is_file():
+                            raise FileNotFoundError(f"{path} names the state file {state_path}, which is missing")
+                        flat.update(read_safetensors(state_path))
+                    if step.get("registry_name") == "rename_observations_processor":
+                        model.rename_map.update(step.get("config", {}).get("rename_map", {}))
+        model.normalizer = Normalizer(parse_stats(flat), sources)
+        if stats is not None:
+            model.set_stats(stats)
+        model.rename_map.update(rename or {})
+        return model.to(device or default_device()).eval()
+
+    @classmethod
+    def from_vlm(cls, vlm: str | Path = DEFAULT_VLM, cfg: SmolVLAConfig | None = None,
+                 device: str | torch.device | None = None, stats: dict | None = None) -> "SmolVLA":
+        """A new policy from the pretrained VLM alone: its vision encoder, connector and first
+        num_vlm_layers text layers; the expert and the projections freshly initialised."""
+        cfg = cfg or SmolVLAConfig()
+        cfg.vlm_model_name = str(vlm)
+        vlm_dir, vlm_config, tokenizer = load_vlm_files(vlm, cfg, weights=True)
+        model = cls(cfg, vlm_config, tokenizer)
+        model.init_expert()
+        expected = {to_official(n): p for n, p in model.state_dict().items()
+                    if n.startswith(("vision.", "connector.", "lm.", "lm_head."))}
+        loaded = set()
+        for path in sorted(vlm_dir.glob("*.safetensors")):
+            for key, tensor in read_safetensors(path).items():
+                official = "model.vlm_with_expert.vlm." + key
+                match = re.match(r"model\.vlm_with_expert\.vlm\.model\.text_model\.layers\.(\d+)\.", official)
+                if match and int(match.group(1)) >= model.lm_cfg.num_layers:
+                    continue  # SmolVLA keeps only the first num_vlm_layers layers
+                if official not in expected:
+                    continue
+                if tuple(tensor.shape) != tuple(expected[official].shape):
+                    raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, "
+                                     f"the model expects {tuple(expected[official].shape)}")
+                expected[official].copy_(tensor)
+                loaded.add(official)
+        missing = sorted(set(expected) - loaded)
+        if missing:
+            raise KeyError(f"the VLM weights in {vlm_dir} lack {len(missing)} tensors: {', '.join(missing[:10])}")
+        if stats is not None:
+            model.set_stats(stats)
+        return model.to(device or default_device())
+
+    def init_expert(self) -> None:
+        """Fresh weights for what the VLM does not provide: the expert as a Hugging Face Llama is
+        initialised (normal(0, 0.02), unit norms), the projections with PyTorch's Linear default."""
+        for module in self.expert.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+            elif hasattr(module, "weight") and module.weight is not None and module.weight.ndim == 1:
+                nn.init.ones_(module.weight)
+        for proj in (self.state_proj, self.action_in_proj, self.action_out_proj, self.action_time_mlp_in,
+                     self.action_time_mlp_out):
+            proj.reset_parameters()
+
+    def load_official(self, weights: dict[str, torch.Tensor], source: str, dtype: torch.dtype) -> None:
+        """Load official-key tensors, checking names and shapes; lists every problem at once."""
+        weights = {("model." + k[len("model._orig_mod."):] if k.startswith("model._orig_mod.") else k): v
+                   for k, v in weights.items()}
+        expected = {to_official(n): t for n, t in self.state_dict().items()}
+        missing = sorted(set(expected) - set(weights))
+        unexpected = sorted(set(weights) - set(expected))
+        mismatched = [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(weights[k].shape)}"
+                      for k in sorted(set(weights) & set(expected)) if expected[k].shape != weights[k].shape]
+        if missing or unexpected or mismatched:
+            lines = [f"{source} does not fit this SmolVLA configuration:"]
+            lines += [f"  missing: {k} (expected shape {tuple(expected[k].shape)})" for k in missing[:40]]
+            lines += [f"  unexpected: {k} (shape {tuple(weights[k].shape)})" for k in unexpected[:40]]
+            lines += [f"  shape mismatch: {m}" for m in mismatched[:40]]
+            raise ValueError("\n".join(lines))
+        state = {}
+        for name in self.state_dict():
+            tensor = weights[to_official(name)]
+            # Float32 tensors of a mixed checkpoint (projections, cross-attention k/v) stay float32.
+            keep = dtype != torch.float32 and tensor.dtype == torch.float32
+            state[name] = tensor.to(torch.float32 if keep else dtype)
+        self.load_state_dict(state, assign=True)
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """Write config.json, model.safetensors (official key names) and the normaliser files."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=4))
+        tensors = {to_official(n): t.detach().cpu().contiguous() for n, t in self.state_dict().items()}
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+        flat = {f"{feature}.{stat}": value.contiguous() for feature, d in self.normalizer.stats.items()
+                for stat, value in d.items()}
+        features = {**self.cfg.input_features, **self.cfg.output_features}
+        norm_config = {"eps": Normalizer.eps, "features": features, "norm_map": self.cfg.normalization_mapping}
+        pre_state = "policy_preprocessor_step_5_normalizer_processor.safetensors"
+        post_state = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
+        save_file(flat, str(out / pre_state))
+        save_file(flat, str(out / post_state))
+        device = {"registry_name": "device_processor", "config": {"device": str(self.device), "float_dtype": None}}
+        preprocessor = {"name": "policy_preprocessor", "steps": [
+            {"registry_name": "rename_observations_processor", "config": {"rename_map": self.rename_map}},
+            {"registry_name": "to_batch_processor", "config": {}},
+            {"registry_name": "smolvla_new_line_processor", "config": {}},
+            {"registry_name": "tokenizer_processor", "config": {
+                "max_length": self.cfg.tokenizer_max_length, "task_key": "task", "padding_side": "right",
+                "padding": "max_length" if self.cfg.pad_language_to == "max_length" else "longest",
+                "truncation": True, "tokenizer_name": self.cfg.vlm_model_name}},
+            device,
+            {"registry_name": "normalizer_processor", "config": norm_config, "state_file": pre_state},
+        ]}
+        postprocessor = {"name": "policy_postprocessor", "steps": [
+            {"registry_name": "unnormalizer_processor",
+             "config": {**norm_config, "features": self.cfg.output_features}, "state_file": post_state},
+            device,
+        ]}
+        (out / "policy_preprocessor.json").write_text(json.dumps(preprocessor, indent=2))
+        (out / "policy_postprocessor.json").write_text(json.dumps(postprocessor, indent=2))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:
+        raise ValueError(f"cannot read {path} as safetensors: {err}") from err
+
+
+def load_vlm_files(vlm: str | Path, cfg: SmolVLAConfig, weights: bool) -> tuple[Path, dict, Tokenizer]:
+    """The VLM's config.json and tokenizer (and, when `weights`, its safetensors) from a dir or Hub id."""
+    patterns = ["*.json"] + (["*.safetensors"] if weights else [])
+    vlm_dir = resolve_dir(vlm, "VLM", allow_patterns=patterns)
+    config_path = vlm_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json in the VLM directory {vlm_dir}")
+    vlm_config = json.loads(config_path.read_text())
+    if "text_config" not in vlm_config:
+        raise ValueError(f"{config_path} has no text_config: is it a SmolVLM config?")
+    tokenizer = Tokenizer(vlm_dir, cfg.tokenizer_max_length, cfg.pad_language_to == "max_length")
+    return vlm_dir, vlm_config, tokenizer

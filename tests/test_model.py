@@ -1,0 +1,359 @@
+"""Parity with the reference implementation (LeRobot 0.4.4 + transformers 4.57) on the golden fixture,
+one test per stage so that a regression names its stage; then checkpoint loading and saving."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import flow
+from flow import SmolVLA, SmolVLAConfig
+
+FIXTURE = Path(__file__).parent / "fixtures" / "tiny"
+POLICY, VLM = FIXTURE / "policy", FIXTURE / "vlm"
+GOLDEN_INFO = json.loads((FIXTURE / "golden.json").read_text())
+CAMERAS = list(GOLDEN_INFO["cameras"])
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return load_file(str(FIXTURE / "golden.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return SmolVLA.from_pretrained(POLICY, vlm=VLM, device="cpu")
+
+
+def observation(golden):
+    batch = {cam: golden[f"input.{cam}"] for cam in CAMERAS}
+    batch["observation.state"] = golden["input.state"]
+    batch["task"] = GOLDEN_INFO["tasks"]
+    return batch
+
+
+def training_batch(golden):
+    batch = observation(golden)
+    batch["action"] = golden["input.action"]
+    batch["action_is_pad"] = golden["input.action_is_pad"].bool()
+    return batch
+
+
+@pytest.fixture(scope="module")
+def prefix(policy, golden):
+    with torch.no_grad():
+        return policy.prepare(observation(golden))
+
+
+def close(actual, expected, atol=ATOL, rtol=0.0):
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol)
+
+
+# -- one test per stage ----------------------------------------------------------------------------
+
+
+def test_preprocessed_images(prefix, golden):
+    for image, cam in zip(prefix.images, CAMERAS):
+        close(image, golden[f"image.{cam}.preprocessed"])
+
+
+def test_language_tokens(prefix, golden):
+    assert torch.equal(prefix.tokens, golden["lang.tokens"])
+    assert torch.equal(prefix.token_mask, golden["lang.mask"].bool())
+
+
+def test_state_normalized(prefix, golden):
+    close(prefix.state, golden["state.normalized"])
+
+
+def test_image_embeddings(policy, prefix, golden):
+    with torch.no_grad():
+        for image, cam in zip(prefix.images, CAMERAS):
+            close(policy.embed_image(image), golden[f"image.{cam}.embeddings"])
+
+
+def test_prefix_embeddings(policy, prefix, golden):
+    with torch.no_grad():
+        emb, pad, _ = policy.embed_prefix(prefix)
+    close(emb, golden["prefix.embeddings"])
+    assert torch.equal(pad, golden["prefix.pad_mask"].bool())
+
+
+def prefix_kv(policy, prefix):
+    emb, pad, flags = policy.embed_prefix(prefix)
+    cos, sin = flow.rope_cos_sin(torch.cumsum(pad, dim=1) - 1, policy.lm_cfg.head_dim, policy.lm_cfg.rope_base)
+    return policy.lm.prefix_kv(emb, cos, sin, flow.additive_mask(flow.attention_allowed(pad, flags), emb.dtype))
+
+
+@pytest.mark.parametrize("layer", ["layer0", "last"])
+def test_prefix_keys_values(policy, prefix, golden, layer):
+    with torch.no_grad():
+        keys, values = prefix_kv(policy, prefix)[0 if layer == "layer0" else -1]
+    # ours are (B, kv_heads, L, D); the fixture stores (B, L, kv_heads, D)
+    close(keys.transpose(1, 2), golden[f"prefix.{layer}.key"])
+    close(values.transpose(1, 2), golden[f"prefix.{layer}.value"])
+
+
+def test_first_velocity(policy, prefix, golden):
+    with torch.no_grad():
+        cache, _ = policy.prefix_cache(prefix)
+        velocity = policy.velocity(cache, golden["input.noise"], torch.ones(2))
+    close(velocity, golden["denoise.first_velocity"])
+
+
+def test_actions_normalized(policy, prefix, golden):
+    with torch.no_grad():
+        actions = policy.sample_actions(prefix, golden["input.noise"])
+    close(actions[:, :, : policy.cfg.action_dim], golden["output.actions_normalized"])
+
+
+def test_actions_robot_units(policy, golden):
+    actions = policy.predict_chunk(observation(golden), noise=golden["input.noise"])
+    assert actions.shape == golden["output.actions"].shape
+    # Robot units are the normalised chunk (matched above to 1e-5, in practice to ~2 ulp) times a std
+    # of up to 34: float32 rounding alone is then a few ulp of a 40-degree value, so allow 1e-6 relative.
+    close(actions, golden["output.actions"], rtol=1e-6)
+
+
+def test_training_target_normalized(policy, golden):
+    target = flow.pad_last(policy.normalizer.normalize("action", golden["input.action"]), policy.cfg.max_action_dim)
+    close(target, golden["action.normalized_target"])
+
+
+def test_training_losses_per_element(policy, prefix, golden):
+    with torch.no_grad():
+        losses = policy.flow_losses(prefix, golden["action.normalized_target"], golden["input.train_noise"],
+                                    golden["input.train_time"])
+    close(losses, golden["train.losses"])
+
+
+def test_training_loss_scalar(policy, golden):
+    with torch.no_grad():
+        loss = policy.loss(training_batch(golden), golden["input.train_noise"], golden["input.train_time"])
+    close(loss.reshape(1), golden["train.loss"])
+
+
+def test_loss_ignores_padded_steps(policy, golden):
+    """Changing the actions at padded chunk steps must not change the loss (the pad mask is applied)."""
+    batch = training_batch(golden)
+    assert batch["action_is_pad"].any()
+    altered = dict(batch, action=batch["action"].clone())
+    altered["action"][batch["action_is_pad"]] += 100.0
+    with torch.no_grad():
+        a = policy.loss(batch, golden["input.train_noise"], golden["input.train_time"])
+        b = policy.loss(altered, golden["input.train_noise"], golden["input.train_time"])
+    assert torch.equal(a, b)
+
+
+def test_loss_has_gradients_for_the_expert(policy, golden):
+    policy.zero_grad()
+    policy.loss(training_batch(golden), golden["input.train_noise"], golden["input.train_time"]).backward()
+    assert policy.expert.layers[1].self_attn.k_proj.weight.grad.abs().sum() > 0
+    assert policy.state_proj.weight.grad.abs().sum() > 0
+    policy.zero_grad()
+
+
+# -- checkpoints -------------------------------------------------------------------------------------
+
+
+def fixture_keys_and_shapes(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def test_save_then_load_round_trip(policy, golden, tmp_path):
+    policy.save_pretrained(tmp_path / "saved")
+    saved = tmp_path / "saved"
+    assert fixture_keys_and_shapes(saved / "model.safetensors") == fixture_keys_and_shapes(POLICY / "model.safetensors")
+    reloaded = SmolVLA.from_pretrained(saved, vlm=VLM, device="cpu")
+    batch = observation(golden)
+    assert torch.equal(reloaded.predict_chunk(batch, noise=golden["input.noise"]),
+                       policy.predict_chunk(batch, noise=golden["input.noise"]))
+    # The files LeRobot reads: processor JSONs naming their state files, which hold '<feature>.<stat>'.
+    for name in ("policy_preprocessor.json", "policy_postprocessor.json"):
+        steps = json.loads((saved / name).read_text())["steps"]
+        state_files = [s["state_file"] for s in steps if "state_file" in s]
+        assert state_files and all((saved / f).is_file() for f in state_files)
+        stats = load_file(str(saved / state_files[0]))
+        close(stats["action.std"], load_file(str(POLICY / "policy_postprocessor_step_0_unnormalizer_processor.safetensors"))["action.std"])
+    config = json.loads((saved / "config.json").read_text())
+    assert config["type"] == "smolvla" and config["num_vlm_layers"] == 4 and config["chunk_size"] == 10
+
+
+def copy_policy(tmp_path, name="policy"):
+    target = tmp_path / name
+    shutil.copytree(POLICY, target)
+    for f in target.iterdir():
+        f.chmod(0o644)
+    return target
+
+
+def test_loads_older_layout_with_buffers_in_model_file(golden, tmp_path):
+    """Normalisation buffers inside model.safetensors (dataset-prefixed), a torch.compile key prefix,
+    and no processor files: the older LeRobot layout."""
+    target = copy_policy(tmp_path)
+    stats = load_file(str(target / "policy_preprocessor_step_5_normalizer_processor.safetensors"))
+    weights = load_file(str(target / "model.safetensors"))
+    weights = {k.replace("model.", "model._orig_mod.", 1): v for k, v in weights.items()}
+    for stat in ("mean", "std"):
+        weights[f"normalize_inputs.so100-blue_buffer_observation_state.{stat}"] = stats[f"observation.state.{stat}"]
+        weights[f"normalize_targets.buffer_action.{stat}"] = stats[f"action.{stat}"].clone()
+        weights[f"unnormalize_outputs.buffer_action.{stat}"] = stats[f"action.{stat}"].clone()
+    save_file(weights, str(target / "model.safetensors"))
+    for f in target.glob("policy_*"):
+        f.unlink()
+    old = SmolVLA.from_pretrained(target, vlm=VLM, device="cpu")
+    close(old.predict_chunk(observation(golden), noise=golden["input.noise"]), golden["output.actions"], rtol=1e-6)
+
+
+def test_loads_bf16_f32_mix_in_float32(golden, tmp_path):
+    """The official checkpoints store most tensors in BF16: they load and compute in float32."""
+    target = copy_policy(tmp_path)
+    weights = load_file(str(target / "model.safetensors"))
+    mixed = {k: (v if "proj" in k and "vlm_with_expert" not in k else v.bfloat16()) for k, v in weights.items()}
+    save_file(mixed, str(target / "model.safetensors"))
+    policy = SmolVLA.from_pretrained(target, vlm=VLM, device="cpu")
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+    name = "model.vlm_with_expert.vlm.model.text_model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(policy.lm.layers[0].self_attn.q_proj.weight, mixed[name].float())
+    assert torch.isfinite(policy.predict_chunk(observation(golden), noise=golden["input.noise"])).all()
+
+
+def test_config_zero_and_minus_one_mean_default(golden, tmp_path):
+    target = copy_policy(tmp_path)
+    config = json.loads((target / "config.json").read_text())
+    config.update(num_expert_layers=0, prefix_length=0)
+    (target / "config.json").write_text(json.dumps(config))
+    policy = SmolVLA.from_pretrained(target, vlm=VLM, device="cpu")
+    close(policy.predict_chunk(observation(golden), noise=golden["input.noise"]), golden["output.actions"], rtol=1e-6)
+
+
+def test_vlm_config_vision_defaults():
+    vlm = json.loads((VLM / "config.json").read_text())
+    for field in ("num_hidden_layers", "intermediate_size", "layer_norm_eps", "hidden_act"):
+        vlm["vision_config"].pop(field)
+    vision, _, _ = flow.vlm_configs(vlm, SmolVLAConfig(num_vlm_layers=4))
+    assert (vision.num_layers, vision.intermediate_size, vision.layer_norm_eps) == (12, 3072, 1e-6)
+
+
+def test_camera_rename_map(policy, golden):
+    batch = observation(golden)
+    renamed = {k.replace("observation.images.", "observation.images.cam_"): v for k, v in batch.items()}
+    rename = {f"observation.images.cam_{c.split('.')[-1]}": c for c in CAMERAS}
+    with pytest.raises(KeyError, match="observation.images.top"):
+        policy.predict_chunk(renamed, noise=golden["input.noise"])
+    policy.rename_map = rename
+    try:
+        close(policy.predict_chunk(renamed, noise=golden["input.noise"]), golden["output.actions"], rtol=1e-6)
+    finally:
+        policy.rename_map = {}
+
+
+def test_missing_stats_is_an_error_saying_where(golden, tmp_path):
+    target = copy_policy(tmp_path)
+    for f in target.glob("policy_*"):
+        f.unlink()
+    policy = SmolVLA.from_pretrained(target, vlm=VLM, device="cpu")
+    with pytest.raises(KeyError, match="observation.state.*model.safetensors.*set_stats"):
+        policy.predict_chunk(observation(golden))
+    stats_file = POLICY / "policy_preprocessor_step_5_normalizer_processor.safetensors"
+    policy.set_stats(flow.parse_stats(load_file(str(stats_file))))
+    close(policy.predict_chunk(observation(golden), noise=golden["input.noise"]), golden["output.actions"], rtol=1e-6)
+
+
+def test_key_errors_name_tensors_and_shapes(tmp_path):
+    target = copy_policy(tmp_path)
+    weights = load_file(str(target / "model.safetensors"))
+    del weights["model.state_proj.bias"]
+    weights["model.extra.weight"] = torch.zeros(2)
+    weights["model.action_out_proj.weight"] = torch.zeros(3, 3)
+    save_file(weights, str(target / "model.safetensors"))
+    with pytest.raises(ValueError) as err:
+        SmolVLA.from_pretrained(target, vlm=VLM, device="cpu")
+    message = str(err.value)
+    assert "missing: model.state_proj.bias (expected shape (64,))" in message
+    assert "unexpected: model.extra.weight (shape (2,))" in message
+    assert "model.action_out_proj.weight: expected (8, 48), found (3, 3)" in message
+
+
+def test_unknown_local_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a directory nor a Hub id"):
+        SmolVLA.from_pretrained(tmp_path / "nope" / "policy", vlm=VLM)
+
+
+def test_hub_ids_resolve_through_huggingface_hub(monkeypatch, golden):
+    """A Hub id goes through snapshot_download (here answered from the local fixture)."""
+    import huggingface_hub
+
+    asked = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        asked.append(repo_id)
+        return str({"lerobot/tiny-policy": POLICY, "HuggingFaceTB/SmolVLM2-500M-Video-Instruct": VLM}[repo_id])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    policy = SmolVLA.from_pretrained("lerobot/tiny-policy", device="cpu")
+    assert asked == ["lerobot/tiny-policy", "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"]
+    close(policy.predict_chunk(observation(golden), noise=golden["input.noise"]), golden["output.actions"], rtol=1e-6)
+
+
+def test_new_policy_from_pretrained_vlm(golden, tmp_path):
+    """A VLM repo (HF key names, all 6 text layers) starts a new policy: vision, connector and the first
+    num_vlm_layers text layers come from it; the expert is fresh."""
+    fixture = load_file(str(POLICY / "model.safetensors"))
+    vlm_weights = {}
+    for key, value in fixture.items():
+        if key.startswith("model.vlm_with_expert.vlm."):
+            vlm_weights[key[len("model.vlm_with_expert.vlm."):]] = value
+    for extra in (4, 5):  # the VLM has 6 layers, the policy keeps 4
+        for key, value in list(vlm_weights.items()):
+            if key.startswith("model.text_model.layers.3."):
+                vlm_weights[key.replace("layers.3.", f"layers.{extra}.")] = torch.randn_like(value)
+    vlm_dir = tmp_path / "vlm"
+    shutil.copytree(VLM, vlm_dir)
+    save_file(vlm_weights, str(vlm_dir / "model.safetensors"))
+
+    cfg = SmolVLAConfig.from_dict(json.loads((POLICY / "config.json").read_text()))
+    policy = SmolVLA.from_vlm(vlm_dir, cfg, device="cpu")
+    assert policy.lm_cfg.num_layers == 4
+    with torch.no_grad():
+        image = golden[f"image.{CAMERAS[0]}.preprocessed"]
+        close(policy.embed_image(image), golden[f"image.{CAMERAS[0]}.embeddings"])
+    expert_q = "model.vlm_with_expert.lm_expert.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(policy.expert.layers[0].self_attn.q_proj.weight, fixture[expert_q])
+
+
+# -- full size -----------------------------------------------------------------------------------------
+
+SMOLVLM2_500M_CONFIG = {  # the fields of HuggingFaceTB/SmolVLM2-500M-Video-Instruct's config that matter
+    "model_type": "smolvlm", "scale_factor": 4,
+    "text_config": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+                    "num_attention_heads": 15, "num_key_value_heads": 5, "head_dim": 64, "rms_norm_eps": 1e-5,
+                    "vocab_size": 49280},
+    "vision_config": {"hidden_size": 768, "image_size": 512, "patch_size": 16, "num_attention_heads": 12},
+}
+
+
+@pytest.mark.slow
+def test_full_size_smolvla_base_architecture(tmp_path):
+    vlm_dir = tmp_path / "vlm"
+    shutil.copytree(VLM, vlm_dir)
+    (vlm_dir / "config.json").write_text(json.dumps(SMOLVLM2_500M_CONFIG))
+    cfg = SmolVLAConfig(input_features={
+        "observation.images.top": {"type": "VISUAL", "shape": [3, 480, 640]},
+        "observation.images.wrist": {"type": "VISUAL", "shape": [3, 480, 640]},
+        "observation.state": {"type": "STATE", "shape": [6]}})
+    tokenizer = flow.Tokenizer(vlm_dir, cfg.tokenizer_max_length, True)
+    policy = SmolVLA(cfg, SMOLVLM2_500M_CONFIG, tokenizer)
+    assert sum(p.numel() for p in policy.parameters()) == 450_046_176
+    assert len(policy.state_dict()) == 500
+    policy.set_stats({k: {"mean": torch.zeros(6), "std": torch.ones(6)} for k in ("observation.state", "action")})
+    batch = {"observation.images.top": torch.rand(1, 3, 480, 640), "observation.images.wrist": torch.rand(1, 3, 480, 640),
+             "observation.state": torch.zeros(1, 6), "task": ["Pick up the cube and place it in the box."]}
+    actions = policy.predict_chunk(batch)
+    assert actions.shape == (1, 50, 6) and torch.isfinite(actions).all()
