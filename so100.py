@@ -404,11 +404,12 @@ class FeetechBus:
                     return replies
                 if attempt + 1 < self.attempts:
                     self.retries += 1
-            raise self._failure(missing, faults, notes, register)
+            raise self._failure(packet[4], missing, faults, notes, register)
 
-    def _failure(self, missing: list[int], faults: dict[int, list[str]], notes: list[str],
+    def _failure(self, instruction: int, missing: list[int], faults: dict[int, list[str]], notes: list[str],
                  register: str | None) -> FeetechError:
-        where = f" reading/writing register {register} (address {REGISTERS[register][0]})" if register else ""
+        verb = {PING: "ping", READ: "reading", SYNC_READ: "reading", WRITE: "writing"}.get(instruction, "instruction")
+        where = f" {verb} register {register} (address {REGISTERS[register][0]})" if register else f" {verb}"
         tries = f"after {self.attempts} attempt{'s' * (self.attempts > 1)} of {self.reply_timeout * 1000:.0f} ms"
         detail = f" ({'; '.join(notes)})" if notes else ""
         servo_id = missing[0] if missing else next(iter(faults))
@@ -425,7 +426,7 @@ class FeetechBus:
                 "its id right?", port=self.port, servo_id=servo_id, register=register)
         who = "; ".join(f"{self._who(i)}: {', '.join(names)}" for i, names in faults.items())
         return ServoFaultError(
-            f"{self.port}{where}: servo fault {tries}: {who}. Hint: overload means a blocked joint or a "
+            f"{self.port}:{where}: servo fault {tries}: {who}. Hint: overload means a blocked joint or a "
             "gripper squeezing too hard; voltage means a wrong or weak power supply; overheat means let "
             "it cool down.", faults=faults, port=self.port, servo_id=servo_id, register=register)
 
