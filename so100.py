@@ -673,11 +673,12 @@ def check_servos(bus: FeetechBus, servo_ids: Sequence[int] = tuple(MOTOR_IDS.val
         except (NoReplyError, CorruptReplyError) as e:  # a ServoFaultError names its fault: let it through
             missing.append((servo_id, e))
     if missing:
-        who = ", ".join(bus._who(i) for i, _ in missing)
+        who = "; ".join(f"{bus._who(i)}: {'corrupt reply' if isinstance(e, CorruptReplyError) else 'no reply'}"
+                        for i, e in missing)
         raise NoReplyError(
-            f"{bus.port}: {who} did not answer a PING ({len(missing)} of {len(servo_ids)} missing; first "
-            f"error: {missing[0][1]}). Hint: check the arm's power supply, the daisy-chain cables, and "
-            "that the servos were given ids 1..6.", port=bus.port, servo_id=missing[0][0])
+            f"{bus.port}: {len(missing)} of {len(servo_ids)} servos did not answer a PING ({who}). Hint: "
+            "check the arm's power supply (USB alone does not power the servos), the daisy-chain cables, "
+            "and that the servos were given ids 1..6.", port=bus.port, servo_id=missing[0][0])
     for servo_id in servo_ids:
         model = bus.read_register(servo_id, "Model_Number")
         if model != STS3215_MODEL:

@@ -175,6 +175,15 @@ def test_degrees_by_hand():
     assert so100.ticks_to_degrees(0, 1000, 3000) == pytest.approx(-2000 * 360 / 4095)
 
 
+def test_read_then_write_back_keeps_every_tick():
+    # The 1e-6 rounding before truncation: without it, float noise sends some ticks to tick - 1 (in
+    # percent, range 303..3885: tick 3875 -> 3874), and a gripper told to hold its position creeps.
+    for low, high in [(780, 3310), (830, 3240), (0, 4095), (2020, 3420), (303, 3885)]:
+        for tick in range(low, high + 1):
+            assert so100.degrees_to_ticks(so100.ticks_to_degrees(tick, low, high), low, high) == tick
+            assert so100.percent_to_ticks(so100.ticks_to_percent(tick, low, high), low, high) == tick
+
+
 def test_percent_by_hand():
     assert so100.ticks_to_percent(2500, 2000, 3000) == 50.0
     assert so100.ticks_to_percent(1990, 2000, 3000) == 0.0  # clamped to the range
