@@ -320,11 +320,13 @@ def from_official(key: str) -> str | None:
 class Prefix:
     """The model inputs of one observation, after preprocessing (all on the model's device)."""
 
-    images: list[torch.Tensor]  # per camera (B,3,S,S) in [-1,1]
+    images: list[torch.Tensor | None]  # per camera (B,3,S,S) in [-1,1]; None where embeddings are given
     image_masks: list[torch.Tensor]  # per camera (B,) bool: False for an empty camera slot
     tokens: torch.Tensor  # (B, L) int64
     token_mask: torch.Tensor  # (B, L) bool
     state: torch.Tensor  # (B, max_state_dim) normalised, zero-padded
+    # Precomputed embed_image outputs per camera (training with a cached, frozen vision encoder).
+    image_embeddings: list[torch.Tensor | None] | None = None
 
 
 class SmolVLA(nn.Module):
@@ -385,8 +387,9 @@ class SmolVLA(nn.Module):
         """
         scale = math.sqrt(self.lm_cfg.hidden_size)
         embs, pads = [], []
-        for image, present in zip(p.images, p.image_masks):
-            emb = self.embed_image(image) * scale
+        given = p.image_embeddings or [None] * len(p.images)
+        for image, present, cached in zip(p.images, p.image_masks, given):
+            emb = (self.embed_image(image) if cached is None else cached.to(self.dtype)) * scale
             embs.append(emb)
             pads.append(present[:, None].expand(-1, emb.shape[1]))
         embs.append(self.lm.embed_tokens(p.tokens) * scale)
@@ -476,29 +479,49 @@ class SmolVLA(nn.Module):
             raise ValueError(f"{STATE} has {state.shape[-1]} dims, the policy expects {self.cfg.state_dim}")
         state = pad_last(self.normalizer.normalize(STATE, state), self.cfg.max_state_dim)
 
-        present = [k for k in self.camera_keys if k in batch]
+        present = [k for k in self.camera_keys if k in batch or k in batch.get("image_embeddings", {})]
         missing = [k for k in self.camera_keys if k not in batch]
         if not present or len(missing) > self.cfg.empty_cameras:
             given = sorted(k for k in batch if k.startswith("observation.images."))
             raise KeyError(f"camera mismatch: the policy expects {self.camera_keys}, the batch has {given}; "
                            "map names with rename={data_key: policy_key}")
-        images, masks = [], []
+        batch_size = state.shape[0]
+        cached = batch.get("image_embeddings", {})  # {policy camera key: embed_image output}
+        images, embeddings = [], []
         for key in present:
+            if key in cached:
+                images.append(None)
+                embeddings.append(torch.as_tensor(cached[key], device=device))
+                continue
             image = torch.as_tensor(batch[key], device=device).float()
-            if image.ndim == 3:
-                image = image[None]
-            images.append(preprocess_images(image, self.cfg.resize_imgs_with_padding))
-            masks.append(torch.ones(image.shape[0], dtype=torch.bool, device=device))
+            images.append(preprocess_images(image[None] if image.ndim == 3 else image, self.cfg.resize_imgs_with_padding))
+            embeddings.append(None)
+        masks = [torch.ones(batch_size, dtype=torch.bool, device=device) for _ in present]
         for _ in missing:  # empty camera slots: a blank image whose tokens are masked out
-            images.append(torch.full_like(images[0], -1.0))
-            masks.append(torch.zeros_like(masks[0]))
+            side = self.vision_cfg.image_size
+            images.append(torch.full((batch_size, 3, side, side), -1.0, device=device))
+            embeddings.append(None)
+            masks.append(torch.zeros(batch_size, dtype=torch.bool, device=device))
 
         tasks = batch.get("task", "")
         tasks = [tasks] * state.shape[0] if isinstance(tasks, str) else list(tasks)
         if self.tokenizer is None:
             raise RuntimeError("this policy has no tokenizer (build it with from_pretrained or from_vlm)")
         tokens, token_mask = self.tokenizer(tasks, device)
-        return Prefix(images, masks, tokens, token_mask, state)
+        return Prefix(images, masks, tokens, token_mask, state, embeddings if cached else None)
+
+    @torch.no_grad()
+    def encode_images(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """embed_image outputs per camera for a batch: what `batch["image_embeddings"]` may carry
+        instead of the images, so a frozen vision encoder's work can be cached across epochs."""
+        batch = {self.rename_map.get(k, k): v for k, v in batch.items()}
+        out = {}
+        for key in self.camera_keys:
+            if key in batch:
+                image = torch.as_tensor(batch[key], device=self.device).float()
+                image = image[None] if image.ndim == 3 else image
+                out[key] = self.embed_image(preprocess_images(image, self.cfg.resize_imgs_with_padding))
+        return out
 
     @torch.no_grad()
     def predict_chunk(self, batch: dict[str, Any], noise: torch.Tensor | None = None) -> torch.Tensor:

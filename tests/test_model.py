@@ -357,3 +357,18 @@ def test_full_size_smolvla_base_architecture(tmp_path):
              "observation.state": torch.zeros(1, 6), "task": ["Pick up the cube and place it in the box."]}
     actions = policy.predict_chunk(batch)
     assert actions.shape == (1, 50, 6) and torch.isfinite(actions).all()
+
+
+def test_cached_image_embeddings_give_the_same_loss(policy, golden):
+    """train.py --cache-vision feeds embed_image outputs (stored as float16) instead of images."""
+    batch = training_batch(golden)
+    cached = {k: v.half() for k, v in policy.encode_images(batch).items()}
+    for key, value in cached.items():
+        close(value.float(), golden[f"image.{key}.embeddings"], atol=2e-3)
+    without_images = {k: v for k, v in batch.items() if k not in CAMERAS}
+    with torch.no_grad():
+        reference = policy.loss(batch, golden["input.train_noise"], golden["input.train_time"])
+        from_cache = policy.loss(dict(without_images, image_embeddings=cached), golden["input.train_noise"],
+                                 golden["input.train_time"])
+    close(from_cache, reference, atol=0, rtol=2e-3)
+    assert not torch.equal(from_cache, reference)  # it really used the float16 copies
