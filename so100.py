@@ -482,6 +482,7 @@ class FeetechBus:
 # ---------------------------------------------------------------------------------------------
 
 CALIBRATION_FIELDS = ("id", "drive_mode", "homing_offset", "range_min", "range_max")
+CALIBRATION_REGISTERS = ("Homing_Offset", "Min_Position_Limit", "Max_Position_Limit")  # 31, 9, 11
 # LeRobot up to v0.4.2 files SO-100 calibrations under so100_follower, from v0.4.3 under so_follower.
 CALIBRATION_ROBOT_DIRS = ("so_follower", "so100_follower")
 
@@ -788,8 +789,7 @@ class SO100:
 
     def calibration_mismatches(self) -> list[str]:
         """Differences between the calibration and the servos' registers 9/11/31, in words."""
-        fields = (("Homing_Offset", "homing_offset"), ("Min_Position_Limit", "range_min"),
-                  ("Max_Position_Limit", "range_max"))
+        fields = tuple(zip(CALIBRATION_REGISTERS, ("homing_offset", "range_min", "range_max")))
         diffs = []
         for name in JOINT_NAMES:
             servo_id = MOTOR_IDS[name]
@@ -963,6 +963,26 @@ def run_calibration(bus: FeetechBus, *, wait_for_enter: Callable[[str], object] 
     check_servos(bus, ids)
     for servo_id in ids:
         bus.write_register(servo_id, "Torque_Enable", 0)
+    saved = {i: {r: bus.read_register(i, r) for r in CALIBRATION_REGISTERS} for i in ids}
+    try:
+        return _record_calibration(bus, ids, wait_for_enter, recording_done, log)
+    except BaseException:
+        # A failed or interrupted calibration leaves the servos as they were (matching the old file).
+        for servo_id, registers in saved.items():
+            try:
+                bus.write_register(servo_id, "Lock", 0)
+                for register, value in registers.items():
+                    bus.write_register(servo_id, register, value)
+                bus.write_register(servo_id, "Lock", 1)
+            except FeetechError:
+                pass
+        raise
+
+
+def _record_calibration(bus: FeetechBus, ids: list[int], wait_for_enter: Callable[[str], object],
+                        recording_done: Callable[[], bool] | None,
+                        log: Callable[[str], None]) -> dict[str, dict[str, int]]:
+    for servo_id in ids:
         bus.write_register(servo_id, "Lock", 0)
     for servo_id in ids:  # read raw positions: no offset, full range
         bus.write_register(servo_id, "Homing_Offset", 0)

@@ -527,8 +527,8 @@ def test_calibrate_flow_writes_lerobot_json(tmp_path):
         assert path.with_name("lab.json.bak").is_file()
 
 
-def test_calibrate_refuses_unmoved_joints():
-    with so100.SimulatedArm(calibrated=False) as sim:
+def test_calibrate_refuses_unmoved_joints_and_restores_registers():
+    with so100.SimulatedArm(calibrated=True) as sim:
         bus = so100.FeetechBus(sim.port, **FAST)
         bus.open()
         try:
@@ -537,6 +537,9 @@ def test_calibrate_refuses_unmoved_joints():
                                       log=lambda _: None)
         finally:
             bus.close()
+        # The old calibration is still in the servos: nothing lost.
+        assert sim.register(1, "Homing_Offset") == 120 and sim.register(6, "Max_Position_Limit") == 3420
+        assert sim.register(6, "Lock") == 1
 
 
 def test_cli_read_once(sim, tmp_path, capsys):
