@@ -479,14 +479,14 @@ class SmolVLA(nn.Module):
             raise ValueError(f"{STATE} has {state.shape[-1]} dims, the policy expects {self.cfg.state_dim}")
         state = pad_last(self.normalizer.normalize(STATE, state), self.cfg.max_state_dim)
 
-        present = [k for k in self.camera_keys if k in batch or k in batch.get("image_embeddings", {})]
-        missing = [k for k in self.camera_keys if k not in batch]
+        cached = batch.get("image_embeddings", {})  # {policy camera key: embed_image output}
+        present = [k for k in self.camera_keys if k in batch or k in cached]
+        missing = [k for k in self.camera_keys if k not in present]
         if not present or len(missing) > self.cfg.empty_cameras:
             given = sorted(k for k in batch if k.startswith("observation.images."))
             raise KeyError(f"camera mismatch: the policy expects {self.camera_keys}, the batch has {given}; "
                            "map names with rename={data_key: policy_key}")
         batch_size = state.shape[0]
-        cached = batch.get("image_embeddings", {})  # {policy camera key: embed_image output}
         images, embeddings = [], []
         for key in present:
             if key in cached:
