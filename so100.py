@@ -113,7 +113,8 @@ GRIPPER_SETTINGS: tuple[tuple[str, int], ...] = (
     ("Overload_Torque", 25),
 )
 
-FAULT_BITS: dict[int, str] = {0x01: "voltage", 0x02: "angle sensor", 0x04: "overheat", 0x08: "over-current", 0x20: "overload"}
+FAULT_BITS: dict[int, str] = {
+    0x01: "voltage", 0x02: "angle sensor", 0x04: "overheat", 0x08: "over-current", 0x20: "overload"}
 
 
 class FeetechError(Exception):
@@ -909,7 +910,8 @@ class SO100:
             raise FeetechError(f"{self.port}: torque is off; call torque_on() before write()", port=self.port)
         goal = np.asarray(goal, dtype=np.float64)
         if goal.shape != (len(JOINT_NAMES),):
-            raise ValueError(f"goal must have shape ({len(JOINT_NAMES)},) for {', '.join(JOINT_NAMES)}; got {goal.shape}")
+            raise ValueError(f"goal must have shape ({len(JOINT_NAMES)},) for {', '.join(JOINT_NAMES)}; "
+                             f"got {goal.shape}")
         bad = [n for n, v in zip(JOINT_NAMES, goal) if not np.isfinite(v)]
         if bad:
             raise ValueError(f"refusing non-finite goal for {', '.join(bad)}: {goal.tolist()}")
@@ -1406,7 +1408,8 @@ def _print_positions(names: Sequence[str], read: Callable[[], Sequence[float]], 
     print("  ".join(f"{n:>{w}}" for n, w in zip(names, widths)))
     try:
         while True:
-            cells = [f"{v:>{w}}" if isinstance(v, (int, np.integer)) else f"{v:>{w}.2f}" for v, w in zip(read(), widths)]
+            cells = [f"{v:>{w}}" if isinstance(v, (int, np.integer)) else f"{v:>{w}.2f}"
+                     for v, w in zip(read(), widths)]
             print("  ".join(cells), flush=True)
             if once:
                 break
@@ -1442,7 +1445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("sim", help="serve a simulated arm on a pseudo-terminal; prints its path")
     p.add_argument("--uncalibrated", action="store_true", help="factory registers (to try `calibrate`)")
     p.add_argument("--speed", type=float, default=3000.0, help="servo speed in steps/s (default 3000)")
-    p.add_argument("--calibration-out", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "so100_sim_calibration.json"),
+    p.add_argument("--calibration-out",
+                   default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "so100_sim_calibration.json"),
                    help="where to write the matching calibration JSON")
     p.set_defaults(func=_cmd_sim)
     p = sub.add_parser("calibrate", help="interactive calibration; writes LeRobot's JSON format")

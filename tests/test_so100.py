@@ -511,10 +511,12 @@ def test_calibrate_flow_writes_lerobot_json(tmp_path):
         assert list(data) == ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"]
         assert list(data["elbow_flex"]) == ["id", "drive_mode", "homing_offset", "range_min", "range_max"]
         # Homing offset = raw middle - 2047: the middle pose then reads 2047.
-        assert data["shoulder_pan"] == {"id": 1, "drive_mode": 0, "homing_offset": 53, "range_min": 700, "range_max": 3300}
+        assert data["shoulder_pan"] == {"id": 1, "drive_mode": 0, "homing_offset": 53,
+                                        "range_min": 700, "range_max": 3300}
         assert data["shoulder_lift"]["homing_offset"] == 1500 - 2047
         assert data["wrist_roll"] == {"id": 5, "drive_mode": 0, "homing_offset": 953, "range_min": 0, "range_max": 4095}
-        assert data["gripper"] == {"id": 6, "drive_mode": 0, "homing_offset": -1047, "range_min": 1900, "range_max": 3400}
+        assert data["gripper"] == {"id": 6, "drive_mode": 0, "homing_offset": -1047,
+                                   "range_min": 1900, "range_max": 3400}
         assert path.read_text().startswith('{\n    "shoulder_pan": {\n        "id": 1,')  # indent 4, like LeRobot
         # The servos hold the same values, so the file connects without a mismatch.
         assert sim.register(3, "Homing_Offset") == 2600 - 2047
