@@ -1204,6 +1204,10 @@ class SimulatedArm:
         with self._lock:
             self._faults[servo_id].append([fault, count, bits])
 
+    def send_raw(self, data: bytes) -> None:
+        """Put bytes on the wire unasked, e.g. a stale reply that arrived after its timeout."""
+        self._send(bytes(data))
+
     def clear_faults(self) -> None:
         with self._lock:
             for queue in self._faults.values():

@@ -667,3 +667,20 @@ def test_vanished_adapter_gives_clear_error_and_disconnect_still_closes():
     with pytest.warns(RuntimeWarning, match="could not confirm torque off"):
         arm.disconnect()
     assert not arm.bus.is_open and not arm.is_connected
+
+
+def test_stale_input_is_discarded(connected):
+    sim, arm = connected
+    # A late reply from an earlier transaction sits in the input: Present_Position 100 from id 3.
+    sim.send_raw(so100.status_packet(3, 0, so100.encode_register("Present_Position", 100)))
+    time.sleep(0.01)
+    assert arm.bus.read_register(3, "Present_Position") == 2010 - 455
+
+
+@pytest.mark.parametrize("fault", ["no_reply", "bad_checksum", "truncated", "error"])
+def test_connect_survives_transient_faults(sim, fault):
+    sim.inject(2, fault)
+    sim.inject(6, fault)
+    with so100.SO100(sim.port, calibration=sim.calibration, **FAST) as arm:
+        assert arm.bus.retries >= 2
+        assert sim.register(6, "Overload_Torque") == 25 and sim.torque_enabled(2)
