@@ -87,8 +87,11 @@ class ActionExpert(nn.Module):
             attn = layer.self_attn
             if self.cfg.is_cross(i):
                 # The expert's k/v projections read the VLM's keys/values flattened over heads.
-                k = attn.split_heads(attn.k_proj(k.transpose(1, 2).flatten(2)), attn.kv_heads)
-                v = attn.split_heads(attn.v_proj(v.transpose(1, 2).flatten(2)), attn.kv_heads)
+                # The official checkpoints keep these projections in float32 (the rest is bf16).
+                proj_dtype = attn.k_proj.weight.dtype
+                k = attn.k_proj(k.transpose(1, 2).flatten(2).to(proj_dtype)).to(dtype)
+                v = attn.v_proj(v.transpose(1, 2).flatten(2).to(proj_dtype)).to(dtype)
+                k, v = attn.split_heads(k, attn.kv_heads), attn.split_heads(v, attn.kv_heads)
                 keys.append(repeat_kv(k, self.groups))
                 values.append(repeat_kv(v, self.groups))
             else:

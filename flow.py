@@ -105,6 +105,20 @@ class SmolVLAConfig:
         return int(self.output_features[ACTION]["shape"][0])
 
 
+# The fields of HuggingFaceTB/SmolVLM2-500M-Video-Instruct's config.json that the model reads: the
+# architecture of lerobot/smolvla_base, for building it without the Hub (benchmarks, tests).
+SMOLVLM2_500M_CONFIG = {
+    "model_type": "smolvlm", "scale_factor": 4,
+    "text_config": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+                    "num_attention_heads": 15, "num_key_value_heads": 5, "head_dim": 64, "rms_norm_eps": 1e-5,
+                    "vocab_size": 49280},
+    "vision_config": {"hidden_size": 768, "image_size": 512, "patch_size": 16, "num_attention_heads": 12},
+}
+
+# What the int8 CPU mode is held to: mean |fast action - exact action| in units of the action std
+# (checked on the golden fixture by the tests, measured on the full-size model by bench.py).
+INT8_FIDELITY_BOUND = 0.02
+
 # transformers' SmolVLMVisionConfig defaults: the VLM's config.json omits fields left at these.
 VISION_DEFAULTS = {"hidden_size": 1152, "intermediate_size": 3072, "num_hidden_layers": 12,
                    "num_attention_heads": 16, "image_size": 224, "patch_size": 32, "layer_norm_eps": 1e-6,
@@ -350,6 +364,7 @@ class SmolVLA(nn.Module):
         self.tokenizer = tokenizer
         self.normalizer = stats or Normalizer(None, [])
         self.rename_map: dict[str, str] = {}  # data key -> policy key (cameras named differently)
+        self.quantized = False
 
     # -- conveniences used across the project ---------------------------------------------------
 
@@ -368,6 +383,24 @@ class SmolVLA(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.lm.embed_tokens.weight.dtype
+
+    def quantize_int8(self) -> "SmolVLA":
+        """Real-time CPU mode: int8 dynamic quantisation (per-tensor weights, activations quantised on
+        the fly) of the linear layers of the vision encoder, the connector and the VLM, which do ~90%
+        of a chunk's matrix work. The expert stays float32. Inference only: a quantised policy cannot
+        be trained or saved. bench.py prints the speed-up and the action difference it costs."""
+        import warnings
+
+        from torch.ao.quantization import quantize_dynamic
+
+        if self.device.type != "cpu":
+            raise ValueError("int8 dynamic quantisation runs on the CPU only")
+        with warnings.catch_warnings():  # PyTorch announces the move of this API to torchao
+            warnings.simplefilter("ignore")
+            for module in (self.vision, self.connector, self.lm):
+                quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        self.quantized = True
+        return self
 
     def set_stats(self, stats: dict[str, dict[str, Any]], source: str = "given stats") -> None:
         """Use these normalisation stats ({feature: {"mean": ..., "std": ...}}, e.g. dataset.stats)."""
@@ -388,8 +421,11 @@ class SmolVLA(nn.Module):
         scale = math.sqrt(self.lm_cfg.hidden_size)
         embs, pads = [], []
         given = p.image_embeddings or [None] * len(p.images)
-        for image, present, cached in zip(p.images, p.image_masks, given):
-            emb = (self.embed_image(image) if cached is None else cached.to(self.dtype)) * scale
+        # All cameras go through the vision encoder as one batch: one pass, larger matrix products.
+        to_encode = [image for image, cached in zip(p.images, given) if cached is None]
+        encoded = iter(self.embed_image(torch.cat(to_encode)).chunk(len(to_encode)) if to_encode else [])
+        for present, cached in zip(p.image_masks, given):
+            emb = (next(encoded) if cached is None else cached.to(self.dtype)) * scale
             embs.append(emb)
             pads.append(present[:, None].expand(-1, emb.shape[1]))
         embs.append(self.lm.embed_tokens(p.tokens) * scale)
@@ -548,7 +584,7 @@ class SmolVLA(nn.Module):
     def from_pretrained(cls, repo_id_or_dir: str | Path, vlm: str | Path | None = None,
                         device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
                         rename: dict[str, str] | None = None, stats: dict | None = None,
-                        revision: str | None = None) -> "SmolVLA":
+                        revision: str | None = None, fast: bool = False) -> "SmolVLA":
         """Load a LeRobot SmolVLA policy directory or Hub id (e.g. lerobot/smolvla_base).
 
         vlm: where the VLM config and tokenizer come from (default: config.json's vlm_model_name).
@@ -556,6 +592,7 @@ class SmolVLA(nn.Module):
         float16 keep the checkpoint's float32 tensors in float32 and cast the rest.
         rename: {data key: policy key} for cameras named differently in your data.
         stats: normalisation stats overriding the checkpoint's ({feature: {"mean", "std"}}).
+        fast: the real-time CPU mode (see quantize_int8); set cfg.num_steps for fewer denoising steps.
         """
         policy_dir = resolve_dir(repo_id_or_dir, "policy", revision=revision)
         config_path = policy_dir / "config.json"
@@ -591,7 +628,8 @@ class SmolVLA(nn.Module):
         if stats is not None:
             model.set_stats(stats)
         model.rename_map.update(rename or {})
-        return model.to(device or default_device()).eval()
+        model = model.to(device or default_device()).eval()
+        return model.quantize_int8() if fast else model
 
     @classmethod
     def from_vlm(cls, vlm: str | Path = DEFAULT_VLM, cfg: SmolVLAConfig | None = None,
@@ -663,6 +701,8 @@ class SmolVLA(nn.Module):
 
     def save_pretrained(self, out_dir: str | Path) -> None:
         """Write config.json, model.safetensors (official key names) and the normaliser files."""
+        if self.quantized:
+            raise RuntimeError("an int8-quantised policy cannot be saved; save the float policy instead")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=4))

@@ -330,13 +330,7 @@ def test_new_policy_from_pretrained_vlm(golden, tmp_path):
 
 # -- full size -----------------------------------------------------------------------------------------
 
-SMOLVLM2_500M_CONFIG = {  # the fields of HuggingFaceTB/SmolVLM2-500M-Video-Instruct's config that matter
-    "model_type": "smolvlm", "scale_factor": 4,
-    "text_config": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
-                    "num_attention_heads": 15, "num_key_value_heads": 5, "head_dim": 64, "rms_norm_eps": 1e-5,
-                    "vocab_size": 49280},
-    "vision_config": {"hidden_size": 768, "image_size": 512, "patch_size": 16, "num_attention_heads": 12},
-}
+SMOLVLM2_500M_CONFIG = flow.SMOLVLM2_500M_CONFIG
 
 
 @pytest.mark.slow
@@ -372,3 +366,47 @@ def test_cached_image_embeddings_give_the_same_loss(policy, golden):
                                  golden["input.train_time"])
     close(from_cache, reference, atol=0, rtol=2e-3)
     assert not torch.equal(from_cache, reference)  # it really used the float16 copies
+
+
+def mixed_precision_copy(tmp_path):
+    """The fixture rewritten as the official checkpoints store it: BF16 except the ten top-level
+    projection tensors and the cross-attention (odd expert layers) k/v projections."""
+    target = copy_policy(tmp_path, "mixed")
+    weights = load_file(str(target / "model.safetensors"))
+
+    def stays_float32(key):
+        if not key.startswith("model.vlm_with_expert."):
+            return True
+        layer = key.split("lm_expert.layers.")[1].split(".")[0] if "lm_expert.layers." in key else None
+        return layer is not None and int(layer) % 2 == 1 and ("k_proj" in key or "v_proj" in key)
+
+    mixed = {k: v if stays_float32(k) else v.bfloat16() for k, v in weights.items()}
+    assert sum(v.dtype == torch.float32 for v in mixed.values()) == 10 + 2 * 2
+    save_file(mixed, str(target / "model.safetensors"))
+    return target
+
+
+def test_bfloat16_weights_and_activations(golden, tmp_path):
+    """dtype=bfloat16 keeps the checkpoint's float32 tensors float32 and casts the rest."""
+    target = mixed_precision_copy(tmp_path)
+    exact = SmolVLA.from_pretrained(target, vlm=VLM, device="cpu")
+    half = SmolVLA.from_pretrained(target, vlm=VLM, device="cpu", dtype=torch.bfloat16)
+    assert half.lm.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert half.expert.layers[1].self_attn.k_proj.weight.dtype == torch.float32
+    assert half.action_out_proj.weight.dtype == torch.float32
+    batch = observation(golden)
+    a = exact.predict_chunk(batch, noise=golden["input.noise"])
+    b = half.predict_chunk(batch, noise=golden["input.noise"])
+    std = exact.normalizer.stats["action"]["std"]
+    assert b.dtype == torch.float32 and ((a - b).abs() / std).mean() < 0.01
+
+
+def test_int8_fast_mode_within_fidelity_bound(policy, golden):
+    fast = SmolVLA.from_pretrained(POLICY, vlm=VLM, device="cpu", fast=True)
+    batch = observation(golden)
+    a = policy.predict_chunk(batch, noise=golden["input.noise"])
+    b = fast.predict_chunk(batch, noise=golden["input.noise"])
+    difference = ((a - b).abs() / policy.normalizer.stats["action"]["std"]).mean()
+    assert 0 < difference < flow.INT8_FIDELITY_BOUND
+    with pytest.raises(RuntimeError, match="cannot be saved"):
+        fast.save_pretrained("unused")
