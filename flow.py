@@ -402,6 +402,14 @@ class SmolVLA(nn.Module):
         self.quantized = True
         return self
 
+    def compile_denoise(self, mode: str | None = None) -> None:
+        """torch.compile the denoising step (suffix embedding + expert + velocity head), the part that
+        runs num_steps times per chunk. Shapes are static (language padded to tokenizer_max_length), so
+        one compilation serves every chunk; on CUDA the default mode also captures CUDA graphs."""
+        if mode is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        self.velocity = torch.compile(self.velocity, mode=mode, dynamic=False)
+
     def set_stats(self, stats: dict[str, dict[str, Any]], source: str = "given stats") -> None:
         """Use these normalisation stats ({feature: {"mean": ..., "std": ...}}, e.g. dataset.stats)."""
         self.normalizer = Normalizer(stats, [source])
