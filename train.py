@@ -1,0 +1,1068 @@
+"""Fine-tune SmolVLA on a LeRobot dataset: resumable, multi-GPU (torchrun), with an offline demo.
+
+    python train.py                                          # offline demo: tiny policy, ~2 min on a CPU
+    python train.py --data lerobot/svla_so100_pickplace      # fine-tune lerobot/smolvla_base
+    python train.py --data DATA --from-vlm HuggingFaceTB/SmolVLM2-500M-Video-Instruct   # new policy
+    python train.py --output-dir outputs/train --resume      # continue from checkpoints/last
+    torchrun --nproc_per_node=4 train.py --data DATA         # DistributedDataParallel, batch per GPU
+
+One training step: a batch of frames (camera images, state, the next chunk_size actions, the task
+string) -> flow-matching loss -> backward through the action expert and projections (vision encoder
+and VLM frozen) -> clip -> AdamW -> learning-rate schedule (linear warm-up, then cosine).
+
+Layout under --output-dir:
+    checkpoints/<step:06d>/pretrained_model/   the policy (flow.SmolVLA.save_pretrained: LeRobot layout)
+    checkpoints/<step:06d>/training_state.pt   optimizer, scheduler, step, RNG states, sampler position
+    checkpoints/last -> <step:06d>             symlink to the newest complete checkpoint
+    metrics.jsonl, loss.png                    one JSON line per log interval / validation; the curves
+    vision_cache/                              --cache-vision: frozen image embeddings, float16
+    (demo only) dataset/, vlm/                 the demo dataset and the tiny VLM config + tokenizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import errno
+import hashlib
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import data
+import flow
+from flow import ACTION, STATE, SmolVLA, SmolVLAConfig
+
+IMAGE_PREFIX = "observation.images."
+DEFAULT_POLICY = "lerobot/smolvla_base"
+
+
+class TrainError(Exception):
+    """A problem with the user's input or environment, reported as one message (no traceback)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    g = p.add_argument_group("data and policy")
+    g.add_argument("--data", help="LeRobot dataset: Hub id or local directory (omit for the offline demo)")
+    g.add_argument("--policy", default=DEFAULT_POLICY, help="policy to fine-tune: Hub id or local directory")
+    g.add_argument("--from-vlm", metavar="VLM", help="start a new policy from this pretrained VLM instead of --policy")
+    g.add_argument("--vlm", help="where the VLM config/tokenizer live when the policy's vlm_model_name is not reachable")
+    g.add_argument("--rename", action="append", default=[], metavar="DATA=POLICY",
+                   help="map a dataset camera onto a policy camera slot (repeatable; 'top=camera1' is short for "
+                        "observation.images.top=observation.images.camera1; 'DATA=' leaves a camera out)")
+    g.add_argument("--num-vlm-layers", type=int, default=16, help="--from-vlm: VLM layers kept")
+    g.add_argument("--chunk-size", type=int, default=50, help="--from-vlm: actions per chunk")
+    g.add_argument("--train-vision", action="store_true", help="also train the vision encoder (frozen by default)")
+    g.add_argument("--train-vlm", action="store_true", help="also train the VLM layers and connector (frozen by default)")
+    g = p.add_argument_group("optimisation (SmolVLA fine-tuning recipe)")
+    g.add_argument("--steps", type=int, default=20_000)
+    g.add_argument("--batch-size", type=int, default=64, help="per process; the global batch is this times the GPUs")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
+    g.add_argument("--eps", type=float, default=1e-8)
+    g.add_argument("--weight-decay", type=float, default=1e-10)
+    g.add_argument("--warmup-steps", type=int, default=1_000, help="linear warm-up to --lr")
+    g.add_argument("--decay-steps", type=int, default=30_000, help="cosine decay ends at this step")
+    g.add_argument("--decay-lr", type=float, default=2.5e-6, help="learning rate at the end of the decay")
+    g.add_argument("--grad-clip", type=float, default=10.0, help="gradient norm clipping")
+    g.add_argument("--seed", type=int, default=1000)
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default=None, help="default outputs/train (outputs/demo for the demo)")
+    g.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoints/last")
+    g.add_argument("--save-every", type=int, default=5_000, help="checkpoint interval in steps (and at the end)")
+    g.add_argument("--log-every", type=int, default=50, help="steps per metrics.jsonl line")
+    g.add_argument("--val-episodes", default="0",
+                   help="episodes held out for validation: a count N (the last N) or a list like 3,17,42")
+    g.add_argument("--eval-every", type=int, default=1_000, help="validation loss interval in steps")
+    g.add_argument("--val-samples", type=int, default=256, help="frames in the (fixed) validation set")
+    g.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu, mps (default: cuda if available)")
+    g.add_argument("--cache-vision", action="store_true",
+                   help="compute the frozen vision encoder's image embeddings once (float16, memory-mapped) "
+                        "and train from them: no video decoding or vision encoder afterwards")
+    g.add_argument("--cache-dir", default=None, help="--cache-vision location (default <output-dir>/vision_cache)")
+    a("--param-checksum-file", default=None, help=argparse.SUPPRESS)  # tests: each rank writes a digest
+    return p
+
+
+# The demo's recipe: a tiny model learns faster with a higher learning rate and a short schedule.
+DEMO_DEFAULTS = dict(steps=1_500, batch_size=32, lr=1e-3, warmup_steps=100, decay_steps=1_500, decay_lr=2e-5,
+                     save_every=500, log_every=25, eval_every=250, val_episodes="2", val_samples=128,
+                     num_workers=0, output_dir="outputs/demo")
+# What --resume takes from the command line rather than from the checkpoint's saved arguments.
+RUN_ONLY = {"resume", "output_dir", "device", "num_workers", "param_checksum_file"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Arguments with the demo's defaults when --data is absent. `args.explicit` names the flags given."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit_parser = build_parser()
+    for action in explicit_parser._actions:
+        action.default = argparse.SUPPRESS
+    args.explicit = sorted(vars(explicit_parser.parse_args(argv)))
+    if args.data is None:  # the demo (also when resuming it)
+        for key, value in DEMO_DEFAULTS.items():
+            if key not in args.explicit:
+                setattr(args, key, value)
+    if args.output_dir is None:
+        args.output_dir = "outputs/train"
+    args.betas = tuple(args.betas)
+    return args
+
+
+def saved_args(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in RUN_ONLY | {"explicit"}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Offline demo: a tiny VLM (config + tokenizer) and a learnable dataset, written once
+
+
+DEMO_TASK = "Move the arm to the red target."
+DEMO_JOINTS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"]
+DEMO_IMAGE = 64
+
+
+def demo_vlm_config(vocab_size: int) -> dict:
+    """A SmolVLM-shaped config small enough to train on a laptop CPU in minutes (~0.5 M parameters)."""
+    return {
+        "model_type": "smolvlm", "scale_factor": 2,
+        "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+                        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                        "rms_norm_eps": 1e-5, "vocab_size": vocab_size},
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "image_size": DEMO_IMAGE, "patch_size": 8,
+                          "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh"},
+    }
+
+
+def write_demo_vlm(vlm_dir: Path, tasks: list[str]) -> None:
+    """config.json and a byte-level BPE tokenizer.json trained on the demo's task strings, with
+    SmolVLM's special tokens (<|im_end|> is the padding token), so flow.Tokenizer reads it as the real one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([t + "\n" for t in tasks], trainer=trainer)
+    partial = vlm_dir.with_name(vlm_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    tokenizer.save(str(partial / "tokenizer.json"))
+    (partial / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|im_end|>"}, indent=2))
+    (partial / "config.json").write_text(json.dumps(demo_vlm_config(tokenizer.get_vocab_size()), indent=2))
+    partial.rename(vlm_dir)
+
+
+def demo_episodes(num_episodes: int = 40, length: int = 30, size: int = DEMO_IMAGE, seed: int = 0):
+    """Reaching episodes. Each places a red target at a random spot on the table; the arm moves from a
+    rest pose to the joint angles that point at the target (a fixed function of its position), so the
+    top camera's image determines where the actions go. The wrist camera sees the target relative
+    to the gripper. Units follow SO-100 conventions: joints in degrees, gripper in percent."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    table = np.stack([90 + 20 * ((xx // 8 + yy // 8) % 2), 110 + 10 * ((xx // 8 + yy // 8) % 2),
+                      80 + 0 * xx], axis=-1).astype(np.float32)
+    rest = np.array([0.0, -20.0, 30.0, 10.0, 0.0, 40.0], np.float32)
+    for _ in range(num_episodes):
+        tx, ty = rng.uniform(0.15, 0.85, size=2)
+        goal = np.array([70 * (tx - 0.5) * 2, 40 * ty - 40, 60 - 50 * ty, 20 * (tx - 0.5), 0.0, 5.0], np.float32)
+        start = rest + rng.normal(0.0, 1.0, 6).astype(np.float32)
+        progress = np.linspace(0.0, 1.0, length + 1, dtype=np.float32)
+        progress = progress * progress * (3 - 2 * progress)  # smoothstep: starts and stops gently
+        path = start + (goal - start) * progress[:, None]
+        top, wrist = [], []
+        for t in range(length):
+            # Where the gripper is above the table (the inverse of the goal mapping), drawn as a blue dot.
+            gx = 0.5 + path[t, 0] / 140
+            gy = (path[t, 1] + 40) / 40
+            image = table.copy()
+            paint(image, tx * size, ty * size, 5, (220, 40, 40))
+            paint(image, gx * size, gy * size, 3, (40, 60, 220))
+            top.append(image.clip(0, 255).astype(np.uint8))
+            view = np.full((size, size, 3), 60, np.float32)
+            paint(view, size / 2 + (tx - gx) * size * 1.5, size / 2 + (ty - gy) * size * 1.5, 8, (220, 40, 40))
+            wrist.append(view.astype(np.uint8))
+        yield {"task": DEMO_TASK, "observation.state": path[:length], "action": path[1:],
+               f"{IMAGE_PREFIX}top": top, f"{IMAGE_PREFIX}wrist": wrist}
+
+
+def paint(image: np.ndarray, cx: float, cy: float, half: int, colour: tuple[int, int, int]) -> None:
+    x0, y0 = int(round(cx)) - half, int(round(cy)) - half
+    image[max(y0, 0):max(y0 + 2 * half, 0), max(x0, 0):max(x0 + 2 * half, 0)] = colour
+
+
+def ensure_demo(out_dir: Path) -> tuple[Path, Path]:
+    """The demo dataset and tiny VLM under out_dir, written the first time (both atomically)."""
+    dataset_dir, vlm_dir = out_dir / "dataset", out_dir / "vlm"
+    if not vlm_dir.is_dir():
+        write_demo_vlm(vlm_dir, [DEMO_TASK])
+    if not dataset_dir.is_dir():
+        print(f"writing the demo dataset to {dataset_dir} (LeRobot v3.0, AV1) ...", flush=True)
+        data.write_dataset(dataset_dir, demo_episodes(), fps=10, robot_type="so100",
+                           state_names=DEMO_JOINTS, action_names=DEMO_JOINTS)
+    return dataset_dir, vlm_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy for a dataset: camera slots, dims, stats, what is trained
+
+
+def parse_rename(pairs: list[str]) -> dict[str, str]:
+    """['top=camera1', ...] -> {'observation.images.top': 'observation.images.camera1'}; '' = leave out."""
+    def full(name: str) -> str:
+        return name if not name or "." in name else IMAGE_PREFIX + name
+
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise TrainError(f"--rename {pair!r}: expected DATA=POLICY, e.g. top=camera1")
+        source, target = (s.strip() for s in pair.split("=", 1))
+        out[full(source)] = full(target)
+    return out
+
+
+def camera_mapping(dataset_cameras: list[str], policy_cameras: list[str] | None,
+                   rename: dict[str, str]) -> dict[str, str]:
+    """Dataset camera -> policy camera slot.
+
+    policy_cameras None (a new policy): the slots are the dataset's cameras, renamed by `rename`.
+    Otherwise: explicit `rename` entries first, then cameras whose names already are a slot, then the
+    rest in order onto the free slots in order, third-person views before wrist views (so
+    lerobot/svla_so100_pickplace maps top -> camera1 and wrist -> camera2, as its fine-tunes do).
+    A camera renamed to '' is left out. Slots left without a camera are dropped from the policy.
+    """
+    unknown = [k for k in rename if k not in dataset_cameras]
+    if unknown:
+        raise TrainError(f"--rename names camera(s) {unknown} that the dataset does not have; "
+                         f"it has {dataset_cameras}")
+    if policy_cameras is None:
+        mapping = {k: rename.get(k, k) for k in dataset_cameras if rename.get(k, k)}
+    else:
+        bad = [v for v in rename.values() if v and v not in policy_cameras]
+        if bad:
+            raise TrainError(f"--rename targets {bad} are not camera slots of the policy; its slots are {policy_cameras}")
+        mapping = {k: v for k, v in rename.items() if v}
+        rest = [k for k in dataset_cameras if k not in rename]
+        for key in list(rest):
+            if key in policy_cameras and key not in mapping.values():
+                mapping[key] = key
+                rest.remove(key)
+        free = [slot for slot in policy_cameras if slot not in mapping.values()]
+        rest.sort(key=lambda k: "wrist" in k.lower())  # stable: dataset order within each group
+        if len(rest) > len(free):
+            raise TrainError(
+                f"the dataset has cameras {dataset_cameras} but the policy has only {len(policy_cameras)} slots "
+                f"{policy_cameras}; leave cameras out with --rename NAME= or map them explicitly")
+        mapping.update(zip(rest, free))
+    if len(set(mapping.values())) != len(mapping):
+        raise TrainError(f"two dataset cameras map onto the same policy slot: {mapping}")
+    if not mapping:
+        raise TrainError(f"no camera to train on: the dataset has {dataset_cameras or 'no cameras'}")
+    return mapping
+
+
+def feature_shape_chw(feature: dict) -> list[int]:
+    """LeRobot stores video shapes as (height, width, channels); the policy config wants (3, H, W)."""
+    shape, names = list(feature["shape"]), feature.get("names") or []
+    if names and names[0] in ("channels", "channel", "c"):
+        return shape
+    return [shape[2], shape[0], shape[1]]
+
+
+def adapt_to_dataset(cfg: SmolVLAConfig, dataset: data.LeRobotDataset, mapping: dict[str, str]) -> None:
+    """Make the policy config describe this dataset: its cameras (in slot order, unused slots dropped),
+    its state and action dims (the model pads them to max_state_dim / max_action_dim)."""
+    for key in (STATE, ACTION):
+        if key not in dataset.features:
+            raise TrainError(f"the dataset {dataset.root} has no {key!r} feature; SmolVLA needs state and action")
+    state_dim = int(dataset.features[STATE]["shape"][0])
+    action_dim = int(dataset.features[ACTION]["shape"][0])
+    if state_dim > cfg.max_state_dim:
+        raise TrainError(f"the dataset's state has {state_dim} dims, more than the policy's max_state_dim {cfg.max_state_dim}")
+    if action_dim > cfg.max_action_dim:
+        raise TrainError(f"the dataset's action has {action_dim} dims, more than the policy's max_action_dim {cfg.max_action_dim}")
+    slots = cfg.camera_keys if set(mapping.values()) <= set(cfg.camera_keys) else list(mapping.values())
+    by_slot = {slot: source for source, slot in mapping.items()}
+    features = {slot: {"type": "VISUAL", "shape": feature_shape_chw(dataset.features[by_slot[slot]])}
+                for slot in slots if slot in by_slot}
+    features[STATE] = {"type": "STATE", "shape": [state_dim]}
+    cfg.input_features = features
+    cfg.output_features = {ACTION: {"type": "ACTION", "shape": [action_dim]}}
+    cfg.empty_cameras = 0
+
+
+def dataset_stats(dataset: data.LeRobotDataset) -> dict[str, dict[str, torch.Tensor]]:
+    stats = {}
+    for key in (STATE, ACTION):
+        found = dataset.stats.get(key, {})
+        if "mean" not in found or "std" not in found:
+            raise TrainError(f"the dataset {dataset.root} has no mean/std for {key!r} in meta/stats.json; "
+                             "normalisation needs them")
+        stats[key] = {k: v for k, v in found.items() if k in flow.STAT_NAMES}
+    return stats
+
+
+def build_policy(args: argparse.Namespace, dataset: data.LeRobotDataset, device: torch.device,
+                 vlm_dir: Path | None = None) -> SmolVLA:
+    """The policy to train on this dataset: the tiny demo configuration (vlm_dir given), a new policy
+    from a pretrained VLM (--from-vlm), or a pretrained policy (--policy); adapted to the dataset's
+    cameras and dims, with the dataset's normalisation stats, the camera mapping printed."""
+    rename = parse_rename(args.rename)
+    torch.manual_seed(args.seed)  # fresh weights (expert, projections) are the same on every rank
+    if vlm_dir is not None or args.from_vlm:
+        mapping = camera_mapping(dataset.camera_keys, None, rename)
+        if vlm_dir is not None:
+            cfg = SmolVLAConfig(chunk_size=10, n_action_steps=10, tokenizer_max_length=16, num_vlm_layers=4,
+                                resize_imgs_with_padding=(DEMO_IMAGE, DEMO_IMAGE), vlm_model_name=str(vlm_dir.resolve()))
+            adapt_to_dataset(cfg, dataset, mapping)
+            _, vlm_config, tokenizer = flow.load_vlm_files(vlm_dir, cfg, weights=False)
+            policy = SmolVLA(cfg, vlm_config, tokenizer)
+            policy.init_expert()
+        else:
+            vlm_config = json.loads((flow.resolve_dir(args.from_vlm, "VLM", ["*.json"]) / "config.json").read_text())
+            side = {**flow.VISION_DEFAULTS, **vlm_config.get("vision_config", {})}["image_size"]
+            cfg = SmolVLAConfig(chunk_size=args.chunk_size, n_action_steps=args.chunk_size,
+                                num_vlm_layers=args.num_vlm_layers, resize_imgs_with_padding=(side, side))
+            adapt_to_dataset(cfg, dataset, mapping)
+            policy = SmolVLA.from_vlm(args.from_vlm, cfg, device="cpu")
+    else:
+        policy = SmolVLA.from_pretrained(args.policy, vlm=args.vlm, device="cpu")
+        mapping = camera_mapping(dataset.camera_keys, policy.cfg.camera_keys, rename)
+        unused = [slot for slot in policy.cfg.camera_keys if slot not in mapping.values()]
+        adapt_to_dataset(policy.cfg, dataset, mapping)
+        if unused:
+            print(f"policy camera slot(s) {unused} have no camera in this dataset: removed from the policy's "
+                  "input features", flush=True)
+    policy.rename_map = {source: slot for source, slot in mapping.items() if source != slot}
+    print("cameras: " + ", ".join(f"{s} -> {t}" for s, t in mapping.items()) + "  (override with --rename DATA=POLICY)",
+          flush=True)
+    policy.set_stats(dataset_stats(dataset), source=f"dataset {dataset.root}")
+    return policy.to(device)
+
+
+FROZEN_VISION = ("vision.",)
+FROZEN_VLM = ("connector.", "lm.", "lm_head.")
+
+
+def freeze(policy: SmolVLA, train_vision: bool = False, train_vlm: bool = False) -> list[str]:
+    """Set requires_grad: the expert and the state/action/time projections train; the vision encoder
+    and the VLM (connector, text layers) stay frozen unless asked. lm_head is never used: frozen.
+    Returns the names of the trained parameters."""
+    frozen = () if train_vision else FROZEN_VISION
+    frozen += ("lm_head.",) + (() if train_vlm else FROZEN_VLM)
+    trained = []
+    for name, param in policy.named_parameters():
+        param.requires_grad_(not name.startswith(frozen))
+        if param.requires_grad:
+            trained.append(name)
+    return trained
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser and learning-rate schedule
+
+
+def make_optimizer(policy: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    params = [p for p in policy.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), eps=args.eps, weight_decay=args.weight_decay)
+
+
+def lr_factor(step: int, warmup_steps: int, decay_steps: int, peak_lr: float, decay_lr: float) -> float:
+    """Multiplier of the peak lr at `step`: linear warm-up from 1/(warmup+1) to 1 over warmup_steps,
+    then a half cosine from 1 down to decay_lr/peak_lr at decay_steps, constant after."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    span = max(decay_steps - warmup_steps, 1)
+    progress = min(step - warmup_steps, span) / span
+    floor = decay_lr / peak_lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, args.warmup_steps, args.decay_steps, args.lr, args.decay_lr))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: a resumable sampler, the validation split, the vision cache
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Endless shuffled epochs split across ranks as DistributedSampler splits them, starting at any
+    sample: after k batches of b, a resumed run starts at sample k*b of the same stream."""
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        self.size, self.seed, self.rank, self.world_size, self.start = size, seed, rank, world_size, start
+
+    def __iter__(self):
+        epochs = torch.utils.data.DistributedSampler(range(self.size), num_replicas=self.world_size,
+                                                     rank=self.rank, shuffle=True, seed=self.seed)
+        epoch, offset = divmod(self.start, len(epochs))
+        while True:
+            epochs.set_epoch(epoch)
+            yield from itertools.islice(iter(epochs), offset, None)
+            epoch, offset = epoch + 1, 0
+
+
+def split_episodes(spec: str, episodes: list[int]) -> tuple[list[int], list[int]]:
+    """--val-episodes '2' (the last 2) or '3,17' (those) -> (train episodes, validation episodes)."""
+    spec = str(spec).strip()
+    if "," in spec:
+        val = [int(e) for e in spec.split(",") if e.strip()]
+        unknown = [e for e in val if e not in episodes]
+        if unknown:
+            raise TrainError(f"--val-episodes {unknown} not in the dataset (episodes {episodes[0]}..{episodes[-1]})")
+    else:
+        count = int(spec or 0)
+        if count >= len(episodes):
+            raise TrainError(f"--val-episodes {count} leaves no training episodes (the dataset has {len(episodes)})")
+        val = episodes[len(episodes) - count:] if count else []
+    return [e for e in episodes if e not in val], val
+
+
+def without_video(dataset: data.LeRobotDataset) -> data.LeRobotDataset:
+    """A view of the dataset whose items lack the camera images: no video is opened or decoded.
+    (LeRobotDataset.__getitem__ decodes exactly the keys in `camera_keys`.)"""
+    view = copy.copy(dataset)
+    view.camera_keys = []
+    return view
+
+
+class CachedVisionDataset(torch.utils.data.Dataset):
+    """Items of `dataset` without decoding video, with `image_embeddings` {policy camera: (tokens, hidden)
+    float16} read from the cache's memory-mapped arrays (rows follow the global frame `index`)."""
+
+    def __init__(self, dataset: data.LeRobotDataset, cache_dir: Path):
+        self.dataset = without_video(dataset)
+        meta = json.loads((cache_dir / "meta.json").read_text())
+        self.cameras = meta["cameras"]
+        frame_index = np.load(cache_dir / "index.npy")
+        self.order = np.argsort(frame_index, kind="stable")
+        self.sorted_index = frame_index[self.order]
+        self.cache_dir = cache_dir
+        self.arrays: dict[str, np.ndarray] | None = None  # opened lazily: once per worker process
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def row(self, frame_index: int) -> int:
+        position = int(np.searchsorted(self.sorted_index, frame_index))
+        if position >= len(self.sorted_index) or self.sorted_index[position] != frame_index:
+            raise TrainError(f"frame {frame_index} is not in the vision cache {self.cache_dir}")
+        return int(self.order[position])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if self.arrays is None:
+            self.arrays = {key: np.load(self.cache_dir / f"{n}.npy", mmap_mode="r") for n, key in enumerate(self.cameras)}
+        item = self.dataset[i]
+        row = self.row(int(item["index"]))
+        item["image_embeddings"] = {key: torch.from_numpy(np.array(a[row])) for key, a in self.arrays.items()}
+        return item
+
+
+def vision_cache_key(policy: SmolVLA, dataset: data.LeRobotDataset, dtype: torch.dtype) -> str:
+    """A digest of everything the embeddings depend on: the vision encoder and connector weights, the
+    image preprocessing, the camera mapping, the dataset's files and the compute dtype."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(policy.state_dict().items()):
+        if name.startswith(("vision.", "connector.")):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    info = (dataset.root / "meta" / "info.json").read_bytes()
+    episodes = sorted((dataset.root / "meta").glob("episodes/**/*.parquet")) + [dataset.root / "meta" / "episodes.jsonl"]
+    stamp = [(str(p.relative_to(dataset.root)), p.stat().st_size, p.stat().st_mtime_ns) for p in episodes if p.is_file()]
+    digest.update(json.dumps([str(dataset.root), info.decode(), stamp, policy.rename_map, policy.camera_keys,
+                              list(policy.cfg.resize_imgs_with_padding), str(dtype)]).encode())
+    return digest.hexdigest()[:16]
+
+
+def build_vision_cache(policy: SmolVLA, dataset: data.LeRobotDataset, cache_root: Path, batch_size: int = 64,
+                       num_workers: int = 0, rank: int = 0, world_size: int = 1) -> Path:
+    """Encode every frame of `dataset` (all its episodes) once: `<cache_root>/<key>/<n>.npy` float16
+    (frames, tokens, hidden) per policy camera n, `index.npy` (the frames' global index), meta.json.
+    Reused when the key (see vision_cache_key) matches; built in a temporary directory and renamed, so
+    a half-built cache is never used. Ranks each encode a share of the frames."""
+    autocast = policy.device.type == "cuda"
+    key = vision_cache_key(policy, dataset, torch.bfloat16 if autocast else torch.float32)
+    final = cache_root / key
+    if final.is_dir():
+        log(rank, f"vision cache: reusing {final}")
+        return final
+    partial = cache_root / f"{key}.partial"
+    cameras = [k for k in policy.camera_keys]
+    frames = len(dataset)
+    with torch.no_grad():
+        probe = policy.encode_images({source: dataset[0][source][None] for source in dataset.camera_keys
+                                      if policy.rename_map.get(source, source) in cameras})
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for n, camera in enumerate(cameras):
+            np.lib.format.open_memmap(partial / f"{n}.npy", mode="w+", dtype=np.float16,
+                                      shape=(frames, *probe[camera].shape[1:])).flush()
+        log(rank, f"vision cache: encoding {frames} frames x {len(cameras)} cameras into {final}")
+    barrier()
+    arrays = [np.load(partial / f"{n}.npy", mmap_mode="r+") for n in range(len(cameras))]
+    index = np.zeros(frames, np.int64)
+    mine = list(range(rank, frames, world_size))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
+                                         num_workers=num_workers, worker_init_fn=ignore_sigint)
+    done, start = 0, time.perf_counter()
+    for batch in loader:
+        rows = mine[done:done + len(batch["index"])]
+        with torch.autocast(policy.device.type, torch.bfloat16, enabled=autocast):
+            embeddings = policy.encode_images(batch)
+        for n, camera in enumerate(cameras):
+            arrays[n][rows] = embeddings[camera].float().cpu().numpy().astype(np.float16)
+        index[rows] = batch["index"].numpy()
+        done += len(rows)
+        if rank == 0:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            print(f"\rvision cache: {done * world_size}/{frames} frames, {rate * world_size:.1f} frames/s", end="", flush=True)
+    for array in arrays:
+        array.flush()
+    np.save(partial / f"index.{rank}.npy", index)
+    barrier()
+    if rank == 0:
+        print(flush=True)
+        index = sum(np.load(partial / f"index.{r}.npy") for r in range(world_size))
+        np.save(partial / "index.npy", index)
+        (partial / "meta.json").write_text(json.dumps({"cameras": cameras, "frames": frames, "dataset": str(dataset.root),
+                                                       "dtype": "float16"}, indent=2))
+        partial.rename(final)
+    barrier()
+    return final
+
+
+def ignore_sigint(_worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; the main process saves a checkpoint, so the DataLoader
+    # workers must live on instead of dying under it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, sampler: torch.utils.data.Sampler,
+                num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                       pin_memory=pin_memory, drop_last=True, worker_init_fn=ignore_sigint,
+                                       prefetch_factor=4 if num_workers else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# One step
+
+
+class FlowLoss(nn.Module):
+    """policy.loss as forward(), so DistributedDataParallel can hook the backward pass."""
+
+    def __init__(self, policy: SmolVLA):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: dict[str, Any], noise: torch.Tensor | None, time: torch.Tensor | None) -> torch.Tensor:
+        return self.policy.loss(batch, noise, time)
+
+
+def flow_noise_and_time(seed: int, stream: int, step: int, rank: int, batch_size: int, policy: SmolVLA,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flow-matching noise and times of one batch, from a generator seeded by (seed, stream, step,
+    rank), so a resumed run draws exactly what an uninterrupted one would and validation is repeatable.
+
+    t ~ Beta(1.5, 1) * 0.999 + 0.001 as the reference; Beta(a, 1) has CDF t^a, so t = u^(1/a)."""
+    state = np.random.SeedSequence([seed, stream, step, rank]).generate_state(2)
+    generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    noise = torch.randn(batch_size, policy.cfg.chunk_size, policy.cfg.max_action_dim, generator=generator)
+    u = torch.rand(batch_size, generator=generator)
+    time = u ** (1 / 1.5) * 0.999 + 0.001
+    return noise.to(device), time.to(device)
+
+
+def train_step(policy: SmolVLA, optimizer: torch.optim.Optimizer, scheduler, batch: dict[str, Any],
+               noise: torch.Tensor | None = None, time: torch.Tensor | None = None, grad_clip: float = 10.0,
+               model: nn.Module | None = None) -> dict[str, float]:
+    """One optimisation step -> {"loss", "grad_norm", "lr"}. `model` is the DDP-wrapped FlowLoss when
+    distributed; the loss reported is then the mean over ranks. bf16 autocast on CUDA, float32 elsewhere.
+    A non-finite loss or gradient skips the update (the caller stops): the weights stay the last good ones."""
+    device = policy.device
+    model = model or FlowLoss(policy)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = model(batch, noise, time)
+    loss.backward()
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained, grad_clip)
+    report = torch.stack([loss.detach().float(), grad_norm.detach().float().to(loss.device)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(report)
+        report /= dist.get_world_size()  # the mean loss; the norm is the same on every rank
+    loss_value, norm_value = report.tolist()
+    if math.isfinite(loss_value) and math.isfinite(norm_value):
+        optimizer.step()
+        scheduler.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss_value, "grad_norm": norm_value, "lr": lr}
+
+
+@torch.no_grad()
+def validation_loss(policy: SmolVLA, batches: list[dict[str, Any]] | torch.utils.data.DataLoader, seed: int) -> float:
+    """Mean loss over the fixed validation batches with fixed noise and times (comparable across steps)."""
+    device = policy.device
+    total, count = 0.0, 0
+    for j, batch in enumerate(batches):
+        size = len(batch["task"])
+        noise, time = flow_noise_and_time(seed, 1, j, 0, size, policy, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            total += policy.loss(batch, noise, time).item() * size
+        count += size
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def rng_states() -> dict:
+    state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [state[0], torch.from_numpy(state[1].copy()), int(state[2]), int(state[3]), float(state[4])],
+            "python": random.getstate()}
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
+
+
+def fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")) + [root]:
+        if path.is_file() or path.is_dir():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def save_checkpoint(output_dir: Path, step: int, policy: SmolVLA, training_state: dict) -> Path:
+    """checkpoints/<step>/{pretrained_model/, training_state.pt}, written into a temporary directory,
+    flushed to disk, renamed into place; then `last` is re-pointed by renaming a new symlink over it.
+    Any failure (a full disk) removes the temporary directory and leaves `last` as it was."""
+    checkpoints = output_dir / "checkpoints"
+    final = checkpoints / f"{step:06d}"
+    partial = checkpoints / f".partial-{step:06d}-{os.getpid()}"
+    try:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        policy.save_pretrained(partial / "pretrained_model")
+        torch.save(training_state, partial / "training_state.pt")
+        fsync_tree(partial)
+        if final.exists():  # the same step saved again (e.g. Ctrl-C right after resuming)
+            old = checkpoints / f".old-{step:06d}-{os.getpid()}"
+            final.rename(old)
+            partial.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            partial.rename(final)
+        link = checkpoints / f".last-{os.getpid()}"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        os.symlink(final.name, link)
+        os.replace(link, checkpoints / "last")
+    except OSError as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        last = checkpoints / "last"
+        kept = f"{last} -> {os.readlink(last)} is intact" if last.is_symlink() else "there is no earlier checkpoint"
+        reason = "the disk is full" if err.errno == errno.ENOSPC else str(err)
+        raise TrainError(f"could not save the checkpoint of step {step} to {final}: {reason} ({err}); {kept}") from err
+    return final
+
+
+def last_checkpoint(output_dir: Path) -> Path:
+    last = output_dir / "checkpoints" / "last"
+    if not last.exists():
+        raise TrainError(f"--resume: no checkpoint at {last}")
+    return last.resolve()
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress and metrics
+
+
+def log(rank: int, message: str) -> None:
+    if rank == 0:
+        print(message, flush=True)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop lines logged after the checkpoint's step (they will be logged again)."""
+    if path.is_file():
+        kept = [m for m in read_metrics(path) if m["step"] <= step]
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        os.replace(temporary, path)
+
+
+def plot_metrics(metrics_path: Path, png_path: Path) -> None:
+    from plot import Panel, save_panels
+
+    metrics = read_metrics(metrics_path)
+    train = [m for m in metrics if "loss" in m]
+    val = [m for m in metrics if "val_loss" in m]
+    if not train:
+        return
+    losses = {"train": ([m["step"] for m in train], [m["loss"] for m in train])}
+    if val:
+        losses["validation"] = ([m["step"] for m in val], [m["val_loss"] for m in val])
+    log_losses = {name: (xs, [math.log10(y) if y > 0 else float("nan") for y in ys]) for name, (xs, ys) in losses.items()}
+    lr = {"lr": ([m["step"] for m in train], [m["lr"] for m in train])}
+    save_panels(str(png_path), [Panel(losses, "flow-matching loss", "step", "loss"),
+                                Panel(log_losses, "log10 loss", "step", "log10 loss"),
+                                Panel(lr, "learning rate", "step", "lr")], size=(800, 900))
+
+
+def duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class Progress:
+    """The live line (rewritten in place on a terminal) and metrics.jsonl, one line per log interval."""
+
+    def __init__(self, metrics_path: Path, total_steps: int, samples_per_step: int, log_every: int, enabled: bool):
+        self.metrics_path, self.total, self.samples_per_step = metrics_path, total_steps, samples_per_step
+        self.log_every, self.enabled = log_every, enabled
+        self.live = enabled and sys.stdout.isatty()
+        self.window: list[dict] = []
+        self.window_start = time.perf_counter()
+        self.rate: float | None = None  # samples/s over the last complete interval
+
+    def line(self, step: int, loss: float, grad_norm: float, lr: float, rate: float) -> str:
+        eta = (self.total - step) * self.samples_per_step / max(rate, 1e-9)
+        return (f"step {step}/{self.total} | loss {loss:.4f} | grad {grad_norm:.3f} | lr {lr:.2e} | "
+                f"{rate:.1f} samples/s | ETA {duration(eta)}")
+
+    def step(self, step: int, result: dict) -> None:
+        """`step` counts completed steps; `result` is train_step's report."""
+        if not self.enabled:
+            return
+        self.window.append(result)
+        rate = len(self.window) * self.samples_per_step / max(time.perf_counter() - self.window_start, 1e-9)
+        if self.live:
+            text = self.line(step, result["loss"], result["grad_norm"], result["lr"], self.rate or rate)
+            print("\r" + text + "    ", end="", flush=True)
+        if len(self.window) >= self.log_every or step == self.total:
+            self.rate = rate
+            loss = sum(r["loss"] for r in self.window) / len(self.window)
+            grad_norm = sum(r["grad_norm"] for r in self.window) / len(self.window)
+            self.write({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": result["lr"],
+                        "samples_per_s": round(rate, 2), "time": round(time.time(), 3)})
+            print(("\r" if self.live else "") + self.line(step, loss, grad_norm, result["lr"], rate), flush=True)
+            self.window, self.window_start = [], time.perf_counter()
+
+    def write(self, entry: dict) -> None:
+        if self.enabled:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed setup and Ctrl-C
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def setup_device(requested: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (RANK/WORLD_SIZE set) joins the process group:
+    NCCL on CUDA, gloo on CPU; each process takes the GPU of its LOCAL_RANK."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    wants_cuda = requested is None and torch.cuda.is_available() or (requested or "").startswith("cuda")
+    if wants_cuda and not torch.cuda.is_available():
+        raise TrainError(f"--device {requested}: CUDA is not available on this machine")
+    if world_size > 1:
+        device = torch.device("cuda", local_rank) if wants_cuda else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        else:  # processes share the cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    else:
+        device = torch.device(requested) if requested else flow.default_device()
+    return rank, world_size, device
+
+
+class StopRequest:
+    """The first Ctrl-C (or SIGTERM) asks the loop to stop at the next step boundary and save; a second
+    Ctrl-C outside a save aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.saving = False
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame) -> None:
+        if self.requested and not self.saving and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.requested:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                  "(press Ctrl-C again to abort without saving)", flush=True)
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether any rank was asked to stop (all ranks stop at the same step)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0],
+                            device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def parameter_digest(policy: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, param in policy.named_parameters():
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def load_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, Path, dict]:
+    """--resume: the run's saved arguments (flags given now override them), the checkpoint, its state."""
+    checkpoint = last_checkpoint(Path(args.output_dir))
+    state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
+    merged = dict(state["args"])
+    merged.update({k: getattr(args, k) for k in args.explicit})
+    merged.update({k: getattr(args, k) for k in RUN_ONLY | {"explicit"}})
+    for key in ("batch_size", "seed", "lr", "betas", "warmup_steps", "decay_steps", "decay_lr"):
+        if key in args.explicit and state["args"].get(key) != merged[key]:
+            print(f"warning: --{key.replace('_', '-')} {merged[key]} differs from the run's {state['args'].get(key)}: "
+                  "the curve will not match an uninterrupted run", flush=True)
+    merged["betas"] = tuple(merged["betas"])
+    return argparse.Namespace(**merged), checkpoint, state
+
+
+def open_datasets(args: argparse.Namespace, chunk_size_hint: int = 50):
+    """(dataset root, train episodes, validation episodes), checking the split."""
+    whole = data.LeRobotDataset(args.data, chunk_size=chunk_size_hint)
+    train_eps, val_eps = split_episodes(args.val_episodes, whole.episodes)
+    return whole, train_eps, val_eps
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run (or resume) a training run; returns a summary (steps, final loss, checkpoint path, ...)."""
+    rank, world_size, device = setup_device(args.device)
+    try:
+        return _train(args, rank, world_size, device)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, rank: int, world_size: int, device: torch.device) -> dict:
+    resume_state, checkpoint = None, None
+    if args.resume:
+        args, checkpoint, resume_state = load_resume(args)
+    output_dir = Path(args.output_dir)
+    if resume_state is None and (output_dir / "checkpoints").exists():
+        raise TrainError(f"{output_dir} already holds a training run: pass --resume to continue it, "
+                         "or choose another --output-dir")
+    vlm_dir = None
+    if args.data is None:
+        if rank == 0:
+            ensure_demo(output_dir)
+        barrier()
+        dataset_dir, vlm_dir = output_dir / "dataset", output_dir / "vlm"
+        args.data = str(dataset_dir)
+        log(rank, f"demo: training a tiny SmolVLA on {dataset_dir} (pass --data to train on your dataset)")
+    if args.cache_vision and (args.train_vision or args.train_vlm):
+        raise TrainError("--cache-vision needs a frozen vision encoder and connector: drop --train-vision/--train-vlm")
+
+    whole, train_eps, val_eps = open_datasets(args)
+    if resume_state is None:
+        policy = build_policy(args, whole, device, vlm_dir)
+    else:
+        policy = SmolVLA.from_pretrained(checkpoint / "pretrained_model", vlm=args.vlm, device=device)
+        log(rank, f"resuming from {checkpoint} (step {resume_state['step']})")
+    trained = freeze(policy, args.train_vision, args.train_vlm)
+    chunk = policy.cfg.chunk_size
+    train_set = data.LeRobotDataset(whole.root, chunk_size=chunk, episodes=train_eps)
+    val_set = data.LeRobotDataset(whole.root, chunk_size=chunk, episodes=val_eps) if val_eps else None
+    log(rank, f"data: {len(train_set)} training frames ({len(train_eps)} episodes), "
+              f"{len(val_set) if val_set else 0} validation frames ({len(val_eps)} episodes); "
+              f"policy: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f} M parameters, "
+              f"{sum(p.numel() for n, p in policy.named_parameters() if n in set(trained)) / 1e6:.2f} M trained; "
+              f"device {device}, {world_size} process(es)")
+
+    if args.cache_vision:
+        cache_root = Path(args.cache_dir) if args.cache_dir else output_dir / "vision_cache"
+        cache = build_vision_cache(policy, data.LeRobotDataset(whole.root, chunk_size=chunk), cache_root,
+                                   args.batch_size, args.num_workers, rank, world_size)
+        train_set = CachedVisionDataset(train_set, cache)
+        val_set = CachedVisionDataset(val_set, cache) if val_set is not None else None
+
+    optimizer = make_optimizer(policy, args)
+    scheduler = make_scheduler(optimizer, args)
+    step = 0
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        set_rng_states(resume_state["rng"])
+        step = int(resume_state["step"])
+        if resume_state["world_size"] != world_size:
+            log(rank, f"warning: the run used {resume_state['world_size']} process(es), now {world_size}: "
+                      "the data order changes from here")
+
+    model: nn.Module = FlowLoss(policy)
+    if world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False, find_unused_parameters=args.train_vlm)
+    sampler = ResumableSampler(len(train_set), args.seed, rank, world_size, start=step * args.batch_size)
+    loader = make_loader(train_set, args.batch_size, sampler, args.num_workers, device.type == "cuda")
+    val_batches = None
+    if val_set is not None and rank == 0:
+        picks = np.linspace(0, len(val_set) - 1, min(args.val_samples, len(val_set))).round().astype(int)
+        val_batches = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, sorted(set(picks.tolist()))),
+                                                  batch_size=args.batch_size, num_workers=args.num_workers,
+                                                  worker_init_fn=ignore_sigint)
+
+    metrics_path = output_dir / "metrics.jsonl"
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(metrics_path, step)
+    progress = Progress(metrics_path, args.steps, args.batch_size * world_size, args.log_every, rank == 0)
+
+    def checkpoint_now(at: int) -> Path | None:
+        failure = None
+        path = None
+        if rank == 0:
+            state = {"step": at, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "rng": rng_states(), "world_size": world_size, "samples_per_rank": at * args.batch_size,
+                     "args": saved_args(args), "format": 1}
+            try:
+                path = save_checkpoint(output_dir, at, policy, state)
+                plot_metrics(metrics_path, output_dir / "loss.png")
+                print(f"saved {path}", flush=True)
+            except TrainError as err:
+                failure = err
+        if world_size > 1:  # every rank learns whether rank 0's save failed
+            flag = torch.tensor([1.0 if failure else 0.0], device=device if device.type == "cuda" else "cpu")
+            dist.all_reduce(flag)
+            if flag.item() and failure is None:
+                raise TrainError("rank 0 could not save a checkpoint; stopping")
+        if failure:
+            raise failure
+        return path
+
+    last_saved, last_result = step if resume_state else None, None
+    stopped = False
+    batches = iter(loader)
+    start = time.perf_counter()
+    with StopRequest() as stop:
+        while step < args.steps:
+            if stop.agreed():
+                stopped = True
+                break
+            batch = next(batches)
+            noise, flow_time = flow_noise_and_time(args.seed, 0, step, rank, args.batch_size, policy, device)
+            result = train_step(policy, optimizer, scheduler, batch, noise, flow_time, args.grad_clip, model)
+            if not (math.isfinite(result["loss"]) and math.isfinite(result["grad_norm"])):
+                kept = (output_dir / "checkpoints" / "last")
+                where = f"the last good checkpoint is {kept.resolve()}" if kept.exists() else "no checkpoint was saved"
+                raise TrainError(f"the loss is not finite at step {step + 1} (loss {result['loss']}, grad norm "
+                                 f"{result['grad_norm']}); stopping without saving it: {where}")
+            step += 1
+            last_result = result
+            progress.step(step, result)
+            if val_batches is not None and (step % args.eval_every == 0 or step == args.steps):
+                value = validation_loss(policy, val_batches, args.seed)
+                progress.write({"step": step, "val_loss": value})
+                log(rank, f"step {step}: validation loss {value:.4f}")
+            if step % args.save_every == 0 or step == args.steps:
+                stop.saving = True
+                checkpoint_now(step)
+                stop.saving = False
+                last_saved = step
+        if stopped and last_saved != step and step > 0:
+            stop.saving = True
+            checkpoint_now(step)
+    seconds = time.perf_counter() - start
+    if args.param_checksum_file:
+        Path(args.param_checksum_file.format(rank=rank)).write_text(parameter_digest(policy) + "\n")
+    summary = {"step": step, "stopped": stopped, "seconds": seconds,
+               "loss": last_result["loss"] if last_result else None,
+               "checkpoint": str((output_dir / "checkpoints" / "last").resolve())}
+    log(rank, f"{'stopped' if stopped else 'done'} at step {step} in {duration(seconds)}; "
+              f"checkpoint {output_dir / 'checkpoints' / 'last' / 'pretrained_model'}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except (TrainError, data.DatasetError, FileNotFoundError) as err:
+        print(f"train.py: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("\ntrain.py: aborted without saving", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()
