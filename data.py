@@ -283,14 +283,14 @@ class VideoReader:
             raise VideoDecodeError(f"{path}: cannot open video: {e}") from e
         if not self.container.streams.video:
             self.container.close()
-            raise VideoDecodeError(f"{path}: no video stream")
+            raise VideoDecodeError(f"{path}: no video stream found (truncated file, or not a video)")
         self.stream = self.container.streams.video[0]
         # Random access decodes one or two frames per request: decoder threads only add start-up
         # and hand-off cost there, and DataLoader workers already keep every core busy.
         self.stream.codec_context.thread_count = 1
         self.time_base = float(self.stream.time_base)
         # One converter for the file: a frame's own to_ndarray(format=...) builds a fresh swscale
-        # context every call, which costs more than the conversion itself.
+        # context every call, which costs more than the conversion itself. One thread, as above.
         self._to_rgb = VideoReformatter()
         self._frames: Iterator[av.VideoFrame] | None = None  # decoded frames after the last seek
         self._position_s = -math.inf  # time of the last frame taken from self._frames
@@ -362,12 +362,15 @@ class VideoReader:
                 f"tolerance {self.tolerance_s} s)"
             )
         self._last_time_s = frame_time_s
-        self._last_image = self._to_rgb.reformat(frame, format="rgb24").to_ndarray()
+        self._last_image = self._to_rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
         return self._last_image
 
 
 # ---------------------------------------------------------------------------------------------
 # The dataset
+
+
+_INHERITED_READERS: list = []  # see LeRobotDataset._reader
 
 
 class LeRobotDataset(torch.utils.data.Dataset):
@@ -544,7 +547,9 @@ class LeRobotDataset(torch.utils.data.Dataset):
 
     def _reader(self, path: Path) -> VideoReader:
         if self._readers_pid != os.getpid():
-            # A forked worker inherited the parent's decoders; their state belongs to the parent.
+            # A forked worker inherited the parent's decoders. They are neither used nor freed here:
+            # freeing FFmpeg objects whose threads stayed in the parent blocks forever.
+            _INHERITED_READERS.append(self._readers)
             self._readers = OrderedDict()
             self._readers_pid = os.getpid()
         reader = self._readers.get(path)

@@ -1,0 +1,471 @@
+"""data.py: LeRobot v3.0 (written by our writer) and v2.1 (written here by hand) datasets.
+
+Frames carry their identity in flat grey blocks, robust to codec loss: the left half's grey level
+encodes the frame index, the right half's the episode and camera. A decoded frame is then checked to
+be exactly the frame the parquet row points at.
+"""
+
+import json
+import shutil
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import data
+
+FPS = 30
+HEIGHT, WIDTH = 48, 64
+CAMERAS = ["observation.images.top", "observation.images.wrist"]
+LENGTHS = [7, 4, 9]
+TASKS = ["pick the cube", "place the cube in the box", "pick the cube"]
+
+
+def left_grey(frame_index: int) -> int:
+    return 16 + 6 * frame_index
+
+
+def right_grey(episode_index: int, camera: int) -> int:
+    return 30 + 50 * episode_index + 20 * camera
+
+
+def pattern_frame(episode_index: int, frame_index: int, camera: int) -> np.ndarray:
+    image = np.empty((HEIGHT, WIDTH, 3), np.uint8)
+    image[:, : WIDTH // 2] = left_grey(frame_index)
+    image[:, WIDTH // 2 :] = right_grey(episode_index, camera)
+    return image
+
+
+def assert_pattern(image: torch.Tensor, episode_index: int, frame_index: int, camera: int) -> None:
+    """image: (3, H, W) float in [0, 1] as the dataset returns it."""
+    assert image.shape == (3, HEIGHT, WIDTH) and image.dtype == torch.float32
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    pixels = image.numpy() * 255.0
+    left = pixels[:, 8:-8, 4 : WIDTH // 2 - 4].mean()
+    right = pixels[:, 8:-8, WIDTH // 2 + 4 : -4].mean()
+    # Neighbouring frames differ by 6 grey levels, so 2.5 tells them apart with codec loss to spare.
+    assert abs(left - left_grey(frame_index)) < 2.5, f"got frame ~{(left - 16) / 6:.2f}, wanted {frame_index}"
+    assert abs(right - right_grey(episode_index, camera)) < 2.5, (right, episode_index, camera)
+
+
+def make_episodes() -> list[dict]:
+    episodes = []
+    for e, (length, task) in enumerate(zip(LENGTHS, TASKS)):
+        t = np.arange(length, dtype=np.float32)[:, None]
+        dims = np.arange(6, dtype=np.float32)[None, :]
+        episodes.append({
+            "task": task,
+            "observation.state": 100 * e + t + dims / 10,
+            "action": -(100 * e + t) - dims / 100 + 0.5,
+            **{key: np.stack([pattern_frame(e, f, c) for f in range(length)]) for c, key in enumerate(CAMERAS)},
+        })
+    return episodes
+
+
+@pytest.fixture(scope="module")
+def tiny_v3_dataset(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """A 3-episode, 2-camera, 2-task v3.0 dataset written by data.write_dataset (AV1)."""
+    episodes = make_episodes()
+    root = data.write_dataset(tmp_path_factory.mktemp("v3") / "tiny", episodes, fps=FPS)
+    return root, episodes
+
+
+def encode_mp4(path: Path, frames, codec: str, faststart: bool = False) -> None:
+    """An mp4 as a real recorder writes it: frame i at i/FPS seconds, yuv420p."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    container = av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {})
+    stream = container.add_stream(codec, rate=FPS)
+    stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+    stream.codec_context.time_base = Fraction(1, FPS)
+    stream.options = {"crf": "20"}  # x264 defaults otherwise: long GOP and B-frames
+    for i, image in enumerate(frames):
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        frame.pts, frame.time_base = i, Fraction(1, FPS)
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+
+
+def numpy_stats(values: np.ndarray) -> dict:
+    return {"min": values.min(0).tolist(), "max": values.max(0).tolist(), "mean": values.mean(0).tolist(),
+            "std": values.std(0).tolist(), "count": [len(values)]}
+
+
+def write_v21(root: Path, episodes: list[dict]) -> None:
+    """LeRobot v2.1 by hand (REFERENCE.md section 3): one parquet and one H.264 mp4 per episode,
+    jsonl metadata, per-episode stats and no meta/stats.json."""
+    tasks = list(dict.fromkeys(e["task"] for e in episodes))
+    features = {
+        "action": {"dtype": "float32", "shape": [6], "names": [f"a{i}" for i in range(6)]},
+        "observation.state": {"dtype": "float32", "shape": [6], "names": [f"s{i}" for i in range(6)]},
+        **{key: {"dtype": "video", "shape": [HEIGHT, WIDTH, 3], "names": ["height", "width", "channels"],
+                 "info": {"video.codec": "h264", "video.pix_fmt": "yuv420p", "video.fps": FPS}} for key in CAMERAS},
+        "timestamp": {"dtype": "float32", "shape": [1], "names": None},
+        **{k: {"dtype": "int64", "shape": [1], "names": None} for k in ("frame_index", "episode_index", "index", "task_index")},
+    }
+    info = {
+        "codebase_version": "v2.1", "robot_type": "so100", "total_episodes": len(episodes), "fps": FPS,
+        "chunks_size": 1000, "total_frames": sum(len(e["action"]) for e in episodes),
+        "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+        "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4",
+        "features": features,
+    }
+    (root / "meta").mkdir(parents=True)
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    (root / "meta" / "tasks.jsonl").write_text("".join(json.dumps({"task_index": i, "task": t}) + "\n" for i, t in enumerate(tasks)))
+    episode_lines, stats_lines, start = [], [], 0
+    for e, episode in enumerate(episodes):
+        length = len(episode["action"])
+        table = pa.table({
+            "action": pa.array(episode["action"].tolist(), pa.list_(pa.float32())),
+            "observation.state": pa.array(episode["observation.state"].tolist(), pa.list_(pa.float32())),
+            "timestamp": pa.array(np.arange(length) / FPS, pa.float32()),
+            "frame_index": pa.array(np.arange(length), pa.int64()),
+            "episode_index": pa.array(np.full(length, e), pa.int64()),
+            "index": pa.array(np.arange(start, start + length), pa.int64()),
+            "task_index": pa.array(np.full(length, tasks.index(episode["task"])), pa.int64()),
+        })
+        path = root / f"data/chunk-000/episode_{e:06d}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+        for key in CAMERAS:
+            encode_mp4(root / f"videos/chunk-000/{key}/episode_{e:06d}.mp4", episode[key], "libx264")
+        episode_lines.append(json.dumps({"episode_index": e, "tasks": [episode["task"]], "length": length}) + "\n")
+        stats = {k: numpy_stats(episode[k].astype(np.float64)) for k in ("observation.state", "action")}
+        stats_lines.append(json.dumps({"episode_index": e, "stats": stats}) + "\n")
+        start += length
+    (root / "meta" / "episodes.jsonl").write_text("".join(episode_lines))
+    (root / "meta" / "episodes_stats.jsonl").write_text("".join(stats_lines))
+
+
+@pytest.fixture(scope="module")
+def tiny_v21_dataset(tmp_path_factory) -> tuple[Path, list[dict]]:
+    episodes = make_episodes()
+    root = tmp_path_factory.mktemp("v21") / "tiny"
+    write_v21(root, episodes)
+    return root, episodes
+
+
+def copy_dataset(source: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(source, tmp_path / "copy"))
+
+
+def expected_rows(episodes: list[dict], selected: list[int]):
+    """(episode, frame) of every item, in item order."""
+    return [(e, f) for e in selected for f in range(len(episodes[e]["action"]))]
+
+
+def check_item(item: dict, episodes: list[dict], e: int, f: int, chunk_size: int, global_index: int) -> None:
+    episode = episodes[e]
+    length = len(episode["action"])
+    np.testing.assert_array_equal(item["observation.state"].numpy(), episode["observation.state"][f])
+    chunk = [min(f + k, length - 1) for k in range(chunk_size)]
+    np.testing.assert_array_equal(item["action"].numpy(), episode["action"][chunk])
+    assert item["action"].shape == (chunk_size, 6) and item["action"].dtype == torch.float32
+    assert item["action_is_pad"].dtype == torch.bool
+    assert item["action_is_pad"].tolist() == [f + k >= length for k in range(chunk_size)]
+    assert item["task"] == episode["task"]
+    assert item["episode_index"].item() == e and item["episode_index"].dtype == torch.int64
+    assert item["frame_index"].item() == f and item["frame_index"].shape == ()
+    assert item["index"].item() == global_index
+    assert item["timestamp"].dtype == torch.float32 and item["timestamp"].item() == pytest.approx(f / FPS, abs=1e-6)
+    for camera, key in enumerate(CAMERAS):
+        assert_pattern(item[key], e, f, camera)
+
+
+# ---------------------------------------------------------------------------------------------
+# v3.0, written by our writer
+
+
+def test_v3_layout_is_the_real_one(tiny_v3_dataset):
+    root, episodes = tiny_v3_dataset
+    info = json.loads((root / "meta/info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["fps"] == FPS
+    assert info["total_episodes"] == 3 and info["total_frames"] == sum(LENGTHS) and info["total_tasks"] == 2
+    assert list(info["features"]) == ["action", "observation.state", *CAMERAS, "timestamp", "frame_index", "episode_index", "index", "task_index"]
+    tasks = pq.read_table(root / "meta/tasks.parquet").to_pylist()
+    assert sorted((t["task_index"], t["task"]) for t in tasks) == [(0, TASKS[0]), (1, TASKS[1])]
+    meta = pq.read_table(root / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
+    assert [m["length"] for m in meta] == LENGTHS
+    assert [m["dataset_from_index"] for m in meta] == [0, 7, 11]
+    for key in CAMERAS:
+        # Episodes follow each other in one file: 0-7, 7-11, 11-20 frames.
+        assert [m[f"videos/{key}/from_timestamp"] for m in meta] == pytest.approx([0, 7 / FPS, 11 / FPS])
+        assert [m[f"videos/{key}/to_timestamp"] for m in meta] == pytest.approx([7 / FPS, 11 / FPS, 20 / FPS])
+        with av.open(str(root / f"videos/{key}/chunk-000/file-000.mp4")) as container:
+            stream = container.streams.video[0]
+            assert stream.codec_context.name in ("libdav1d", "av1") and stream.codec_context.pix_fmt == "yuv420p"
+            assert sum(1 for _ in container.decode(stream)) == sum(LENGTHS)
+    rows = pq.read_table(root / "data/chunk-000/file-000.parquet").to_pylist()
+    assert [r["episode_index"] for r in rows] == [0] * 7 + [1] * 4 + [2] * 9
+    assert [r["task_index"] for r in rows] == [0] * 7 + [1] * 4 + [0] * 9
+
+
+def test_v3_every_item_in_order_and_shuffled(tiny_v3_dataset):
+    root, episodes = tiny_v3_dataset
+    dataset = data.LeRobotDataset(root, chunk_size=5)
+    assert len(dataset) == sum(LENGTHS)
+    assert dataset.fps == FPS and dataset.num_episodes == 3 and dataset.episodes == [0, 1, 2]
+    assert dataset.camera_keys == CAMERAS and dataset.root == root.resolve()
+    assert dataset.features["observation.state"]["shape"] == [6]
+    rows = expected_rows(episodes, [0, 1, 2])
+    parquet = pq.read_table(root / "data/chunk-000/file-000.parquet").to_pylist()
+    order = list(range(len(dataset))) + list(np.random.default_rng(0).permutation(len(dataset)))
+    for i in order:  # in order decodes forward; shuffled makes every read seek
+        item = dataset[int(i)]
+        e, f = rows[i]
+        check_item(item, episodes, e, f, 5, global_index=i)
+        assert item["observation.state"].tolist() == parquet[i]["observation.state"]
+        assert item["action"][0].tolist() == parquet[i]["action"]
+
+
+def test_action_chunk_clamps_at_episode_end_and_flags_padding(tiny_v3_dataset):
+    root, episodes = tiny_v3_dataset
+    dataset = data.LeRobotDataset(root, chunk_size=6)
+    item = dataset[7 + 2]  # episode 1 (4 frames), frame 2: actions of frames 2, 3, then 3 repeated
+    assert item["episode_index"].item() == 1 and item["frame_index"].item() == 2
+    assert item["action_is_pad"].tolist() == [False, False, True, True, True, True]
+    last = torch.tensor(episodes[1]["action"][3])
+    assert torch.equal(item["action"][1], last) and torch.equal(item["action"][5], last)
+    assert dataset[7 + 3]["action_is_pad"].tolist() == [False] + [True] * 5  # last frame
+    assert not dataset[0]["action_is_pad"].any()  # episode 0 has 7 frames, room for 6
+
+
+def test_v3_stats_match_numpy(tiny_v3_dataset):
+    root, episodes = tiny_v3_dataset
+    stats = data.LeRobotDataset(root).stats
+    for key in ("observation.state", "action"):
+        values = np.concatenate([e[key] for e in episodes]).astype(np.float64)
+        assert set(stats[key]) >= {"min", "max", "mean", "std", "count"}
+        assert all(v.dtype == torch.float32 for v in stats[key].values())
+        np.testing.assert_allclose(stats[key]["mean"], values.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(stats[key]["std"], values.std(0), rtol=1e-4)
+        np.testing.assert_allclose(stats[key]["min"], values.min(0))
+        np.testing.assert_allclose(stats[key]["max"], values.max(0))
+        assert stats[key]["count"].item() == sum(LENGTHS)
+    for camera, key in enumerate(CAMERAS):
+        pixels = np.concatenate([e[key] for e in episodes]).reshape(-1, 3) / 255.0
+        assert stats[key]["mean"].shape == (3, 1, 1)
+        np.testing.assert_allclose(stats[key]["mean"].flatten(), pixels.mean(0), rtol=1e-4)
+        np.testing.assert_allclose(stats[key]["std"].flatten(), pixels.std(0), rtol=1e-4)
+        np.testing.assert_allclose(stats[key]["max"].flatten(), pixels.max(0), rtol=1e-6)
+
+
+def test_select_episodes(tiny_v3_dataset):
+    root, episodes = tiny_v3_dataset
+    dataset = data.LeRobotDataset(root, chunk_size=3, episodes=[2, 0])
+    assert dataset.episodes == [2, 0] and dataset.num_episodes == 3
+    assert len(dataset) == LENGTHS[2] + LENGTHS[0]
+    first_index = {0: 0, 2: 11}
+    for i, (e, f) in enumerate(expected_rows(episodes, [2, 0])):
+        check_item(dataset[i], episodes, e, f, 3, global_index=first_index[e] + f)
+    assert len(data.LeRobotDataset(root, episodes=[1])) == LENGTHS[1]
+
+
+def test_dataloader_workers_open_their_own_decoders(tiny_v3_dataset):
+    root, episodes = tiny_v3_dataset
+    dataset = data.LeRobotDataset(root, chunk_size=4)
+    dataset[0]  # a decoder open in the parent must not be used by the forked workers
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True, num_workers=2,
+                                         generator=torch.Generator().manual_seed(0))
+    rows = expected_rows(episodes, [0, 1, 2])
+    seen = []
+    for batch in loader:
+        assert batch[CAMERAS[0]].shape[1:] == (3, HEIGHT, WIDTH) and batch["action"].shape[1:] == (4, 6)
+        for j, index in enumerate(batch["index"].tolist()):
+            e, f = rows[index]
+            assert batch["task"][j] == episodes[e]["task"]
+            for camera, key in enumerate(CAMERAS):
+                assert_pattern(batch[key][j], e, f, camera)
+            seen.append(index)
+    assert sorted(seen) == list(range(len(dataset)))
+
+
+def test_hub_id_goes_through_snapshot_download(tiny_v3_dataset, monkeypatch):
+    root, _ = tiny_v3_dataset
+    calls = []
+
+    def fake_snapshot_download(repo_id, repo_type=None, revision=None):
+        calls.append((repo_id, repo_type, revision))
+        return str(root)
+
+    monkeypatch.setattr(data, "snapshot_download", fake_snapshot_download)
+    dataset = data.LeRobotDataset("lerobot/svla_so100_pickplace", revision="v3.0")
+    assert calls == [("lerobot/svla_so100_pickplace", "dataset", "v3.0")]
+    assert len(dataset) == sum(LENGTHS) and dataset.root == root
+
+
+def test_unknown_hub_id_and_missing_directory_are_clear_errors(monkeypatch, tmp_path):
+    def not_found(repo_id, repo_type=None, revision=None):
+        raise FileNotFoundError(f"Repository Not Found for url: https://huggingface.co/api/datasets/{repo_id}")
+
+    monkeypatch.setattr(data, "snapshot_download", not_found)
+    with pytest.raises(data.DatasetError, match="nobody/nothing.*not a local directory.*Repository Not Found"):
+        data.LeRobotDataset("nobody/nothing")
+    with pytest.raises(data.DatasetError, match="no such dataset directory"):
+        data.LeRobotDataset(str(tmp_path / "no" / "such" / "dataset"))
+    with pytest.raises(data.DatasetError, match="missing .*info.json"):
+        data.LeRobotDataset(tmp_path)  # exists, but is not a dataset
+
+
+def test_writer_refuses_bad_input_and_leaves_nothing(tmp_path):
+    episodes = make_episodes()
+    episodes[1]["observation.images.wrist"] = episodes[1]["observation.images.wrist"][:2]  # 2 frames, 4 states
+    with pytest.raises(ValueError, match="episode 1: observation.images.wrist has 2 frames"):
+        data.write_dataset(tmp_path / "bad", episodes, fps=FPS)
+    assert list(tmp_path.iterdir()) == []  # no half-written dataset, no .partial directory
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError):
+        data.write_dataset(tmp_path / "exists", make_episodes()[:1], fps=FPS)
+
+
+# ---------------------------------------------------------------------------------------------
+# v2.1, written by hand, H.264 with x264's long GOP and B-frames
+
+
+def test_v21_items_and_aggregated_stats(tiny_v21_dataset):
+    root, episodes = tiny_v21_dataset
+    dataset = data.LeRobotDataset(root, chunk_size=4)
+    assert len(dataset) == sum(LENGTHS) and dataset.num_episodes == 3 and dataset.camera_keys == CAMERAS
+    rows = expected_rows(episodes, [0, 1, 2])
+    order = list(range(len(dataset))) + list(np.random.default_rng(1).permutation(len(dataset)))
+    for i in order:
+        e, f = rows[i]
+        check_item(dataset[int(i)], episodes, e, f, 4, global_index=i)
+        parquet = pq.read_table(root / f"data/chunk-000/episode_{e:06d}.parquet").to_pylist()[f]
+        assert dataset[int(i)]["observation.state"].tolist() == pytest.approx(parquet["observation.state"])
+    # No meta/stats.json: the per-episode stats are pooled.
+    for key in ("observation.state", "action"):
+        values = np.concatenate([e[key] for e in episodes]).astype(np.float64)
+        np.testing.assert_allclose(dataset.stats[key]["mean"], values.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(dataset.stats[key]["std"], values.std(0), rtol=1e-4)
+        np.testing.assert_allclose(dataset.stats[key]["min"], values.min(0))
+        np.testing.assert_allclose(dataset.stats[key]["max"], values.max(0))
+        assert dataset.stats[key]["count"].item() == sum(LENGTHS)
+
+
+def test_v21_select_episodes(tiny_v21_dataset):
+    root, episodes = tiny_v21_dataset
+    dataset = data.LeRobotDataset(root, chunk_size=2, episodes=[1])
+    assert len(dataset) == LENGTHS[1]
+    for f in range(LENGTHS[1]):
+        check_item(dataset[f], episodes, 1, f, 2, global_index=7 + f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the file (and episode, time), never a hang or a wrong sample
+
+
+def test_unsupported_codebase_version(tiny_v3_dataset, tmp_path):
+    root = copy_dataset(tiny_v3_dataset[0], tmp_path)
+    info = json.loads((root / "meta/info.json").read_text())
+    info["codebase_version"] = "v1.6"
+    (root / "meta/info.json").write_text(json.dumps(info))
+    with pytest.raises(data.DatasetError, match=r"info.json: codebase_version 'v1.6' is not supported.*v2.1, v3.0"):
+        data.LeRobotDataset(root)
+
+
+def test_episode_index_out_of_range(tiny_v3_dataset):
+    with pytest.raises(data.DatasetError, match=r"episode\(s\) \[3\] out of range.*3 episodes \(0..2\)"):
+        data.LeRobotDataset(tiny_v3_dataset[0], episodes=[0, 3])
+    with pytest.raises(IndexError):
+        data.LeRobotDataset(tiny_v3_dataset[0])[sum(LENGTHS)]
+
+
+@pytest.mark.parametrize("missing", ["data/chunk-000/file-000.parquet", "meta/tasks.parquet",
+                                     "meta/episodes/chunk-000/file-000.parquet"])
+def test_missing_metadata_or_data_file(tiny_v3_dataset, tmp_path, missing):
+    root = copy_dataset(tiny_v3_dataset[0], tmp_path)
+    (root / missing).unlink()
+    with pytest.raises(data.DatasetError, match="missing"):
+        data.LeRobotDataset(root)
+
+
+def test_missing_video_file_names_file_and_episode(tiny_v21_dataset, tmp_path):
+    root = copy_dataset(tiny_v21_dataset[0], tmp_path)
+    (root / "videos/chunk-000/observation.images.wrist/episode_000001.mp4").unlink()
+    with pytest.raises(data.DatasetError, match=r"missing video file: .*episode_000001.mp4 \(episode 1, camera observation.images.wrist\)"):
+        data.LeRobotDataset(root)
+    assert len(data.LeRobotDataset(root, episodes=[0, 2])) == LENGTHS[0] + LENGTHS[2]
+
+
+def test_parquet_without_required_column(tiny_v3_dataset, tmp_path):
+    root = copy_dataset(tiny_v3_dataset[0], tmp_path)
+    path = root / "data/chunk-000/file-000.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["action"]), path)
+    with pytest.raises(data.DatasetError, match=r"file-000.parquet: missing column\(s\) \['action'\]"):
+        data.LeRobotDataset(root)
+
+
+@pytest.mark.parametrize("damage", ["random_bytes", "truncated"])
+def test_corrupt_or_truncated_video_raises(tiny_v3_dataset, tmp_path, damage):
+    root = copy_dataset(tiny_v3_dataset[0], tmp_path)
+    path = root / "videos/observation.images.top/chunk-000/file-000.mp4"
+    content = path.read_bytes()
+    if damage == "random_bytes":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, len(content), dtype=np.uint8).tobytes())
+    else:
+        path.write_bytes(content[: len(content) // 2])
+    dataset = data.LeRobotDataset(root)
+    with pytest.raises(data.VideoDecodeError, match=r"episode 1, camera observation.images.top, frame time 0.0333 s: .*file-000.mp4"):
+        dataset[8]
+
+
+def test_truncated_streamable_video_raises_at_the_lost_frames(tiny_v21_dataset, tmp_path):
+    """With the index at the front ("faststart") a truncated mp4 still opens: the frames before the
+    cut decode, the lost ones must raise rather than hang or return another frame."""
+    root, episodes = tiny_v21_dataset
+    root = copy_dataset(root, tmp_path)
+    path = root / "videos/chunk-000/observation.images.top/episode_000002.mp4"
+    encode_mp4(path, episodes[2]["observation.images.top"], "libx264", faststart=True)
+    with av.open(str(path)) as container:
+        packet_starts = [p.pos for p in container.demux(container.streams.video[0]) if p.size]
+    path.write_bytes(path.read_bytes()[: packet_starts[5]])  # keep the first 5 packets (decode order)
+    dataset = data.LeRobotDataset(root, episodes=[2])
+    for f in (0, 4, 1):
+        assert_pattern(dataset[f]["observation.images.top"], 2, f, 0)
+    with pytest.raises(data.VideoDecodeError, match=r"episode 2, camera observation.images.top, frame time 0.2667 s: .*episode_000002.mp4: no frame at 0.2667 s"):
+        dataset[8]
+
+
+def test_v21_video_shorter_than_episode(tiny_v21_dataset, tmp_path):
+    root, episodes = tiny_v21_dataset
+    root = copy_dataset(root, tmp_path)
+    path = root / "videos/chunk-000/observation.images.wrist/episode_000000.mp4"
+    encode_mp4(path, episodes[0]["observation.images.wrist"][:3], "libx264")
+    dataset = data.LeRobotDataset(root)
+    assert_pattern(dataset[2]["observation.images.wrist"], 0, 2, 1)
+    with pytest.raises(data.VideoDecodeError, match=r"episode 0, camera observation.images.wrist, frame time 0.1667 s: .*episode_000000.mp4: no frame at 0.1667 s: the video ends"):
+        dataset[5]
+
+
+def test_timestamp_between_frames_is_an_error_not_a_neighbour(tiny_v21_dataset, tmp_path):
+    root = copy_dataset(tiny_v21_dataset[0], tmp_path)
+    path = root / "data/chunk-000/episode_000001.parquet"
+    table = pq.read_table(path)
+    timestamps = table.column("timestamp").to_numpy().copy()
+    timestamps[2] += 0.5 / FPS
+    pq.write_table(table.set_column(table.schema.get_field_index("timestamp"), "timestamp", pa.array(timestamps)), path)
+    dataset = data.LeRobotDataset(root, episodes=[1])
+    assert_pattern(dataset[1]["observation.images.top"], 1, 1, 0)
+    with pytest.raises(data.VideoDecodeError, match=r"episode 1, .*frame time 0.0833 s: .*no frame at 0.0833 s"):
+        dataset[2]
+
+
+def test_v3_timestamps_outside_the_episode_video_span(tiny_v3_dataset, tmp_path):
+    root = copy_dataset(tiny_v3_dataset[0], tmp_path)
+    path = root / "data/chunk-000/file-000.parquet"
+    table = pq.read_table(path)
+    timestamps = table.column("timestamp").to_numpy().copy()
+    timestamps[7:11] += 10.0  # episode 1
+    pq.write_table(table.set_column(table.schema.get_field_index("timestamp"), "timestamp", pa.array(timestamps)), path)
+    with pytest.raises(data.DatasetError, match=r"file-000.mp4: episode 1, camera observation.images.top: frame time 10.3333 s is outside"):
+        data.LeRobotDataset(root)
+    assert len(data.LeRobotDataset(root, episodes=[0, 2])) == LENGTHS[0] + LENGTHS[2]
