@@ -82,6 +82,7 @@ def bench_data(args: argparse.Namespace) -> None:
         persistent_workers=args.workers > 0,
     )
     batches = iter(loader)
+    load_before = os.getloadavg()[0]  # other processes on the machine slow the workers down
     for _ in range(args.warmup):
         next(batches)
     start = time.perf_counter()
@@ -99,6 +100,7 @@ def bench_data(args: argparse.Namespace) -> None:
         "batch_size": args.batch_size,
         "image_shape": list(batch[dataset.camera_keys[0]].shape[1:]),
         "cpus": os.cpu_count(),
+        "load_average_1min_before": round(load_before, 2),
     }), flush=True)
 
 
