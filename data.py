@@ -103,14 +103,18 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def read_parquet(path: Path, columns: Iterable[str]) -> pa.Table:
-    columns = list(columns)
+def parquet_columns(path: Path) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"missing file: {path}")
     try:
-        names = pq.read_schema(path).names
+        return pq.read_schema(path).names
     except (pa.ArrowException, OSError) as e:
         raise DatasetError(f"{path}: not a readable parquet file: {e}") from e
+
+
+def read_parquet(path: Path, columns: Iterable[str]) -> pa.Table:
+    columns = list(columns)
+    names = parquet_columns(path)
     missing = [c for c in columns if c not in names]
     if missing:
         raise DatasetError(f"{path}: missing column(s) {missing}; it has {names}")
@@ -204,11 +208,13 @@ def read_episodes_v21(root: Path, info: dict, camera_keys: list[str]) -> dict[in
 def read_tasks(root: Path, version: str) -> dict[int, str]:
     if version == "v2.1":
         path = root / "meta" / "tasks.jsonl"
-        return {int(row["task_index"]): str(row["task"]) for row in read_jsonl(path)}
+        rows = read_jsonl(path)
+        bad = [row for row in rows if "task_index" not in row or "task" not in row]
+        if bad:
+            raise DatasetError(f"{path}: a line lacks 'task_index' or 'task': {bad[0]}")
+        return {int(row["task_index"]): str(row["task"]) for row in rows}
     path = root / "meta" / "tasks.parquet"
-    if not path.is_file():
-        raise DatasetError(f"missing file: {path}")
-    names = pq.read_schema(path).names
+    names = parquet_columns(path)
     # LeRobot writes this file from a pandas frame indexed by the task string: the strings land in
     # a column named "task" (named index) or "__index_level_0__" (unnamed index).
     task_column = next((c for c in ("task", "__index_level_0__") if c in names), None)
@@ -443,6 +449,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
         if episodes is None:
             return available
         selected = [int(e) for e in episodes]
+        if not selected:
+            raise DatasetError("episodes is an empty list; pass None for all episodes")
         unknown = [e for e in selected if e not in self.episode_info]
         if unknown:
             span = f"{available[0]}..{available[-1]}" if available else "none"

@@ -388,6 +388,13 @@ def test_missing_metadata_or_data_file(tiny_v3_dataset, tmp_path, missing):
         data.LeRobotDataset(root)
 
 
+def test_data_file_that_is_not_parquet(tiny_v3_dataset, tmp_path):
+    root = copy_dataset(tiny_v3_dataset[0], tmp_path)
+    (root / "data/chunk-000/file-000.parquet").write_bytes(b"not a parquet file at all")
+    with pytest.raises(data.DatasetError, match=r"data/chunk-000/file-000.parquet: not a readable parquet file"):
+        data.LeRobotDataset(root)
+
+
 def test_missing_video_file_names_file_and_episode(tiny_v21_dataset, tmp_path):
     root = copy_dataset(tiny_v21_dataset[0], tmp_path)
     (root / "videos/chunk-000/observation.images.wrist/episode_000001.mp4").unlink()
