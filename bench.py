@@ -67,6 +67,20 @@ def build_bench_dataset(cache_dir: Path, num_episodes: int, length: int) -> Path
     return root
 
 
+def children_cpu_seconds() -> float:
+    """User+system CPU time of this process's children (the DataLoader workers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
+        except (OSError, IndexError):
+            continue  # a process that ended meanwhile
+        if int(fields[1]) == os.getpid():  # ppid
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
 def bench_data(args: argparse.Namespace) -> None:
     import data
 
@@ -85,10 +99,11 @@ def bench_data(args: argparse.Namespace) -> None:
     load_before = os.getloadavg()[0]  # other processes on the machine slow the workers down
     for _ in range(args.warmup):
         next(batches)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time() + children_cpu_seconds()
     for _ in range(args.batches):
         batch = next(batches)
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() + children_cpu_seconds() - cpu_start
     items = args.batches * args.batch_size
     print(json.dumps({
         "bench": "data",
@@ -96,6 +111,9 @@ def bench_data(args: argparse.Namespace) -> None:
         "frames_per_s": round(items * len(dataset.camera_keys) / seconds, 1),
         "items": items,
         "seconds": round(seconds, 2),
+        # CPU time per item of the main process and its workers together; unlike items/s this
+        # barely depends on what else runs on the machine.
+        "cpu_ms_per_item": round(1000 * cpu_seconds / items, 2),
         "workers": args.workers,
         "batch_size": args.batch_size,
         "image_shape": list(batch[dataset.camera_keys[0]].shape[1:]),
