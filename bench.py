@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,6 +55,12 @@ def synthetic_episodes(num_episodes: int, length: int, height: int, width: int, 
         }
 
 
+def with_progress(episodes, total: int):
+    for number, episode in enumerate(episodes, start=1):
+        print(f"writing episode {number}/{total}", file=sys.stderr, flush=True)
+        yield episode
+
+
 def build_bench_dataset(cache_dir: Path, num_episodes: int, length: int) -> Path:
     import data
 
@@ -62,7 +69,8 @@ def build_bench_dataset(cache_dir: Path, num_episodes: int, length: int) -> Path
         return root
     print(json.dumps({"bench": "data", "event": "building dataset", "root": str(root)}), flush=True)
     start = time.perf_counter()
-    data.write_dataset(root, synthetic_episodes(num_episodes, length, 480, 640), fps=30, crf=30, gop=2)
+    data.write_dataset(root, with_progress(synthetic_episodes(num_episodes, length, 480, 640), num_episodes),
+                       fps=30, crf=30, gop=2)
     print(json.dumps({"bench": "data", "event": "built", "seconds": round(time.perf_counter() - start, 1)}), flush=True)
     return root
 
