@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import data
+
 
 # ---------------------------------------------------------------------------------------------
 # data: random-access items/s of a 2-camera 480x640 AV1 dataset through a DataLoader
@@ -62,8 +64,6 @@ def with_progress(episodes, total: int):
 
 
 def build_bench_dataset(cache_dir: Path, num_episodes: int, length: int) -> Path:
-    import data
-
     root = cache_dir / f"bench-data-480x640-{num_episodes}x{length}-av1-g2-crf30"
     if root.exists():
         return root
@@ -90,9 +90,7 @@ def children_cpu_seconds() -> float:
 
 
 def bench_data(args: argparse.Namespace) -> None:
-    import data
-
-    torch.set_num_threads(1)  # the workers do the work; one thread each avoids oversubscription
+    torch.set_num_threads(1)  # the main process only collects batches; leave the cores to the workers
     root = build_bench_dataset(Path(args.cache_dir), args.episodes, args.length)
     dataset = data.LeRobotDataset(root, chunk_size=50)
     loader = torch.utils.data.DataLoader(
