@@ -1,0 +1,440 @@
+"""train.py on tiny configurations and tiny datasets written with data.write_dataset.
+
+The policy is the tiny fixture checkpoint (tests/fixtures/tiny: vision 32 wide / 2 layers / 64 px,
+text 64 wide / 4 layers, chunk 10, state and action padded to 8). The dataset is a reaching task:
+each episode shows a bright target somewhere in the top camera's image, and the arm's joints move
+from a rest pose to angles that are a fixed function of the target's position.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import data
+import flow
+import train
+from flow import SmolVLA
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "tests" / "fixtures" / "tiny"
+POLICY, VLM = FIXTURE / "policy", FIXTURE / "vlm"
+TASK = "pick the cube"
+SIZE = 32
+LENGTH = 20
+
+
+def reaching_episodes(num_episodes: int, state_dim: int = 6, cameras=("top", "wrist"), seed: int = 0):
+    rng = np.random.default_rng(seed)
+    for _ in range(num_episodes):
+        x, y = rng.uniform(0.2, 0.8, size=2)
+        goal = np.array([60 * x - 30, 40 * y - 20, 10 * x + 10 * y, 20 * x, 5.0, 50 * y, 0, 0, 0][:state_dim], np.float32)
+        ramp = np.linspace(0.0, 1.0, LENGTH + 1, dtype=np.float32)[:, None]
+        path = goal * ramp  # from the zero pose to the goal
+        top = np.full((LENGTH, SIZE, SIZE, 3), 30, np.uint8)
+        cx, cy = int(x * SIZE), int(y * SIZE)
+        top[:, cy - 3:cy + 3, cx - 3:cx + 3] = (240, 200, 40)
+        episode = {"task": TASK, "observation.state": path[:LENGTH], "action": path[1:, :6]}
+        for n, camera in enumerate(cameras):
+            episode[f"observation.images.{camera}"] = top if n == 0 else np.full_like(top, 90)
+        yield episode
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory) -> Path:
+    return data.write_dataset(tmp_path_factory.mktemp("data") / "reach", reaching_episodes(8), fps=10)
+
+
+def args_for(dataset: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(dataset), "--policy", str(POLICY), "--vlm", str(VLM), "--output-dir", str(out),
+            "--num-workers", "0", "--batch-size", "8", "--lr", "1e-3", "--warmup-steps", "10",
+            "--decay-steps", "300", "--log-every", "1", *extra]
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def losses(out: Path) -> list[float]:
+    return [m["loss"] for m in train.read_metrics(out / "metrics.jsonl") if "loss" in m]
+
+
+# -- the recipe, the schedule, the camera mapping --------------------------------------------------
+
+
+def test_defaults_are_the_smolvla_fine_tuning_recipe():
+    args = train.parse_args(["--data", "lerobot/svla_so100_pickplace"])
+    assert args.policy == "lerobot/smolvla_base" and args.from_vlm is None
+    assert (args.batch_size, args.steps, args.lr, args.betas, args.eps, args.weight_decay) == \
+        (64, 20_000, 1e-4, (0.9, 0.95), 1e-8, 1e-10)
+    assert (args.warmup_steps, args.decay_steps, args.decay_lr, args.grad_clip) == (1_000, 30_000, 2.5e-6, 10.0)
+    assert args.output_dir == "outputs/train" and not args.train_vision and not args.train_vlm
+
+
+def test_learning_rate_schedule_hand_values():
+    lr = lambda step: 1e-4 * train.lr_factor(step, 1_000, 30_000, 1e-4, 2.5e-6)  # noqa: E731
+    assert lr(0) == pytest.approx(1e-4 / 1001)
+    assert lr(499) == pytest.approx(1e-4 * 500 / 1001)
+    assert lr(1_000) == pytest.approx(1e-4)
+    # halfway through the cosine (steps 1,000..30,000) the lr is halfway between peak and floor
+    assert lr(15_500) == pytest.approx((1e-4 + 2.5e-6) / 2)
+    assert lr(30_000) == pytest.approx(2.5e-6) and lr(40_000) == pytest.approx(2.5e-6)
+    # the scheduler applies it step by step
+    param = torch.nn.Parameter(torch.zeros(1))
+    args = train.parse_args(["--data", "x", "--warmup-steps", "2", "--decay-steps", "4", "--lr", "1.0", "--decay-lr", "0.5"])
+    optimizer = train.make_optimizer(torch.nn.Linear(1, 1), args)
+    scheduler = train.make_scheduler(optimizer, args)
+    seen = []
+    for _ in range(6):
+        seen.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.5])
+    assert param.grad is None
+
+
+SMOLVLA_BASE_SLOTS = [f"observation.images.camera{i}" for i in (1, 2, 3)]
+
+
+def test_pickplace_cameras_map_onto_smolvla_base_slots():
+    top, wrist = "observation.images.top", "observation.images.wrist"
+    expected = {top: SMOLVLA_BASE_SLOTS[0], wrist: SMOLVLA_BASE_SLOTS[1]}
+    assert train.camera_mapping([top, wrist], SMOLVLA_BASE_SLOTS, {}) == expected
+    assert train.camera_mapping([wrist, top], SMOLVLA_BASE_SLOTS, {}) == expected  # third-person views first
+    swapped = train.parse_rename(["wrist=camera1"])
+    assert train.camera_mapping([top, wrist], SMOLVLA_BASE_SLOTS, swapped) == {wrist: SMOLVLA_BASE_SLOTS[0],
+                                                                               top: SMOLVLA_BASE_SLOTS[1]}
+    assert train.camera_mapping([top, wrist], SMOLVLA_BASE_SLOTS, train.parse_rename(["wrist="])) == {top: SMOLVLA_BASE_SLOTS[0]}
+    # names that already are slots keep them
+    assert train.camera_mapping(SMOLVLA_BASE_SLOTS[::-1], SMOLVLA_BASE_SLOTS, {}) == {k: k for k in SMOLVLA_BASE_SLOTS}
+
+
+def test_camera_mapping_errors_name_the_cameras():
+    cams = [f"observation.images.c{i}" for i in range(4)]
+    with pytest.raises(train.TrainError, match="only 3 slots"):
+        train.camera_mapping(cams, SMOLVLA_BASE_SLOTS, {})
+    with pytest.raises(train.TrainError, match="observation.images.side"):
+        train.camera_mapping(cams[:2], SMOLVLA_BASE_SLOTS, train.parse_rename(["side=camera1"]))
+    with pytest.raises(train.TrainError, match="not camera slots"):
+        train.camera_mapping(cams[:2], SMOLVLA_BASE_SLOTS, train.parse_rename(["c0=camera9"]))
+    with pytest.raises(train.TrainError, match="same policy slot"):
+        train.camera_mapping(cams[:2], SMOLVLA_BASE_SLOTS, train.parse_rename(["c0=camera1", "c1=camera1"]))
+
+
+def test_sampler_resumes_mid_stream_and_splits_ranks():
+    stream = train.ResumableSampler(10, seed=3)
+    first = [i for _, i in zip(range(35), stream)]
+    assert sorted(first[:10]) == list(range(10)) and sorted(first[10:20]) == list(range(10))
+    assert first[:10] != first[10:20]  # a new order each epoch
+    resumed = [i for _, i in zip(range(22), train.ResumableSampler(10, seed=3, start=13))]
+    assert resumed == first[13:35]
+    ranks = [[i for _, i in zip(range(5), train.ResumableSampler(10, seed=3, rank=r, world_size=2))] for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == list(range(10))
+
+
+# -- a real run: learning, checkpoint layout, frozen parts -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(dataset_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    summary = train.main(args_for(dataset_dir, out, "--steps", "300", "--batch-size", "16", "--log-every", "10",
+                                  "--save-every", "150", "--val-episodes", "1", "--eval-every", "100",
+                                  "--lr", "3e-3", "--decay-steps", "3000"))
+    return out, summary
+
+
+def test_loss_falls_five_fold_in_300_steps(trained):
+    out, summary = trained
+    curve = losses(out)
+    assert summary["step"] == 300 and len(curve) == 30
+    assert curve[0] / curve[-1] >= 5, curve
+    val = [m["val_loss"] for m in train.read_metrics(out / "metrics.jsonl") if "val_loss" in m]
+    assert len(val) == 3 and val[-1] < val[0]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_layout_and_official_keys(trained):
+    out, _ = trained
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["000150", "000300", "last"]
+    assert os.readlink(checkpoints / "last") == "000300"
+    assert (checkpoints / "000150" / "training_state.pt").is_file()
+    saved = read_weights(checkpoints / "last" / "pretrained_model" / "model.safetensors")
+    fixture = read_weights(POLICY / "model.safetensors")
+    assert set(saved) == set(fixture)
+    assert all(k.startswith("model.") for k in saved)
+    state = torch.load(checkpoints / "000300" / "training_state.pt", weights_only=True)
+    assert state["step"] == 300 and state["samples_per_rank"] == 300 * 16
+    assert {"torch", "numpy", "python", "cuda"} <= set(state["rng"])
+
+
+def test_frozen_parameters_unchanged_and_trained_ones_moved(trained):
+    out, _ = trained
+    saved = read_weights(out / "checkpoints" / "last" / "pretrained_model" / "model.safetensors")
+    fixture = read_weights(POLICY / "model.safetensors")
+    frozen = [k for k in fixture if k.startswith("model.vlm_with_expert.vlm.")]
+    trained_keys = [k for k in fixture if k.startswith(("model.vlm_with_expert.lm_expert.", "model.state_proj",
+                                                        "model.action_"))]
+    assert len(frozen) > 50 and len(trained_keys) > 30
+    assert all(torch.equal(saved[k], fixture[k]) for k in frozen)
+    assert all(not torch.equal(saved[k], fixture[k]) for k in trained_keys)
+
+
+def test_trained_policy_samples_the_demonstrated_actions(trained, dataset_dir):
+    out, _ = trained
+    dataset = data.LeRobotDataset(dataset_dir, chunk_size=10, episodes=[0, 3, 6])
+    items = [dataset[i] for i in range(0, len(dataset), 7)]
+    batch = torch.utils.data.default_collate(items)
+    std = dataset.stats["action"]["std"]
+    noise = torch.randn(len(items), 10, 8, generator=torch.Generator().manual_seed(0))
+
+    def error(policy):
+        actions = policy.predict_chunk(batch, noise=noise)
+        return ((actions - batch["action"]).abs() / std)[~batch["action_is_pad"]].mean().item()
+
+    before = SmolVLA.from_pretrained(POLICY, vlm=VLM, device="cpu", stats=dataset.stats)
+    after = SmolVLA.from_pretrained(out / "checkpoints" / "last" / "pretrained_model", vlm=VLM, device="cpu")
+    torch.testing.assert_close(after.normalizer.stats["action"]["mean"], dataset.stats["action"]["mean"])
+    assert error(after) < 0.3 and error(after) < error(before) / 3, (error(after), error(before))
+
+
+# -- resume, interruption, failures -----------------------------------------------------------------
+
+
+def test_resume_reproduces_the_uninterrupted_run(dataset_dir, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train.main(args_for(dataset_dir, straight, "--steps", "8", "--val-episodes", "1", "--eval-every", "2"))
+    train.main(args_for(dataset_dir, split, "--steps", "4", "--val-episodes", "1", "--eval-every", "2"))
+    train.main(["--output-dir", str(split), "--resume", "--steps", "8", "--num-workers", "0"])
+    a = read_weights(straight / "checkpoints" / "last" / "pretrained_model" / "model.safetensors")
+    b = read_weights(split / "checkpoints" / "last" / "pretrained_model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(straight) == losses(split) and len(losses(split)) == 8
+    sa = torch.load(straight / "checkpoints" / "last" / "training_state.pt", weights_only=True)
+    sb = torch.load(split / "checkpoints" / "last" / "training_state.pt", weights_only=True)
+    exp_avg = lambda s: [v["exp_avg"] for v in s["optimizer"]["state"].values()]  # noqa: E731
+    assert all(torch.equal(x, y) for x, y in zip(exp_avg(sa), exp_avg(sb)))
+    assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["000004", "000008", "last"]
+
+
+def test_ctrl_c_saves_a_checkpoint_before_exiting(dataset_dir, tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args_for(dataset_dir, out, "--steps", "100000")],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(losses(out)) < 3 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert len(losses(out)) >= 3, process.stdout.read() if process.poll() is not None else "no progress"
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    assert "SIGINT" in output
+    last = out / "checkpoints" / "last"
+    step = torch.load(last / "training_state.pt", weights_only=True)["step"]
+    assert step >= 3 and last.resolve().name == f"{step:06d}"
+    assert losses(out)[-1] and len(losses(out)) == step
+    SmolVLA.from_pretrained(last / "pretrained_model", vlm=VLM, device="cpu")
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(dataset_dir, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    forward = train.FlowLoss.forward
+
+    def poisoned(self, batch, noise, time):
+        calls["n"] += 1
+        loss = forward(self, batch, noise, time)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(train.FlowLoss, "forward", poisoned)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args_for(dataset_dir, out, "--steps", "10", "--save-every", "2"))
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "not finite at step 5" in message and "000004" in message
+    assert os.readlink(out / "checkpoints" / "last") == "000004"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000002", "000004", "last"]
+    weights = read_weights(out / "checkpoints" / "last" / "pretrained_model" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(dataset_dir, tmp_path, monkeypatch, capsys):
+    save = SmolVLA.save_pretrained
+    calls = {"n": 0}
+
+    def disk_fills_up(self, out_dir):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            (Path(out_dir) / "partial-file").parent.mkdir(parents=True, exist_ok=True)
+            (Path(out_dir) / "partial-file").write_bytes(b"x" * 100)
+            raise OSError(28, "No space left on device")
+        save(self, out_dir)
+
+    monkeypatch.setattr(SmolVLA, "save_pretrained", disk_fills_up)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args_for(dataset_dir, out, "--steps", "6", "--save-every", "2"))
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "step 4" in message and "disk is full" in message and "000002 is intact" in message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000002", "last"]  # no half-written dir
+    monkeypatch.setattr(SmolVLA, "save_pretrained", save)
+    SmolVLA.from_pretrained(out / "checkpoints" / "last" / "pretrained_model", vlm=VLM, device="cpu")
+    train.main(["--output-dir", str(out), "--resume", "--steps", "3"])  # and the run continues from it
+    assert os.readlink(out / "checkpoints" / "last") == "000003"
+
+
+def test_bad_inputs_are_clear_errors(dataset_dir, tmp_path, capsys):
+    def error(argv):
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(argv)
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err
+
+    assert "no-such-dataset" in error(args_for(tmp_path / "no-such-dataset", tmp_path / "a", "--steps", "1"))
+    message = error(["--data", str(dataset_dir), "--policy", str(tmp_path / "no-such-policy"), "--output-dir", str(tmp_path / "b")])
+    assert "policy" in message and "no-such-policy" in message
+    wide = data.write_dataset(tmp_path / "wide", reaching_episodes(1, state_dim=9), fps=10)
+    assert "state has 9 dims" in error(args_for(wide, tmp_path / "c", "--steps", "1"))
+    blind = data.write_dataset(tmp_path / "blind", [{k: v for k, v in e.items() if "images" not in k}
+                                                    for e in reaching_episodes(1)], fps=10)
+    assert "no camera" in error(args_for(blind, tmp_path / "d", "--steps", "1"))
+    assert "--val-episodes" in error(args_for(dataset_dir, tmp_path / "e", "--val-episodes", "8"))
+    train.main(args_for(dataset_dir, tmp_path / "f", "--steps", "1"))
+    assert "--resume" in error(args_for(dataset_dir, tmp_path / "f", "--steps", "1"))  # never overwrites a run
+    assert "no checkpoint" in error(["--output-dir", str(tmp_path / "g"), "--resume"])
+
+
+def test_unused_policy_camera_slot_is_dropped_and_the_rename_saved(tmp_path):
+    """One dataset camera ('front') for a policy with two slots (top, wrist): front -> top, and the
+    saved policy lists only the slot it was trained with; the rename map travels with it."""
+    dataset = data.write_dataset(tmp_path / "front", reaching_episodes(2, cameras=("front",)), fps=10)
+    train.main(args_for(dataset, tmp_path / "out", "--steps", "2"))
+    saved = tmp_path / "out" / "checkpoints" / "last" / "pretrained_model"
+    config = json.loads((saved / "config.json").read_text())
+    assert sorted(config["input_features"]) == ["observation.images.top", "observation.state"]
+    assert config["input_features"]["observation.images.top"]["shape"] == [3, SIZE, SIZE]
+    policy = SmolVLA.from_pretrained(saved, vlm=VLM, device="cpu")
+    assert policy.rename_map == {"observation.images.front": "observation.images.top"}
+    item = data.LeRobotDataset(dataset, chunk_size=10)[0]
+    assert policy.predict_chunk({k: v for k, v in item.items() if k != "action"}).shape == (1, 10, 6)
+
+
+def test_new_policy_from_a_pretrained_vlm(dataset_dir, tmp_path):
+    """--from-vlm: a VLM directory (config, tokenizer, weights with the VLM's own key names)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    vlm_dir = tmp_path / "vlm"
+    shutil.copytree(VLM, vlm_dir)
+    fixture = read_weights(POLICY / "model.safetensors")
+    prefix = "model.vlm_with_expert.vlm."
+    save_file({k[len(prefix):]: v for k, v in fixture.items() if k.startswith(prefix)}, str(vlm_dir / "model.safetensors"))
+    out = tmp_path / "out"
+    train.main(["--data", str(dataset_dir), "--from-vlm", str(vlm_dir), "--num-vlm-layers", "4", "--chunk-size", "10",
+                "--output-dir", str(out), "--steps", "2", "--batch-size", "4", "--num-workers", "0"])
+    saved = out / "checkpoints" / "last" / "pretrained_model"
+    config = json.loads((saved / "config.json").read_text())
+    assert config["resize_imgs_with_padding"] == [64, 64] and config["chunk_size"] == 10
+    assert config["input_features"]["observation.state"]["shape"] == [6]
+    assert sorted(config["input_features"]) == ["observation.images.top", "observation.images.wrist", "observation.state"]
+    weights = read_weights(saved / "model.safetensors")
+    name = "model.vlm_with_expert.vlm.model.text_model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(weights[name], fixture[name])
+    SmolVLA.from_pretrained(saved, vlm=vlm_dir, device="cpu")
+
+
+# -- the offline demo ----------------------------------------------------------------------------------
+
+
+def test_demo_writes_a_v30_dataset_and_a_checkpoint_that_loads(tmp_path):
+    out = tmp_path / "demo"
+    train.main(["--output-dir", str(out), "--steps", "6", "--save-every", "3", "--eval-every", "3"])
+    info = json.loads((out / "dataset" / "meta" / "info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["features"]["action"]["shape"] == [6]
+    dataset = data.LeRobotDataset(out / "dataset", chunk_size=10)
+    assert dataset.camera_keys == ["observation.images.top", "observation.images.wrist"]
+    # loads by path alone: the tiny VLM (config + tokenizer) is found through the config's vlm_model_name
+    policy = SmolVLA.from_pretrained(out / "checkpoints" / "last" / "pretrained_model", device="cpu")
+    assert policy.tokenizer([train.DEMO_TASK])[1].sum() > 3
+    item = dataset[5]
+    actions = policy.predict_chunk({k: v for k, v in item.items() if k != "action"})
+    assert actions.shape == (1, 10, 6) and torch.isfinite(actions).all()
+    # the dataset is written once: resuming the demo reuses it
+    stamp = (out / "dataset" / "meta" / "info.json").stat().st_mtime_ns
+    train.main(["--output-dir", str(out), "--resume", "--steps", "8"])
+    assert (out / "dataset" / "meta" / "info.json").stat().st_mtime_ns == stamp
+    assert os.readlink(out / "checkpoints" / "last") == "000008"
+
+
+# -- multi-process ---------------------------------------------------------------------------------------
+
+
+def test_two_process_gloo_torchrun_ends_with_identical_parameters(dataset_dir, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "train.py"), *args_for(dataset_dir, out, "--steps", "4", "--device", "cpu",
+                                                 "--batch-size", "4", "--param-checksum-file", str(tmp_path / "rank{rank}.sha256"))]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    digests = [(tmp_path / f"rank{r}.sha256").read_text() for r in (0, 1)]
+    assert digests[0] == digests[1]
+    saved = SmolVLA.from_pretrained(out / "checkpoints" / "last" / "pretrained_model", vlm=VLM, device="cpu")
+    assert train.parameter_digest(saved) + "\n" == digests[0]  # rank 0 saved what both ranks hold
+    assert train.parameter_digest(SmolVLA.from_pretrained(POLICY, vlm=VLM, device="cpu")) + "\n" != digests[0]
+    metrics = train.read_metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]  # logged once (rank 0), not per rank
+
+
+# -- --cache-vision ---------------------------------------------------------------------------------------
+
+
+def test_cached_vision_step_gives_the_uncached_loss(dataset_dir, tmp_path):
+    args = train.parse_args(args_for(dataset_dir, tmp_path / "out"))
+    dataset = data.LeRobotDataset(dataset_dir, chunk_size=10)
+    policy = train.build_policy(args, dataset, torch.device("cpu"))
+    train.freeze(policy)
+    cache = train.build_vision_cache(policy, dataset, tmp_path / "cache", batch_size=16)
+    cached = train.CachedVisionDataset(dataset, cache)
+    picks = [0, 7, 33, 150]
+    plain = torch.utils.data.default_collate([dataset[i] for i in picks])
+    fast = torch.utils.data.default_collate([cached[i] for i in picks])
+    assert not any(k.startswith("observation.images.") for k in fast)  # no video decoded
+    assert all(v.dtype == torch.float16 for v in fast["image_embeddings"].values())
+    assert torch.equal(fast["action"], plain["action"]) and fast["task"] == plain["task"]
+    noise, time_ = train.flow_noise_and_time(0, 0, 0, 0, len(picks), policy, torch.device("cpu"))
+    with torch.no_grad():
+        reference = policy.loss(plain, noise, time_)
+        from_cache = policy.loss(fast, noise, time_)
+    torch.testing.assert_close(from_cache, reference, rtol=2e-3, atol=0)
+    # a cache is reused for the same policy and dataset, and another policy's vision weights get another
+    assert train.build_vision_cache(policy, dataset, tmp_path / "cache") == cache
+    with torch.no_grad():
+        policy.vision.post_layernorm.weight.add_(0.1)
+    assert train.vision_cache_key(policy, dataset, torch.float32) != cache.name
+
+
+def test_cache_vision_training_run_matches_the_uncached_curve(dataset_dir, tmp_path):
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    train.main(args_for(dataset_dir, plain, "--steps", "5", "--val-episodes", "1", "--eval-every", "5"))
+    train.main(args_for(dataset_dir, cached, "--steps", "5", "--val-episodes", "1", "--eval-every", "5", "--cache-vision"))
+    assert len(list((cached / "vision_cache").iterdir())) == 1
+    np.testing.assert_allclose(losses(cached), losses(plain), rtol=5e-3)
+    with pytest.raises(SystemExit):
+        train.main(args_for(dataset_dir, tmp_path / "x", "--steps", "1", "--cache-vision", "--train-vision"))
