@@ -58,8 +58,12 @@ class TrainError(Exception):
 # Command line
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     g = p.add_argument_group("data and policy")
     g.add_argument("--data", help="LeRobot dataset: Hub id or local directory (omit for the offline demo)")
@@ -76,19 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-vlm", action=argparse.BooleanOptionalAction, default=False,
                    help="also train the VLM layers and connector (frozen by default; trained in the demo)")
     g = p.add_argument_group("optimisation (SmolVLA fine-tuning recipe)")
-    g.add_argument("--steps", type=int, default=20_000)
+    g.add_argument("--steps", type=int, default=20_000, help="training steps")
     g.add_argument("--batch-size", type=int, default=64, help="per process; the global batch is this times the GPUs")
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
-    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
-    g.add_argument("--eps", type=float, default=1e-8)
-    g.add_argument("--weight-decay", type=float, default=1e-10)
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
+    g.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--weight-decay", type=float, default=1e-10, help="AdamW weight decay")
     g.add_argument("--warmup-steps", type=int, default=1_000, help="linear warm-up to --lr")
     g.add_argument("--decay-steps", type=int, default=30_000, help="cosine decay ends at this step")
     g.add_argument("--decay-lr", type=float, default=2.5e-6, help="learning rate at the end of the decay")
     g.add_argument("--grad-clip", type=float, default=10.0, help="gradient norm clipping")
-    g.add_argument("--seed", type=int, default=1000)
+    g.add_argument("--seed", type=int, default=1000, help="new weights, data order, flow noise")
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default=None, help="default outputs/train (outputs/demo for the demo)")
+    g.add_argument("--output-dir", default=None, help="None means outputs/train (outputs/demo for the demo)")
     g.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoints/last")
     g.add_argument("--save-every", type=int, default=5_000, help="checkpoint interval in steps (and at the end)")
     g.add_argument("--log-every", type=int, default=50, help="steps per metrics.jsonl line")
@@ -97,11 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=1_000, help="validation loss interval in steps")
     g.add_argument("--val-samples", type=int, default=256, help="frames in the (fixed) validation set")
     g.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu, mps (default: cuda if available)")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu, mps; None means cuda if available")
     g.add_argument("--cache-vision", action="store_true",
                    help="compute the frozen vision encoder's image embeddings once (float16, memory-mapped) "
                         "and train from them: no video decoding or vision encoder afterwards")
-    g.add_argument("--cache-dir", default=None, help="--cache-vision location (default <output-dir>/vision_cache)")
+    g.add_argument("--cache-dir", default=None, help="--cache-vision location; None means <output-dir>/vision_cache")
     a("--param-checksum-file", default=None, help=argparse.SUPPRESS)  # tests: each rank writes a digest
     return p
 
@@ -661,7 +665,7 @@ def rng_states() -> dict:
 
 def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
     kind, keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -800,6 +804,11 @@ class Progress:
                         "samples_per_s": round(rate, 2), "time": round(time.time(), 3)})
             print(("\r" if self.live else "") + self.line(step, loss, grad_norm, result["lr"], rate), flush=True)
             self.window, self.window_start = [], time.perf_counter()
+
+    def say(self, message: str) -> None:
+        """A message on its own line, also in the middle of a live line."""
+        if self.enabled:
+            print(("\r\033[K" if self.live else "") + message, flush=True)
 
     def write(self, entry: dict) -> None:
         if self.enabled:
@@ -993,6 +1002,7 @@ def _train(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
     progress = Progress(metrics_path, args.steps, args.batch_size * world_size, args.log_every, rank == 0)
 
     def checkpoint_now(at: int) -> Path | None:
+        """Rank 0 saves; every rank learns whether that failed (then all stop)."""
         failure = None
         path = None
         if rank == 0:
@@ -1002,10 +1012,10 @@ def _train(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
             try:
                 path = save_checkpoint(output_dir, at, policy, state)
                 plot_metrics(metrics_path, output_dir / "loss.png")
-                print(f"saved {path}", flush=True)
+                progress.say(f"saved {path}")
             except TrainError as err:
                 failure = err
-        if world_size > 1:  # every rank learns whether rank 0's save failed
+        if world_size > 1:
             flag = torch.tensor([1.0 if failure else 0.0], device=device if device.type == "cuda" else "cpu")
             dist.all_reduce(flag)
             if flag.item() and failure is None:
@@ -1037,7 +1047,7 @@ def _train(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
             if val_batches is not None and (step % args.eval_every == 0 or step == args.steps):
                 value = validation_loss(policy, val_batches, args.seed)
                 progress.write({"step": step, "val_loss": value})
-                log(rank, f"step {step}: validation loss {value:.4f}")
+                progress.say(f"step {step}: validation loss {value:.4f}")
             if step % args.save_every == 0 or step == args.steps:
                 stop.saving = True
                 checkpoint_now(step)
@@ -1062,7 +1072,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         return train(args)
     except (TrainError, data.DatasetError, FileNotFoundError) as err:
-        print(f"train.py: error: {err}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says why
+            print(f"train.py: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("\ntrain.py: aborted without saving", file=sys.stderr, flush=True)

@@ -389,7 +389,8 @@ def test_two_process_gloo_torchrun_ends_with_identical_parameters(dataset_dir, t
     out = tmp_path / "out"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "train.py"), *args_for(dataset_dir, out, "--steps", "4", "--device", "cpu",
-                                                 "--batch-size", "4", "--param-checksum-file", str(tmp_path / "rank{rank}.sha256"))]
+                                                 "--batch-size", "4", "--val-episodes", "1", "--eval-every", "2",
+                                                 "--cache-vision", "--param-checksum-file", str(tmp_path / "rank{rank}.sha256"))]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -399,7 +400,12 @@ def test_two_process_gloo_torchrun_ends_with_identical_parameters(dataset_dir, t
     assert train.parameter_digest(saved) + "\n" == digests[0]  # rank 0 saved what both ranks hold
     assert train.parameter_digest(SmolVLA.from_pretrained(POLICY, vlm=VLM, device="cpu")) + "\n" != digests[0]
     metrics = train.read_metrics(out / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4]  # logged once (rank 0), not per rank
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]  # logged once (rank 0), not per rank
+    assert [m["step"] for m in metrics if "val_loss" in m] == [2, 4]
+    cache = next((out / "vision_cache").iterdir())  # encoded by both ranks, each a share of the frames
+    index = np.load(cache / "index.npy")
+    assert sorted(index.tolist()) == list(range(8 * LENGTH))
+    assert all(np.abs(np.load(cache / "0.npy")[row]).sum() > 0 for row in range(len(index)))
 
 
 # -- --cache-vision ---------------------------------------------------------------------------------------
