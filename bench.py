@@ -1,6 +1,7 @@
 """Benchmarks. One subcommand per thing measured; each prints JSON lines.
 
     python bench.py data [--workers 2] [--batch-size 8] [--batches 40]
+    python bench.py infer [--device cpu] [--dtype float32] [--compile] [--fast] [--batch 1 8]
 """
 
 from __future__ import annotations
@@ -129,6 +130,166 @@ def bench_data(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# infer: one action chunk of the smolvla_base architecture (random weights, no Hub)
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def timed(fn, repeats: int, sync) -> float:
+    """Median wall time of fn() after one warm-up call."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def device_sync(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, size: int = 4096) -> float:
+    """This machine's dense matrix-multiply throughput: the ceiling the model's FLOPs are held to."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = timed(lambda: a @ b, 5, device_sync(device))
+    return 2 * size**3 / seconds / 1e9
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def stand_in_vlm_dir(root: Path) -> Path:
+    """SmolVLM2-500M's config and a small word-level tokenizer: language is padded to 48 tokens either
+    way, so the tokenizer's vocabulary does not change the work, and the real one needs the Hub."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    import flow
+
+    words = "<|endoftext|> <|im_start|> <|im_end|> [UNK] Pick up the cube and place it in box .".split()
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|im_end|>"}))
+    (root / "config.json").write_text(json.dumps(flow.SMOLVLM2_500M_CONFIG))
+    return root
+
+
+def smolvla_base(device: torch.device, dtype: torch.dtype, cameras: int, height: int, width: int):
+    import flow
+
+    vlm_dir = stand_in_vlm_dir(Path(tempfile.mkdtemp(prefix="smolvla-bench-vlm-")))
+    features = {f"observation.images.camera{i + 1}": {"type": "VISUAL", "shape": [3, height, width]}
+                for i in range(cameras)}
+    features["observation.state"] = {"type": "STATE", "shape": [6]}
+    cfg = flow.SmolVLAConfig(input_features=features)
+    torch.manual_seed(0)
+    policy = flow.SmolVLA(cfg, flow.SMOLVLM2_500M_CONFIG, flow.Tokenizer(vlm_dir, cfg.tokenizer_max_length, True))
+    # Random weights in the official precision mix: float32 projections, the rest in `dtype`.
+    for name, param in policy.named_parameters():
+        keep = not name.startswith(("vision.", "connector.", "lm.", "lm_head.", "expert.")) or (
+            name.startswith("expert.layers.") and policy.expert_cfg.is_cross(int(name.split(".")[2]))
+            and ("k_proj" in name or "v_proj" in name))
+        param.data = param.data.to(torch.float32 if keep else dtype)
+    policy.set_stats({k: {"mean": torch.zeros(6), "std": torch.ones(6)} for k in ("observation.state", "action")})
+    return policy.to(device).eval()
+
+
+def observation_batch(policy, batch_size: int, height: int, width: int, device: torch.device) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    batch = {key: torch.rand(batch_size, 3, height, width, generator=generator).to(device)
+             for key in policy.camera_keys}
+    batch["observation.state"] = torch.randn(batch_size, 6, generator=generator).to(device)
+    batch["task"] = ["Pick up the cube and place it in the box."] * batch_size
+    return batch
+
+
+def chunk_gflop(policy, batch_size: int) -> float:
+    """Matrix-multiply FLOPs of one chunk as this implementation computes it (2*M*N*K per product)."""
+    v, t, e, c = policy.vision_cfg, policy.lm_cfg, policy.expert_cfg, policy.cfg
+    n = v.num_patches
+    vision = (2 * n * 3 * v.patch_size**2 * v.hidden_size
+              + v.num_layers * (8 * n * v.hidden_size**2 + 4 * n * n * v.hidden_size
+                                + 4 * n * v.hidden_size * v.intermediate_size)
+              + 2 * v.tokens_per_image * v.hidden_size * v.scale_factor**2 * v.text_hidden_size)
+    cams = len(policy.camera_keys)
+    p = cams * v.tokens_per_image + c.tokenizer_max_length + 1
+    q_width, kv_width = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    kv = 4 * p * t.hidden_size * kv_width
+    full_layer = kv + 4 * p * t.hidden_size * q_width + 4 * p * p * q_width + 6 * p * t.hidden_size * t.intermediate_size
+    vlm = (t.num_layers - 1) * full_layer + kv  # the last layer's keys/values are all that is used
+    s, eq = c.chunk_size, e.num_attention_heads * e.head_dim
+    step = 2 * s * c.max_action_dim * e.hidden_size + 2 * s * 3 * e.hidden_size**2 + 2 * s * e.hidden_size * c.max_action_dim
+    prepare = 0
+    for i in range(e.num_layers):
+        step += 4 * s * e.hidden_size * eq + 6 * s * e.hidden_size * e.intermediate_size
+        if e.is_cross(i):
+            step += 4 * s * p * eq
+            prepare += 4 * p * e.vlm_kv_width * kv_width
+        else:
+            step += 4 * s * e.hidden_size * kv_width + 4 * s * (p + s) * eq
+    return batch_size * (cams * vision + vlm + prepare + c.num_steps * step) / 1e9
+
+
+def bench_infer(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    sync = device_sync(device)
+    peak = matmul_gflops(device, dtype)
+    emit({"bench": "matmul", "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
+          "gflops": round(peak, 1)})
+    policy = smolvla_base(device, dtype, args.cameras, args.height, args.width)
+    if args.compile:
+        policy.compile_denoise()
+    exact = {}
+    for batch_size in args.batch:
+        batch = observation_batch(policy, batch_size, args.height, args.width, device)
+        noise = torch.randn(batch_size, policy.cfg.chunk_size, policy.cfg.max_action_dim,
+                            generator=torch.Generator().manual_seed(2)).to(device)
+        seconds = timed(lambda: policy.predict_chunk(batch, noise), args.repeats, sync)
+        exact[batch_size] = (seconds, policy.predict_chunk(batch, noise), batch, noise)
+        gflop = chunk_gflop(policy, batch_size)
+        emit({"bench": "infer", "mode": "exact", "device": str(device), "dtype": args.dtype,
+              "compile": args.compile, "batch": batch_size, "ms_per_chunk": round(seconds * 1e3, 1),
+              "gflop_per_chunk": round(gflop, 1), "gflops": round(gflop / seconds, 1),
+              "efficiency": round(gflop / seconds / peak, 3), "peak_memory_mb": round(peak_memory_mb(device))})
+    if args.dtype != "float32":
+        reference = smolvla_base(device, torch.float32, args.cameras, args.height, args.width)
+        seconds, actions, batch, noise = exact[args.batch[0]]
+        difference = (reference.predict_chunk(batch, noise) - actions).abs()
+        emit({"bench": "infer", "compare": f"{args.dtype} vs float32", "batch": args.batch[0],
+              "mean_abs_action_diff_std": round(difference.mean().item(), 5),
+              "max_abs_action_diff_std": round(difference.max().item(), 5)})
+    if args.fast and device.type == "cpu":
+        import flow
+
+        policy.quantize_int8()
+        for batch_size in args.batch:
+            exact_seconds, exact_actions, batch, noise = exact[batch_size]
+            seconds = timed(lambda: policy.predict_chunk(batch, noise), args.repeats, sync)
+            # The stand-in stats have std 1, so robot units are units of the action std.
+            difference = (policy.predict_chunk(batch, noise) - exact_actions).abs()
+            emit({"bench": "infer", "mode": "fast-int8", "batch": batch_size, "ms_per_chunk": round(seconds * 1e3, 1),
+                  "speedup_vs_exact": round(exact_seconds / seconds, 2),
+                  "mean_abs_action_diff_std": round(difference.mean().item(), 5),
+                  "fidelity_bound_std": flow.INT8_FIDELITY_BOUND,
+                  "within_bound": difference.mean().item() < flow.INT8_FIDELITY_BOUND,
+                  "peak_memory_mb": round(peak_memory_mb(device))})
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def main() -> None:
@@ -145,6 +306,19 @@ def main() -> None:
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "smolvla-bench"),
                    help="where the generated dataset is kept between runs")
     p.set_defaults(run=bench_data)
+
+    p = commands.add_parser("infer", help="one action chunk of the smolvla_base architecture (random weights)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations (the checkpoint's float32 tensors stay float32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the denoising step")
+    p.add_argument("--fast", action="store_true", help="also time the int8 CPU mode and its action difference")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; the median is printed")
+    p.add_argument("--cameras", type=int, default=2)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=640)
+    p.set_defaults(run=bench_infer)
 
     args = parser.parse_args()
     args.run(args)
