@@ -540,7 +540,8 @@ def build_vision_cache(policy: SmolVLA, dataset: data.LeRobotDataset, cache_root
     mine = list(range(rank, frames, world_size))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
                                          num_workers=num_workers, worker_init_fn=ignore_sigint)
-    done, start = 0, time.perf_counter()
+    done = 0
+    start = shown = time.perf_counter()
     for batch in loader:
         rows = mine[done:done + len(batch["index"])]
         with torch.autocast(policy.device.type, torch.bfloat16, enabled=autocast):
@@ -549,15 +550,18 @@ def build_vision_cache(policy: SmolVLA, dataset: data.LeRobotDataset, cache_root
             arrays[n][rows] = embeddings[camera].float().cpu().numpy().astype(np.float16)
         index[rows] = batch["index"].numpy()
         done += len(rows)
-        if rank == 0:
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            print(f"\rvision cache: {done * world_size}/{frames} frames, {rate * world_size:.1f} frames/s", end="", flush=True)
+        if rank == 0 and (sys.stdout.isatty() or done == len(mine) or time.perf_counter() - shown > 30):
+            shown = time.perf_counter()
+            rate = done * world_size / max(shown - start, 1e-9)
+            text = f"vision cache: ~{done * world_size}/{frames} frames, {rate:.1f} frames/s"
+            print(("\r" + text) if sys.stdout.isatty() else text, end="" if sys.stdout.isatty() else "\n", flush=True)
     for array in arrays:
         array.flush()
     np.save(partial / f"index.{rank}.npy", index)
     barrier()
     if rank == 0:
-        print(flush=True)
+        if sys.stdout.isatty():
+            print(flush=True)
         index = sum(np.load(partial / f"index.{r}.npy") for r in range(world_size))
         np.save(partial / "index.npy", index)
         (partial / "meta.json").write_text(json.dumps({"cameras": cameras, "frames": frames, "dataset": str(dataset.root),
