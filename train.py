@@ -357,9 +357,15 @@ def build_policy(args: argparse.Namespace, dataset: data.LeRobotDataset, device:
             cfg = SmolVLAConfig(chunk_size=args.chunk_size, n_action_steps=args.chunk_size,
                                 num_vlm_layers=args.num_vlm_layers, resize_imgs_with_padding=(side, side))
             adapt_to_dataset(cfg, dataset, mapping)
-            policy = SmolVLA.from_vlm(args.from_vlm, cfg, device="cpu")
+            try:
+                policy = SmolVLA.from_vlm(args.from_vlm, cfg, device="cpu")
+            except (ValueError, KeyError) as err:
+                raise TrainError(f"cannot build a policy from the VLM {args.from_vlm}: {err}") from err
     else:
-        policy = SmolVLA.from_pretrained(args.policy, vlm=args.vlm, device="cpu")
+        try:
+            policy = SmolVLA.from_pretrained(args.policy, vlm=args.vlm, device="cpu")
+        except (ValueError, KeyError) as err:
+            raise TrainError(f"cannot load the policy {args.policy}: {err}") from err
         mapping = camera_mapping(dataset.camera_keys, policy.cfg.camera_keys, rename)
         unused = [slot for slot in policy.cfg.camera_keys if slot not in mapping.values()]
         adapt_to_dataset(policy.cfg, dataset, mapping)
@@ -915,7 +921,7 @@ def load_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, Path, dic
 
 
 def open_datasets(args: argparse.Namespace, chunk_size_hint: int = 50):
-    """(dataset root, train episodes, validation episodes), checking the split."""
+    """(the whole dataset, training episodes, validation episodes), checking the split."""
     whole = data.LeRobotDataset(args.data, chunk_size=chunk_size_hint)
     train_eps, val_eps = split_episodes(args.val_episodes, whole.episodes)
     return whole, train_eps, val_eps
@@ -956,14 +962,14 @@ def _train(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
     else:
         policy = SmolVLA.from_pretrained(checkpoint / "pretrained_model", vlm=args.vlm, device=device)
         log(rank, f"resuming from {checkpoint} (step {resume_state['step']})")
-    trained = freeze(policy, args.train_vision, args.train_vlm)
+    trained = set(freeze(policy, args.train_vision, args.train_vlm))
     chunk = policy.cfg.chunk_size
     train_set = data.LeRobotDataset(whole.root, chunk_size=chunk, episodes=train_eps)
     val_set = data.LeRobotDataset(whole.root, chunk_size=chunk, episodes=val_eps) if val_eps else None
     log(rank, f"data: {len(train_set)} training frames ({len(train_eps)} episodes), "
               f"{len(val_set) if val_set else 0} validation frames ({len(val_eps)} episodes); "
               f"policy: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f} M parameters, "
-              f"{sum(p.numel() for n, p in policy.named_parameters() if n in set(trained)) / 1e6:.2f} M trained; "
+              f"{sum(p.numel() for n, p in policy.named_parameters() if n in trained) / 1e6:.2f} M trained; "
               f"device {device}, {world_size} process(es)")
 
     if args.cache_vision:
