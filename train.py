@@ -64,7 +64,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    a = p.add_argument
     g = p.add_argument_group("data and policy")
     g.add_argument("--data", help="LeRobot dataset: Hub id or local directory (omit for the offline demo)")
     g.add_argument("--policy", default=DEFAULT_POLICY, help="policy to fine-tune: Hub id or local directory")
@@ -106,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute the frozen vision encoder's image embeddings once (float16, memory-mapped) "
                         "and train from them: no video decoding or vision encoder afterwards")
     g.add_argument("--cache-dir", default=None, help="--cache-vision location; None means <output-dir>/vision_cache")
-    a("--param-checksum-file", default=None, help=argparse.SUPPRESS)  # tests: each rank writes a digest
+    p.add_argument("--param-checksum-file", default=None, help=argparse.SUPPRESS)  # tests: each rank writes a digest
     return p
 
 
@@ -311,9 +310,11 @@ def adapt_to_dataset(cfg: SmolVLAConfig, dataset: data.LeRobotDataset, mapping: 
     state_dim = int(dataset.features[STATE]["shape"][0])
     action_dim = int(dataset.features[ACTION]["shape"][0])
     if state_dim > cfg.max_state_dim:
-        raise TrainError(f"the dataset's state has {state_dim} dims, more than the policy's max_state_dim {cfg.max_state_dim}")
+        raise TrainError(f"the dataset's state has {state_dim} dims, more than the policy's "
+                         f"max_state_dim {cfg.max_state_dim}")
     if action_dim > cfg.max_action_dim:
-        raise TrainError(f"the dataset's action has {action_dim} dims, more than the policy's max_action_dim {cfg.max_action_dim}")
+        raise TrainError(f"the dataset's action has {action_dim} dims, more than the policy's "
+                         f"max_action_dim {cfg.max_action_dim}")
     slots = cfg.camera_keys if set(mapping.values()) <= set(cfg.camera_keys) else list(mapping.values())
     by_slot = {slot: source for source, slot in mapping.items()}
     features = {slot: {"type": "VISUAL", "shape": feature_shape_chw(dataset.features[by_slot[slot]])}

@@ -20,7 +20,6 @@ import torch
 from safetensors import safe_open
 
 import data
-import flow
 import train
 from flow import SmolVLA
 
@@ -90,7 +89,8 @@ def test_learning_rate_schedule_hand_values():
     assert lr(30_000) == pytest.approx(2.5e-6) and lr(40_000) == pytest.approx(2.5e-6)
     # the scheduler applies it step by step
     param = torch.nn.Parameter(torch.zeros(1))
-    args = train.parse_args(["--data", "x", "--warmup-steps", "2", "--decay-steps", "4", "--lr", "1.0", "--decay-lr", "0.5"])
+    args = train.parse_args(["--data", "x", "--warmup-steps", "2", "--decay-steps", "4", "--lr", "1.0",
+                             "--decay-lr", "0.5"])
     optimizer = train.make_optimizer(torch.nn.Linear(1, 1), args)
     scheduler = train.make_scheduler(optimizer, args)
     seen = []
@@ -113,7 +113,8 @@ def test_pickplace_cameras_map_onto_smolvla_base_slots():
     swapped = train.parse_rename(["wrist=camera1"])
     assert train.camera_mapping([top, wrist], SMOLVLA_BASE_SLOTS, swapped) == {wrist: SMOLVLA_BASE_SLOTS[0],
                                                                                top: SMOLVLA_BASE_SLOTS[1]}
-    assert train.camera_mapping([top, wrist], SMOLVLA_BASE_SLOTS, train.parse_rename(["wrist="])) == {top: SMOLVLA_BASE_SLOTS[0]}
+    left_out = train.parse_rename(["wrist="])
+    assert train.camera_mapping([top, wrist], SMOLVLA_BASE_SLOTS, left_out) == {top: SMOLVLA_BASE_SLOTS[0]}
     # names that already are slots keep them
     assert train.camera_mapping(SMOLVLA_BASE_SLOTS[::-1], SMOLVLA_BASE_SLOTS, {}) == {k: k for k in SMOLVLA_BASE_SLOTS}
 
@@ -306,7 +307,8 @@ def test_bad_inputs_are_clear_errors(dataset_dir, tmp_path, capsys):
         return capsys.readouterr().err
 
     assert "no-such-dataset" in error(args_for(tmp_path / "no-such-dataset", tmp_path / "a", "--steps", "1"))
-    message = error(["--data", str(dataset_dir), "--policy", str(tmp_path / "no-such-policy"), "--output-dir", str(tmp_path / "b")])
+    message = error(["--data", str(dataset_dir), "--policy", str(tmp_path / "no-such-policy"),
+                     "--output-dir", str(tmp_path / "b")])
     assert "policy" in message and "no-such-policy" in message
     wide = data.write_dataset(tmp_path / "wide", reaching_episodes(1, state_dim=9), fps=10)
     assert "state has 9 dims" in error(args_for(wide, tmp_path / "c", "--steps", "1"))
@@ -390,7 +392,8 @@ def test_two_process_gloo_torchrun_ends_with_identical_parameters(dataset_dir, t
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "train.py"), *args_for(dataset_dir, out, "--steps", "4", "--device", "cpu",
                                                  "--batch-size", "4", "--val-episodes", "1", "--eval-every", "2",
-                                                 "--cache-vision", "--param-checksum-file", str(tmp_path / "rank{rank}.sha256"))]
+                                                 "--cache-vision",
+                                                 "--param-checksum-file", str(tmp_path / "rank{rank}.sha256"))]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
