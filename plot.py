@@ -91,16 +91,22 @@ def draw_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], panel:
     draw.text(((left + right) / 2, bottom + 22), panel.xlabel, fill=AXIS, font=font, anchor="ma")
     draw.text((box[0] + 4, top - 16), panel.ylabel, fill=AXIS, font=font)
 
-    for i, (name, (series_x, series_y)) in enumerate(panel.series.items()):
-        colour = COLOURS[i % len(COLOURS)]
+    colours = {name: COLOURS[i % len(COLOURS)] for i, name in enumerate(panel.series)}
+    for name, (series_x, series_y) in panel.series.items():
         points = [to_pixel(x, y) for x, y in zip(series_x, series_y) if math.isfinite(y)]
         if len(points) == 1:
-            draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=colour)
+            draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=colours[name])
         elif points:
-            draw.line(points, fill=colour, width=2)
-        legend_y = top + 6 + 14 * i  # legend in the top-right corner, one row per series
-        draw.line([(right - 110, legend_y + 5), (right - 90, legend_y + 5)], fill=colour, width=2)
-        draw.text((right - 85, legend_y), name, fill=AXIS, font=font)
+            draw.line(points, fill=colours[name], width=2)
+
+    # Legend: a boxed list in the top-right corner, one row per series.
+    text_width = max((draw.textlength(name, font=font) for name in panel.series), default=0)
+    legend_left = right - 8 - 30 - text_width - 6
+    draw.rectangle([legend_left, top + 4, right - 4, top + 8 + 14 * len(panel.series)], fill=BACKGROUND, outline=GRID)
+    for i, (name, colour) in enumerate(colours.items()):
+        row = top + 7 + 14 * i
+        draw.line([(legend_left + 4, row + 6), (legend_left + 24, row + 6)], fill=colour, width=2)
+        draw.text((legend_left + 30, row), name, fill=AXIS, font=font)
 
 
 def save_panels(path: str, panels: list[Panel], size: tuple[int, int] = (800, 600)) -> None:

@@ -1,0 +1,1070 @@
+"""Asynchronous inference for SmolVLA on an SO-100 arm (SmolVLA paper, Algorithm 1).
+
+    python infer_async.py --port /dev/ttyACM0 --policy <hub id or dir> --task "Pick up the cube." \\
+        --camera top=/dev/video0 --camera wrist=/dev/video2
+    python infer_async.py --sim                                   # simulated arm and cameras
+    python infer_async.py serve --policy <id or dir>              # on the GPU machine, then
+    python infer_async.py --server 127.0.0.1:8765 --port ... --task ... --camera ...
+
+Read top to bottom:
+  1. observations, errors, aggregation of overlapping chunks
+  2. ActionQueue: timestep-stamped actions, stale ones dropped, overlaps blended, seams eased in
+  3. Metrics
+  4. PolicyServer: a thread running the policy on the newest observation, skipping similar ones
+  5. the local policy (flow.SmolVLA) as a function observation -> chunk
+  6. the wire format and remote mode (TCP): length-prefixed JSON header + safetensors bytes
+  7. cameras: PyAV capture threads keeping the newest frame; synthetic frames for --sim
+  8. RobotClient: the control loop; drive() with its safe stop
+  9. the command line
+
+Timesteps count executed actions: an observation is stamped with the timestep of the next action
+the robot will execute, and action i of the chunk computed from it is meant for timestep + i.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import math
+import os
+import socket
+import socketserver
+import struct
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
+
+import so100
+
+STATE = "observation.state"
+IMAGE_PREFIX = "observation.images."
+DEMO_POLICY = "outputs/demo/checkpoints/last/pretrained_model"  # written by `python train.py`
+DEMO_TASK = "Move the arm to the red target."  # the task the demo policy was trained on
+
+# ---------------------------------------------------------------------------------------------
+# 1. Observations, errors, aggregation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Observation:
+    timestep: int  # the timestep of the next action the robot executes
+    state: np.ndarray  # float32 (state_dim,): joints in degrees, gripper in percent
+    images: dict[str, np.ndarray]  # policy camera key -> uint8 (H, W, 3) RGB
+    task: str
+    must_go: bool = False  # sent with an empty queue: never skipped
+    captured_at: float = 0.0  # clock() when captured
+
+
+@dataclass
+class PolicySpec:
+    """What the robot side needs to know about a policy (sent by the server in remote mode)."""
+    cameras: dict[str, tuple[int, int]]  # camera key -> (height, width) the policy was trained on
+    state_dim: int
+    action_dim: int
+    chunk_size: int
+    n_action_steps: int
+
+    def to_json(self) -> dict:
+        return {"cameras": {k: list(v) for k, v in self.cameras.items()}, "state_dim": self.state_dim,
+                "action_dim": self.action_dim, "chunk_size": self.chunk_size, "n_action_steps": self.n_action_steps}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "PolicySpec":
+        try:
+            cameras = {str(k): (int(h), int(w)) for k, (h, w) in raw["cameras"].items()}
+            return cls(cameras, int(raw["state_dim"]), int(raw["action_dim"]), int(raw["chunk_size"]),
+                       int(raw["n_action_steps"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise WireError(f"malformed policy description from the server: {err}") from err
+
+
+class InferError(Exception):
+    """An error with a message meant for the user (the command line prints it and exits)."""
+
+
+class PolicyError(InferError):
+    """The policy failed or returned unusable actions: the arm must stop."""
+
+
+class CameraError(InferError):
+    """A camera cannot be opened or stopped delivering frames."""
+
+
+class WireError(InferError):
+    """A malformed, oversized or refused message in remote mode."""
+
+
+# How an action already queued for a timestep (old) and a newer chunk's action for the same
+# timestep (new) combine. The newer chunk saw a more recent observation, so `weighted` trusts it
+# more (LeRobot's weighted_average: 0.3 old + 0.7 new).
+def aggregate_weighted(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    return 0.3 * old + 0.7 * new
+
+
+def aggregate_latest(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    return new.copy()
+
+
+def aggregate_average(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    return 0.5 * (old + new)
+
+
+AGGREGATES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "weighted": aggregate_weighted, "latest": aggregate_latest, "average": aggregate_average}
+
+# ---------------------------------------------------------------------------------------------
+# 2. The action queue
+# ---------------------------------------------------------------------------------------------
+
+
+class ActionQueue:
+    """Actions keyed by timestep, shared by the control loop (pop) and the policy thread (merge).
+
+    merge() drops the actions of a chunk whose timesteps were already executed, blends those that
+    overlap queued ones with `aggregate`, and appends the rest. With ease_in = N > 0 the first N
+    actions after a merge are a linear crossfade from the plan before the merge (continued by holding
+    its last action, or the last executed action when the queue had run dry) to the merged plan:
+    action k (k = 0..N-1) = (1 - w) * before + w * merged with w = (k + 1) / (N + 1), so a jump at the
+    chunk seam is spread over N + 1 ticks instead of hitting the joints at once.
+    """
+
+    def __init__(self, aggregate: Callable[[np.ndarray, np.ndarray], np.ndarray] = aggregate_weighted,
+                 ease_in: int = 0):
+        self.aggregate = aggregate
+        self.ease_in = ease_in
+        self.next_timestep = 0  # = actions executed so far
+        self._actions: dict[int, np.ndarray] = {}
+        self._last: np.ndarray | None = None  # last executed action, or the pose given to hold()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._actions)
+
+    def hold(self, pose: np.ndarray) -> None:
+        """Where the robot is before any action: the start of the first ease-in."""
+        with self._lock:
+            self._last = np.asarray(pose, dtype=np.float64).copy()
+
+    def pop(self) -> tuple[int, np.ndarray] | None:
+        """(timestep, action) to execute now, or None when the queue has run dry."""
+        with self._lock:
+            action = self._actions.pop(self.next_timestep, None)
+            if action is None:
+                return None
+            timestep = self.next_timestep
+            self.next_timestep += 1
+            self._last = action
+            return timestep, action
+
+    def merge(self, timestep: int, chunk: np.ndarray) -> int:
+        """Adds a chunk whose first action is for `timestep`; returns how many were stale (dropped)."""
+        chunk = np.asarray(chunk, dtype=np.float64)
+        with self._lock:
+            before = dict(self._actions)
+            stale = 0
+            for i, new in enumerate(chunk):
+                t = timestep + i
+                if t < self.next_timestep:
+                    stale += 1
+                elif t in self._actions:
+                    self._actions[t] = self.aggregate(self._actions[t], new)
+                else:
+                    self._actions[t] = new.copy()
+            self._crossfade(before)
+            return stale
+
+    def _crossfade(self, before: dict[int, np.ndarray]) -> None:
+        held = before[max(before)] if before else self._last
+        if held is None:
+            return
+        for k in range(self.ease_in):
+            t = self.next_timestep + k
+            if t not in self._actions:
+                break
+            w = (k + 1) / (self.ease_in + 1)
+            self._actions[t] = (1 - w) * before.get(t, held) + w * self._actions[t]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._actions.clear()
+
+# ---------------------------------------------------------------------------------------------
+# 3. Metrics
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Metrics:
+    """Counters of one run. Each field is written by one thread only (the control loop or the
+    policy thread), so no lock is needed; times are seconds since the start of the run."""
+    mode: str = "async"
+    fps: float = 30.0
+    chunk_size: int = 50
+    threshold: float = 0.7
+    start: float = 0.0  # clock() at the start of the run
+    ticks: int = 0
+    actions_executed: int = 0
+    startup_ticks: int = 0  # empty queue before the first action: waiting for the first chunk
+    idle_ticks: int = 0  # empty queue after the first action: the robot stood still
+    late_ticks: int = 0  # ticks the loop could not keep (it resynchronises instead of bursting)
+    observations_sent: int = 0
+    observations_skipped: int = 0  # too similar to the last processed one (server side)
+    chunks_received: int = 0
+    stale_actions_dropped: int = 0  # actions for timesteps executed while the chunk was computed
+    latencies: list[tuple[float, float]] = field(default_factory=list)  # (time, seconds) per chunk
+    queue_sizes: list[tuple[float, int]] = field(default_factory=list)  # (time, size) per tick
+
+    def latency_stats_ms(self) -> dict[str, float | None]:
+        values = np.array([s for _, s in self.latencies]) * 1000
+        if values.size == 0:
+            return {"mean": None, "p95": None, "max": None}
+        return {"mean": float(values.mean()), "p95": float(np.percentile(values, 95)), "max": float(values.max())}
+
+    def summary(self) -> dict:
+        elapsed = self.queue_sizes[-1][0] if self.queue_sizes else 0.0
+        sizes = [n for _, n in self.queue_sizes]
+        return {"mode": self.mode, "fps": self.fps, "chunk_size": self.chunk_size, "threshold": self.threshold,
+                "duration_s": elapsed, "ticks": self.ticks, "actions_executed": self.actions_executed,
+                "idle_ticks": self.idle_ticks, "startup_ticks": self.startup_ticks, "late_ticks": self.late_ticks,
+                "observations_sent": self.observations_sent, "observations_skipped": self.observations_skipped,
+                "chunks_received": self.chunks_received, "stale_actions_dropped": self.stale_actions_dropped,
+                "latency_ms": self.latency_stats_ms(),
+                "queue_size_mean": float(np.mean(sizes)) if sizes else None}
+
+    def live_line(self) -> str:
+        lat = self.latency_stats_ms()
+        latency = "-" if lat["mean"] is None else f"{lat['mean']:.0f} ms (p95 {lat['p95']:.0f})"
+        queue = self.queue_sizes[-1][1] if self.queue_sizes else 0
+        elapsed = self.queue_sizes[-1][0] if self.queue_sizes else 0.0
+        return (f"{elapsed:6.1f} s | actions {self.actions_executed} | queue {queue:3d}/{self.chunk_size} | "
+                f"idle ticks {self.idle_ticks} | latency {latency} | skipped {self.observations_skipped}")
+
+    def report(self) -> str:
+        s = self.summary()
+        lat = s["latency_ms"]
+        latency = "no chunk received" if lat["mean"] is None else (
+            f"mean {lat['mean']:.1f} ms, p95 {lat['p95']:.1f} ms, max {lat['max']:.1f} ms")
+        return "\n".join([
+            f"{s['mode']} run: {s['duration_s']:.1f} s, {s['ticks']} ticks at {s['fps']:g} fps",
+            f"  actions executed    {s['actions_executed']}",
+            f"  idle ticks          {s['idle_ticks']} (empty queue after the first action; "
+            f"{s['startup_ticks']} more waiting for the first chunk, {s['late_ticks']} late)",
+            f"  inference latency   {latency} over {s['chunks_received']} chunks",
+            f"  observations        {s['observations_sent']} sent, {s['observations_skipped']} skipped as similar",
+            f"  stale actions       {s['stale_actions_dropped']} dropped",
+            f"  queue size          mean {s['queue_size_mean'] or 0:.1f} of {s['chunk_size']}"])
+
+    def write_json(self, path: str | Path) -> None:
+        out = self.summary()
+        out["queue_size"] = [[round(t, 4), n] for t, n in self.queue_sizes]
+        out["latency_s"] = [[round(t, 4), round(s, 6)] for t, s in self.latencies]
+        Path(path).write_text(json.dumps(out, indent=1))
+
+    def plot(self, path: str | Path) -> None:
+        from plot import Panel, save_panels
+
+        times, sizes = [t for t, _ in self.queue_sizes], [float(n) for _, n in self.queue_sizes]
+        queue = {"queue size": (times, sizes)}
+        if times and self.threshold > 0:
+            queue[f"threshold g={self.threshold:g}"] = ([times[0], times[-1]], [self.threshold * self.chunk_size] * 2)
+        latency = {"latency": ([t for t, _ in self.latencies], [s * 1000 for _, s in self.latencies])}
+        save_panels(str(path), [Panel(queue, "action queue", "time (s)", "actions", ylim=(0, 1.05 * self.chunk_size)),
+                                Panel(latency, "inference latency (observation to chunk)", "time (s)", "ms")])
+
+# ---------------------------------------------------------------------------------------------
+# 4. The policy server thread
+# ---------------------------------------------------------------------------------------------
+
+
+def joint_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest absolute joint difference: degrees (percent for the gripper)."""
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+class PolicyServer:
+    """Runs `policy_fn(observation) -> chunk (n, action_dim)` on a thread, one observation at a time.
+
+    An observation whose joints are all within `similarity` (degrees; gripper percent) of the last
+    one processed is skipped, unless it is a must-go (sent with an empty queue). Each chunk goes to
+    `on_chunk(timestep, chunk, latency_s)`. A failing policy or a chunk with a wrong shape or a
+    non-finite value sets `error` and ends the thread.
+    """
+
+    def __init__(self, policy_fn: Callable[[Observation], np.ndarray], spec: PolicySpec,
+                 on_chunk: Callable[[int, np.ndarray, float], None], metrics: Metrics,
+                 similarity: float = 0.0, clock: Callable[[], float] = time.monotonic):
+        self.policy_fn, self.spec, self.on_chunk, self.metrics = policy_fn, spec, on_chunk, metrics
+        self.similarity, self.clock = similarity, clock
+        self.error: BaseException | None = None
+        self._inbox: Observation | None = None
+        self._busy = False
+        self._stopping = False
+        self._last_state: np.ndarray | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._serve, name="policy-server", daemon=True)
+
+    @property
+    def busy(self) -> bool:
+        """True from submit() until that observation is skipped or its chunk is merged."""
+        return self._busy
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+
+    def submit(self, observation: Observation) -> None:
+        with self._cond:
+            if self._busy:
+                raise RuntimeError("one observation at a time: wait until the server is not busy")
+            self._inbox, self._busy = observation, True
+            self._cond.notify()
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                while self._inbox is None and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                observation, self._inbox = self._inbox, None
+            try:
+                self._process(observation)
+            except BaseException as err:  # reported to the control loop, which stops the arm
+                self.error = err
+                return
+            finally:
+                self._busy = False
+
+    def _process(self, observation: Observation) -> None:
+        if (not observation.must_go and self.similarity > 0 and self._last_state is not None
+                and joint_distance(observation.state, self._last_state) < self.similarity):
+            self.metrics.observations_skipped += 1
+            return
+        self._last_state = observation.state
+        chunk = np.asarray(self.policy_fn(observation), dtype=np.float64)
+        if chunk.ndim != 2 or chunk.shape[0] < 1 or chunk.shape[1] != self.spec.action_dim:
+            raise PolicyError(f"the policy returned actions of shape {chunk.shape}, expected "
+                              f"(chunk, {self.spec.action_dim})")
+        if not np.all(np.isfinite(chunk)):
+            raise PolicyError(f"the policy returned non-finite actions for timestep {observation.timestep}")
+        if not self._stopping:
+            self.on_chunk(observation.timestep, chunk, self.clock() - observation.captured_at)
+
+# ---------------------------------------------------------------------------------------------
+# 5. The local policy
+# ---------------------------------------------------------------------------------------------
+
+
+def load_policy(policy: str, vlm: str | None = None, device: str | None = None):
+    """flow.SmolVLA from a Hub id or directory. Imported here: in remote mode the robot computer
+    needs neither torch nor the model code."""
+    from flow import SmolVLA
+
+    try:
+        return SmolVLA.from_pretrained(policy, vlm=vlm, device=device)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as err:
+        raise InferError(f"cannot load the policy {policy}: {err}") from err
+
+
+def policy_spec(policy) -> PolicySpec:
+    """Camera keys as the robot names them: a policy whose preprocessor renames data cameras onto
+    its slots (e.g. top -> camera1) expects the data names."""
+    data_name = {slot: name for name, slot in getattr(policy, "rename_map", {}).items()}
+    features = policy.config.input_features
+    cameras = {data_name.get(k, k): tuple(int(s) for s in features[k]["shape"][1:]) for k in policy.camera_keys}
+    return PolicySpec(cameras, int(features[STATE]["shape"][0]),
+                      int(policy.config.output_features["action"]["shape"][0]),
+                      int(policy.config.chunk_size), int(policy.config.n_action_steps))
+
+
+def make_policy_fn(policy) -> Callable[[Observation], np.ndarray]:
+    """observation -> chunk (chunk_size, action_dim) in robot units, running flow.SmolVLA."""
+    import torch
+
+    def run(observation: Observation) -> np.ndarray:
+        batch = {key: torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+                 for key, image in observation.images.items()}
+        batch[STATE] = torch.from_numpy(np.asarray(observation.state, np.float32))[None]
+        batch["task"] = [observation.task]
+        return policy.predict_chunk(batch)[0].float().cpu().numpy()
+
+    return run
+
+# ---------------------------------------------------------------------------------------------
+# 6. The wire format and remote mode
+# ---------------------------------------------------------------------------------------------
+# A frame is a 12-byte prefix (magic b"SVLA", header length, payload length; big-endian uint32),
+# a UTF-8 JSON object, and a payload of safetensors bytes (tensors as raw little-endian bytes
+# with a JSON index; nothing in it is executed). Both lengths are checked against their limits
+# before anything else is read, so an oversized message costs 12 bytes.
+#   client -> server  {"type": "hello", "version": 1, "token": "..."}
+#   server -> client  {"type": "spec", "spec": PolicySpec}           or {"type": "error", "message"}
+#   client -> server  {"type": "infer", "timestep": t, "task": "..."} + observation.state, cameras
+#   server -> client  {"type": "chunk", "timestep": t} + action       or {"type": "error", "message"}
+# The server's policy is fixed when it starts: no message can name a file or a model.
+
+MAGIC = b"SVLA"
+PROTOCOL_VERSION = 1
+PREFIX = struct.Struct(">4sII")
+MAX_HEADER_BYTES = 64 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_TASK_CHARS = 2000
+
+
+def send_frame(sock: socket.socket, header: dict, tensors: dict[str, np.ndarray] | None = None) -> None:
+    body = json.dumps(header).encode()
+    payload = save_tensors({k: np.ascontiguousarray(v) for k, v in tensors.items()}) if tensors else b""
+    sock.sendall(PREFIX.pack(MAGIC, len(body), len(payload)) + body + payload)
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        part = sock.recv(min(size - len(data), 1 << 20))
+        if not part:
+            raise ConnectionError("the connection closed mid-message" if data else "the connection closed")
+        data += part
+    return bytes(data)
+
+
+def recv_frame(sock: socket.socket, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[dict, dict[str, np.ndarray]]:
+    magic, header_len, payload_len = PREFIX.unpack(recv_exact(sock, PREFIX.size))
+    if magic != MAGIC:
+        raise WireError(f"not an infer_async message (starts with {magic!r})")
+    if header_len > MAX_HEADER_BYTES:
+        raise WireError(f"message header of {header_len} bytes exceeds the limit of {MAX_HEADER_BYTES}")
+    if payload_len > max_bytes:
+        raise WireError(f"message of {payload_len} bytes exceeds the limit of {max_bytes}")
+    try:
+        header = json.loads(recv_exact(sock, header_len).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WireError(f"malformed message header: {err}") from err
+    if not isinstance(header, dict) or not isinstance(header.get("type"), str):
+        raise WireError("malformed message header: not a JSON object with a 'type'")
+    payload = recv_exact(sock, payload_len)
+    try:
+        tensors = load_tensors(payload) if payload else {}
+    except Exception as err:  # safetensors raises its own error type on garbage
+        raise WireError(f"malformed tensor payload: {err}") from err
+    return header, tensors
+
+
+def observation_tensors(observation: Observation) -> dict[str, np.ndarray]:
+    return {STATE: np.asarray(observation.state, np.float32), **observation.images}
+
+
+def decode_observation(header: dict, tensors: dict[str, np.ndarray], spec: PolicySpec) -> Observation:
+    """Checks a received observation against the policy: exactly its keys, shapes and dtypes."""
+    timestep, task = header.get("timestep"), header.get("task")
+    if not isinstance(timestep, int) or timestep < 0:
+        raise WireError(f"bad timestep {timestep!r}")
+    if not isinstance(task, str) or len(task) > MAX_TASK_CHARS:
+        raise WireError(f"the task must be a string of at most {MAX_TASK_CHARS} characters")
+    expected = {STATE, *spec.cameras}
+    if set(tensors) != expected:
+        raise WireError(f"observation keys {sorted(tensors)} do not match the policy's {sorted(expected)}")
+    state = tensors[STATE]
+    if state.dtype != np.float32 or state.shape != (spec.state_dim,) or not np.all(np.isfinite(state)):
+        raise WireError(f"{STATE} must be finite float32 ({spec.state_dim},), got {state.dtype} {state.shape}")
+    for key, (height, width) in spec.cameras.items():
+        if tensors[key].dtype != np.uint8 or tensors[key].shape != (height, width, 3):
+            raise WireError(f"{key} must be uint8 ({height}, {width}, 3), got {tensors[key].dtype} {tensors[key].shape}")
+    return Observation(timestep, state, {k: tensors[k] for k in spec.cameras}, task)
+
+
+class PolicyTCPServer(socketserver.ThreadingTCPServer):
+    """Serves one fixed policy over TCP; a lock runs one inference at a time."""
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], policy_fn: Callable[[Observation], np.ndarray], spec: PolicySpec,
+                 token: str | None = None, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, read_timeout: float = 60.0,
+                 log: Callable[[str], None] = lambda message: None):
+        self.policy_fn, self.spec, self.token, self.max_bytes = policy_fn, spec, token, max_bytes
+        self.read_timeout, self.log = read_timeout, log
+        self.policy_lock = threading.Lock()
+        super().__init__(address, PolicyConnection)
+
+
+class PolicyConnection(socketserver.BaseRequestHandler):
+    server: PolicyTCPServer
+
+    def handle(self) -> None:
+        sock, server = self.request, self.server
+        sock.settimeout(server.read_timeout)
+        peer = f"{self.client_address[0]}:{self.client_address[1]}"
+        try:
+            if not self._hello(sock, server):
+                server.log(f"{peer}: refused (wrong or missing token)")
+                return
+            server.log(f"{peer}: connected")
+            while True:
+                header, tensors = recv_frame(sock, server.max_bytes)
+                if header["type"] != "infer":
+                    raise WireError(f"unexpected message type {header['type']!r}")
+                observation = decode_observation(header, tensors, server.spec)
+                try:
+                    with server.policy_lock:
+                        chunk = np.asarray(server.policy_fn(observation), np.float32)
+                except Exception as err:
+                    send_frame(sock, {"type": "error", "message": f"the policy failed: {type(err).__name__}: {err}"})
+                    raise
+                send_frame(sock, {"type": "chunk", "timestep": observation.timestep}, {"action": chunk})
+        except WireError as err:
+            server.log(f"{peer}: {err}; closing")
+            try:
+                send_frame(sock, {"type": "error", "message": str(err)})
+            except OSError:
+                pass
+        except (ConnectionError, socket.timeout, OSError) as err:
+            server.log(f"{peer}: disconnected ({err})")
+        except Exception as err:
+            server.log(f"{peer}: policy error {type(err).__name__}: {err}")
+
+    @staticmethod
+    def _hello(sock: socket.socket, server: PolicyTCPServer) -> bool:
+        header, _ = recv_frame(sock, max_bytes=0)
+        if header["type"] != "hello" or header.get("version") != PROTOCOL_VERSION:
+            raise WireError(f"expected a version {PROTOCOL_VERSION} hello, got {header['type']!r} "
+                            f"version {header.get('version')!r}")
+        if server.token is not None:
+            given = header.get("token")
+            # compare_digest takes the same time wherever the strings differ: no timing oracle.
+            if not isinstance(given, str) or not hmac.compare_digest(given.encode(), server.token.encode()):
+                send_frame(sock, {"type": "error", "message": "wrong or missing token"})
+                return False
+        send_frame(sock, {"type": "spec", "spec": server.spec.to_json()})
+        return True
+
+
+class RemotePolicy:
+    """A policy_fn that runs on a PolicyTCPServer: connect() once, then call with observations."""
+
+    def __init__(self, host: str, port: int, token: str | None = None, timeout: float = 30.0,
+                 max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.address, self.token, self.timeout, self.max_bytes = (host, port), token, timeout, max_bytes
+        self.sock: socket.socket | None = None
+
+    def connect(self) -> PolicySpec:
+        try:
+            self.sock = socket.create_connection(self.address, timeout=self.timeout)
+        except OSError as err:
+            raise WireError(f"cannot reach the policy server at {self.address[0]}:{self.address[1]}: {err}") from err
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames go out at once
+        header, _ = self._exchange({"type": "hello", "version": PROTOCOL_VERSION, "token": self.token})
+        return PolicySpec.from_json(header.get("spec", {}))
+
+    def _exchange(self, header: dict, tensors: dict[str, np.ndarray] | None = None) -> tuple[dict, dict]:
+        if self.sock is None:
+            raise WireError("not connected: call connect() first")
+        try:
+            send_frame(self.sock, header, tensors)
+            header, tensors = recv_frame(self.sock, self.max_bytes)
+        except OSError as err:  # refused, reset, timed out, closed
+            raise WireError(f"the policy server at {self.address[0]}:{self.address[1]} failed: {err}") from err
+        if header["type"] == "error":
+            raise WireError(f"the policy server says: {header.get('message')}")
+        return header, tensors
+
+    def __call__(self, observation: Observation) -> np.ndarray:
+        header, tensors = self._exchange({"type": "infer", "timestep": observation.timestep,
+                                          "task": observation.task}, observation_tensors(observation))
+        if header["type"] != "chunk" or header.get("timestep") != observation.timestep or "action" not in tensors:
+            raise WireError(f"unexpected reply from the policy server: {header}")
+        return tensors["action"]
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+# ---------------------------------------------------------------------------------------------
+# 7. Cameras
+# ---------------------------------------------------------------------------------------------
+
+
+def default_camera_format() -> str | None:
+    """FFmpeg's capture device for this system: V4L2 on Linux, AVFoundation on macOS."""
+    return {"linux": "v4l2", "darwin": "avfoundation"}.get(sys.platform)
+
+
+class Camera:
+    """A PyAV capture thread that keeps only the newest frame, resized to the policy's size.
+
+    read() never returns a frame older than `timeout` seconds: a camera that stops delivering (or
+    whose stream ends or fails) raises CameraError instead of feeding a stale image to the policy.
+    """
+
+    def __init__(self, key: str, device: str, size: tuple[int, int], input_format: str | None = None,
+                 options: dict[str, str] | None = None, timeout: float = 1.0):
+        self.key, self.device, self.size = key, device, size  # size: (height, width)
+        self.input_format = input_format if input_format is not None else default_camera_format()
+        self.options = dict(options or {})
+        if self.input_format == "avfoundation":  # it refuses the default 29.97 on most webcams
+            self.options.setdefault("framerate", "30")
+        self.timeout = timeout
+        self._frame: np.ndarray | None = None
+        self._frame_time = 0.0
+        self._error: str | None = None
+        self._first = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._container = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, first_frame_timeout: float = 10.0) -> "Camera":
+        import av
+
+        try:
+            self._container = av.open(self.device, format=self.input_format, options=self.options)
+        except (av.FFmpegError, OSError) as err:
+            raise CameraError(f"camera {self.key}: cannot open {self.device} "
+                              f"(format {self.input_format or 'auto'}): {err}") from err
+        self._thread = threading.Thread(target=self._capture, name=f"camera-{self.key}", daemon=True)
+        self._thread.start()
+        if not self._first.wait(first_frame_timeout) and self._error is None:
+            raise CameraError(f"camera {self.key} ({self.device}) delivered no frame in {first_frame_timeout:g} s")
+        self.read()  # raises if the stream already failed
+        return self
+
+    def _capture(self) -> None:
+        height, width = self.size
+        try:
+            for frame in self._container.decode(video=0):
+                image = frame.to_ndarray(width=width, height=height, format="rgb24")
+                with self._lock:
+                    self._frame, self._frame_time = image, time.monotonic()
+                self._first.set()
+                if self._stop.is_set():
+                    return
+            self._error = "the video stream ended"
+        except Exception as err:  # a capture device that fails (unplugged...) surfaces in read()
+            self._error = f"{type(err).__name__}: {err}"
+        finally:
+            self._first.set()
+
+    def read(self) -> np.ndarray:
+        with self._lock:
+            frame, frame_time, error = self._frame, self._frame_time, self._error
+        if error is not None and not self._stop.is_set():
+            raise CameraError(f"camera {self.key} ({self.device}) stopped: {error}")
+        age = time.monotonic() - frame_time
+        if frame is None or age > self.timeout:
+            raise CameraError(f"camera {self.key} ({self.device}) delivered no frame for {age:.1f} s "
+                              f"(timeout {self.timeout:g} s)")
+        return frame
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        if self._container is not None and (self._thread is None or not self._thread.is_alive()):
+            self._container.close()  # a thread stuck in a dead device keeps it; it is a daemon
+
+
+class SyntheticCamera:
+    """--sim frames: a red target wandering over a checkered table (the look of train.py's demo)."""
+
+    def __init__(self, key: str, size: tuple[int, int], clock: Callable[[], float] = time.monotonic):
+        self.key, self.size, self.clock = key, size, clock
+        self.phase = sum(map(ord, key)) % 7  # each camera sees the target move differently
+        height, width = size
+        yy, xx = np.mgrid[0:height, 0:width]
+        squares = ((xx * 8 // max(width, 1)) + (yy * 8 // max(height, 1))) % 2
+        self.table = np.stack([90 + 20 * squares, 110 + 10 * squares, 80 + 0 * squares], -1).astype(np.uint8)
+
+    def read(self) -> np.ndarray:
+        height, width = self.size
+        t = self.clock() / 4 + self.phase
+        cx, cy = 0.5 + 0.35 * math.sin(t), 0.5 + 0.35 * math.sin(1.3 * t)
+        half = max(1, min(height, width) // 12)
+        frame = self.table.copy()
+        x, y = int(cx * width), int(cy * height)
+        frame[max(y - half, 0):y + half, max(x - half, 0):x + half] = (220, 40, 40)
+        return frame
+
+    def close(self) -> None:
+        pass
+
+
+def parse_camera(text: str) -> tuple[str, str]:
+    """'top=/dev/video0' -> ('observation.images.top', '/dev/video0'); a full key works too."""
+    name, sep, device = text.partition("=")
+    if not sep or not name or not device:
+        raise InferError(f"--camera expects NAME=DEVICE (e.g. top=/dev/video0), got {text!r}")
+    return (name if name.startswith(IMAGE_PREFIX) else IMAGE_PREFIX + name), device
+
+# ---------------------------------------------------------------------------------------------
+# 8. The robot client
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClientConfig:
+    fps: float = 30.0
+    threshold: float = 0.7  # g: send an observation when queue size / chunk size <= g
+    aggregate: str = "weighted"
+    ease_in: int = 3  # ticks of crossfade at chunk seams (0: off)
+    similarity: float = 1.0  # degrees (gripper percent); 0 disables skipping
+    sync: bool = False  # infer, execute n_action_steps, repeat
+    n_action_steps: int | None = None  # --sync: actions executed per chunk (None: the policy's)
+
+
+class RobotClient:
+    """The control loop: one action per tick from the queue; an observation to the policy thread
+    whenever the queue is at or below g of a chunk and no request is in flight.
+
+    `robot` needs read() -> state and write(goal) (so100.SO100 clips, ramps and refuses non-finite
+    goals); `cameras` maps policy camera keys to objects with read() -> uint8 (H, W, 3).
+    --sync is the same loop with g = 0 (observe only once the queue is empty, the arm standing
+    still while the policy runs) and chunks cut to n_action_steps.
+    """
+
+    def __init__(self, robot, cameras: dict, policy_fn: Callable[[Observation], np.ndarray], spec: PolicySpec,
+                 task: str, config: ClientConfig = ClientConfig(), clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        missing = sorted(set(spec.cameras) - set(cameras))
+        if missing:
+            raise InferError(f"the policy needs the camera(s) {missing}; given {sorted(cameras)}")
+        self.robot, self.cameras, self.spec, self.task, self.config = robot, cameras, spec, task, config
+        self.clock, self.sleep = clock, sleep
+        self.dt = 1.0 / config.fps
+        self.threshold = 0.0 if config.sync else config.threshold
+        self.actions_per_chunk = (config.n_action_steps or spec.n_action_steps) if config.sync else spec.chunk_size
+        self.queue = ActionQueue(AGGREGATES[config.aggregate], config.ease_in)
+        self.metrics = Metrics(mode="sync" if config.sync else "async", fps=config.fps,
+                               chunk_size=spec.chunk_size, threshold=self.threshold)
+        self.server = PolicyServer(policy_fn, spec, self._on_chunk, self.metrics, config.similarity, clock)
+
+    def _on_chunk(self, timestep: int, chunk: np.ndarray, latency: float) -> None:
+        self.metrics.stale_actions_dropped += self.queue.merge(timestep, chunk[: self.actions_per_chunk])
+        self.metrics.latencies.append((self.clock() - self.metrics.start, latency))
+        self.metrics.chunks_received += 1
+
+    def capture(self, must_go: bool) -> Observation:
+        now = self.clock()
+        images = {key: self.cameras[key].read() for key in self.spec.cameras}
+        state = np.asarray(self.robot.read(), np.float32)
+        return Observation(self.queue.next_timestep, state, images, self.task, must_go, now)
+
+    def tick(self) -> None:
+        if self.server.error is not None:
+            err = self.server.error
+            raise err if isinstance(err, PolicyError) else PolicyError(f"the policy failed: {type(err).__name__}: {err}")
+        m = self.metrics
+        item = self.queue.pop()
+        if item is None:
+            if m.actions_executed:
+                m.idle_ticks += 1
+            else:
+                m.startup_ticks += 1
+        else:
+            timestep, action = item
+            if not np.all(np.isfinite(action)):  # the policy thread checks too; this is the last line
+                raise PolicyError(f"non-finite action for timestep {timestep}: {action.tolist()}")
+            self.robot.write(action)
+            m.actions_executed += 1
+        size = len(self.queue)
+        m.ticks += 1
+        m.queue_sizes.append((self.clock() - m.start, size))
+        if not self.server.busy and size / self.spec.chunk_size <= self.threshold:
+            self.server.submit(self.capture(must_go=size == 0))
+            m.observations_sent += 1
+
+    def run(self, duration: float | None = None, max_actions: int | None = None, live: bool = False) -> Metrics:
+        """Ticks at fps until `duration` seconds or `max_actions` actions (or an exception)."""
+        self.queue.hold(self.robot.read())
+        self.metrics.start = next_tick = self.clock()
+        last_print, print_every = 0.0, (0.25 if sys.stderr.isatty() else 5.0)
+        self.server.start()
+        try:
+            while True:
+                if duration is not None and self.clock() - self.metrics.start >= duration:
+                    break
+                if max_actions is not None and self.metrics.actions_executed >= max_actions:
+                    break
+                self.tick()
+                if live and self.clock() - last_print >= print_every:
+                    last_print = self.clock()
+                    print_live(self.metrics.live_line())
+                next_tick += self.dt
+                delay = next_tick - self.clock()
+                if delay > 0:
+                    self.sleep(delay)
+                elif delay < -self.dt:  # fell behind by more than a tick: skip, never burst actions
+                    self.metrics.late_ticks += 1
+                    next_tick = self.clock()
+        finally:
+            self.server.stop()
+            if live:
+                print_live(self.metrics.live_line(), end=True)
+        return self.metrics
+
+
+def print_live(line: str, end: bool = False) -> None:
+    """One line rewritten in place on a terminal; plain lines in a log."""
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + line + "\x1b[K" + ("\n" if end else ""))
+    else:
+        sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def safe_stop(robot, hold_seconds: float = 0.3) -> list[str]:
+    """Hold the present pose (the last write), then release torque. Returns what went wrong."""
+    problems = []
+    try:
+        robot.write(robot.read())
+        time.sleep(hold_seconds)
+    except Exception as err:
+        problems.append(f"could not hold the pose: {err}")
+    try:
+        robot.torque_off()
+    except Exception as err:
+        problems.append(f"torque off not confirmed ({err}): switch the arm's power off")
+    return problems
+
+
+def drive(client: RobotClient, duration: float | None = None, max_actions: int | None = None,
+          live: bool = False) -> int:
+    """Runs the client; every way out (the end, Ctrl-C, a policy or camera failure) stops the arm
+    holding its pose and turns torque off. Returns the exit status (0, or 1 after a failure)."""
+    status, reason = 0, "done"
+    try:
+        client.run(duration, max_actions, live)
+    except KeyboardInterrupt:
+        reason = "interrupted (Ctrl-C)"
+    except (InferError, so100.FeetechError) as err:
+        status, reason = 1, f"error: {err}"
+    finally:
+        problems = safe_stop(client.robot)
+    if problems:
+        print(f"{reason}; stopping the arm failed: {'; '.join(problems)}", file=sys.stderr)
+        return 1
+    print(f"{reason}: the arm held its pose, then torque went off", file=sys.stderr)
+    return status
+
+# ---------------------------------------------------------------------------------------------
+# 9. Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Run a SmolVLA policy on an SO-100 arm with asynchronous inference "
+                    "(`python infer_async.py serve --help` for the remote policy server).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("policy")
+    g.add_argument("--policy", help=f"Hub id or directory (default with --sim: {DEMO_POLICY})")
+    g.add_argument("--vlm", help="VLM config/tokenizer (dir or Hub id) if not the policy's vlm_model_name")
+    g.add_argument("--device", help="cuda, cpu, mps (default: cuda if available)")
+    g.add_argument("--task", help="the instruction given to the policy (default with --sim: the demo's task)")
+    g.add_argument("--server", metavar="HOST:PORT", help="use a remote policy server instead of a local policy")
+    g.add_argument("--token", default=os.environ.get("INFER_ASYNC_TOKEN"),
+                   help="shared token for --server (default: $INFER_ASYNC_TOKEN)")
+    g = p.add_argument_group("robot")
+    g.add_argument("--port", help="the arm's serial port, e.g. /dev/ttyACM0")
+    g.add_argument("--calibration", help="LeRobot calibration JSON (default: looked up by --robot-id)")
+    g.add_argument("--robot-id", help="the calibration's id in LeRobot's calibration directory")
+    g.add_argument("--legacy", action="store_true",
+                   help="old joint units of `main_*` datasets such as lerobot/svla_so100_pickplace")
+    g.add_argument("--max-relative-target", type=float,
+                   help="degrees: clamp each goal to present position +- this")
+    g.add_argument("--sim", action="store_true", help="simulated arm and synthetic camera frames")
+    g = p.add_argument_group("cameras")
+    g.add_argument("--camera", action="append", default=[], metavar="NAME=DEVICE",
+                   help="e.g. top=/dev/video0 feeds observation.images.top (macOS: top=0); repeat per camera")
+    g.add_argument("--camera-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="FFmpeg capture option for every camera, e.g. video_size=640x480, framerate=30, "
+                        "input_format=mjpeg")
+    g.add_argument("--camera-format", help="FFmpeg input format (default: v4l2 on Linux, avfoundation on macOS)")
+    g.add_argument("--camera-timeout", type=float, default=1.0,
+                   help="seconds: a camera whose newest frame is older than this stops the run")
+    g = p.add_argument_group("control")
+    g.add_argument("--fps", type=float, default=30.0, help="control ticks per second (one action each)")
+    g.add_argument("--threshold", type=float, default=0.7,
+                   help="g: send an observation when queue size / chunk size <= g")
+    g.add_argument("--aggregate", choices=sorted(AGGREGATES), default="weighted",
+                   help="overlapping actions: weighted = 0.3 old + 0.7 new, latest = new, average = 0.5 each")
+    g.add_argument("--ease-in", type=int, default=3, help="ticks of crossfade into each new chunk (0: off)")
+    g.add_argument("--similarity", type=float, default=1.0,
+                   help="skip an observation whose joints all lie within this many degrees (gripper: "
+                        "percent) of the last one processed; 0 disables")
+    g.add_argument("--sync", action="store_true", help="synchronous loop: infer, execute, repeat")
+    g.add_argument("--n-action-steps", type=int, help="--sync: actions executed per chunk (default: the policy's)")
+    g = p.add_argument_group("run")
+    g.add_argument("--duration", type=float, help="seconds, then the same safe stop as Ctrl-C")
+    g.add_argument("--metrics-json", help="write the metrics here at exit")
+    g.add_argument("--plot", help="PNG of queue size and latency over time, written at exit")
+    g.add_argument("--quiet", action="store_true", help="no live status line")
+    return p
+
+
+def build_serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="infer_async.py serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Serve one policy over TCP for `infer_async.py --server HOST:PORT`.")
+    p.add_argument("--policy", required=True, help="Hub id or directory, fixed for the server's lifetime")
+    p.add_argument("--vlm", help="VLM config/tokenizer (dir or Hub id) if not the policy's vlm_model_name")
+    p.add_argument("--device", help="cuda, cpu, mps (default: cuda if available)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind; keep 127.0.0.1 and reach it through an SSH tunnel")
+    p.add_argument("--listen", type=int, default=8765, help="TCP port")
+    p.add_argument("--token", default=os.environ.get("INFER_ASYNC_TOKEN"),
+                   help="clients must present this token (default: $INFER_ASYNC_TOKEN)")
+    p.add_argument("--max-message-mb", type=float, default=DEFAULT_MAX_MESSAGE_BYTES / 2**20,
+                   help="larger messages are refused before they are read")
+    return p
+
+
+def check_client_args(args: argparse.Namespace) -> None:
+    if not args.sim and not args.port:
+        raise InferError("give the arm's serial port with --port (or --sim for the simulated arm)")
+    if args.sim and args.port:
+        raise InferError("--sim and --port exclude each other")
+    if args.server and args.policy:
+        raise InferError("--server and --policy exclude each other: the server's policy is fixed when it starts")
+    if args.task is None and not (args.sim and not args.policy and not args.server):
+        raise InferError("give the instruction with --task \"...\"")
+    if not 0 <= args.threshold <= 1:
+        raise InferError(f"--threshold must lie in [0, 1], got {args.threshold}")
+    if args.fps <= 0 or args.ease_in < 0 or args.similarity < 0:
+        raise InferError("--fps must be positive; --ease-in and --similarity must not be negative")
+    if args.n_action_steps is not None and args.n_action_steps < 1:
+        raise InferError(f"--n-action-steps must be at least 1, got {args.n_action_steps}")
+
+
+def open_policy(args: argparse.Namespace, stack: ExitStack) -> tuple[Callable[[Observation], np.ndarray], PolicySpec]:
+    if args.server:
+        host, sep, port = args.server.rpartition(":")
+        if not sep or not port.isdigit():
+            raise InferError(f"--server expects HOST:PORT, got {args.server!r}")
+        remote = RemotePolicy(host.strip("[]"), int(port), args.token)
+        stack.callback(remote.close)
+        spec = remote.connect()
+        print(f"policy server {args.server}: chunk {spec.chunk_size}, cameras {sorted(spec.cameras)}", file=sys.stderr)
+        return remote, spec
+    path = args.policy
+    if path is None:  # --sim without --policy: the demo checkpoint
+        if not Path(DEMO_POLICY).exists():
+            raise InferError(f"no demo policy at {DEMO_POLICY}: run `python train.py` first "
+                             "(about 2 minutes on a CPU), or pass --policy")
+        path, args.task = DEMO_POLICY, args.task or DEMO_TASK
+    print(f"loading {path} ...", file=sys.stderr, flush=True)
+    policy = load_policy(path, args.vlm, args.device)
+    spec = policy_spec(policy)
+    print(f"policy on {policy.device}: chunk {spec.chunk_size}, cameras {sorted(spec.cameras)}", file=sys.stderr)
+    return make_policy_fn(policy), spec
+
+
+def open_cameras(args: argparse.Namespace, spec: PolicySpec, stack: ExitStack) -> dict:
+    given = dict(parse_camera(text) for text in args.camera)
+    unknown = sorted(set(given) - set(spec.cameras))
+    if unknown:
+        raise InferError(f"camera(s) {unknown} are not inputs of the policy, which expects {sorted(spec.cameras)} "
+                         f"(--camera NAME=DEVICE: NAME is the part after {IMAGE_PREFIX})")
+    missing = sorted(set(spec.cameras) - set(given))
+    if missing and not args.sim:
+        raise InferError(f"the policy needs the camera(s) {missing}: add --camera NAME=DEVICE for each")
+    options = dict(option.partition("=")[::2] for option in args.camera_option)
+    cameras = {}
+    for key, size in spec.cameras.items():
+        if key in given:
+            camera = Camera(key, given[key], size, args.camera_format, options, args.camera_timeout)
+            stack.callback(camera.close)
+            cameras[key] = camera.start()
+        else:
+            cameras[key] = SyntheticCamera(key, size)
+    return cameras
+
+
+def report(metrics: Metrics, args: argparse.Namespace) -> None:
+    print(metrics.report(), file=sys.stderr)
+    if args.metrics_json:
+        metrics.write_json(args.metrics_json)
+        print(f"metrics written to {args.metrics_json}", file=sys.stderr)
+    if args.plot:
+        metrics.plot(args.plot)
+        print(f"queue and latency plot written to {args.plot}", file=sys.stderr)
+
+
+def client_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    with ExitStack() as stack:
+        try:
+            check_client_args(args)
+            policy_fn, spec = open_policy(args, stack)
+            cameras = open_cameras(args, spec, stack)
+            if args.sim:
+                sim = stack.enter_context(so100.SimulatedArm())
+                robot = so100.SO100(sim.port, calibration=sim.calibration, legacy=args.legacy,
+                                    max_relative_target=args.max_relative_target)
+            else:
+                robot = so100.SO100(args.port, calibration=args.calibration, legacy=args.legacy,
+                                    max_relative_target=args.max_relative_target, robot_id=args.robot_id)
+            config = ClientConfig(args.fps, args.threshold, args.aggregate, args.ease_in, args.similarity,
+                                  args.sync, args.n_action_steps)
+            client = RobotClient(robot, cameras, policy_fn, spec, args.task, config)
+            stack.enter_context(robot)  # connect, torque on; disconnect turns torque off whatever happens
+        except (InferError, so100.FeetechError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"running {client.metrics.mode} at {args.fps:g} fps, g = {client.threshold:g}; Ctrl-C stops",
+              file=sys.stderr)
+        status = drive(client, args.duration, live=not args.quiet)
+    report(client.metrics, args)
+    return status
+
+
+def serve_main(argv: list[str]) -> int:
+    args = build_serve_parser().parse_args(argv)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
+        print(f"warning: serving on {args.host} without --token: anyone who can reach this port can drive "
+              "the policy. Prefer 127.0.0.1 with an SSH tunnel.", file=sys.stderr)
+    try:
+        policy = load_policy(args.policy, args.vlm, args.device)
+    except InferError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    spec = policy_spec(policy)
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    server = PolicyTCPServer((args.host, args.listen), make_policy_fn(policy), spec, args.token,
+                             int(args.max_message_mb * 2**20), log=log)
+    host, port = server.server_address[:2]
+    log(f"serving {args.policy} on {host}:{port} (chunk {spec.chunk_size}, cameras {sorted(spec.cameras)}"
+        f"{', token required' if args.token else ''}); Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        log("stopped")
+    finally:
+        server.server_close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return serve_main(argv[1:]) if argv[:1] == ["serve"] else client_main(argv)
+    except KeyboardInterrupt:  # before the arm was connected: nothing to stop
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
