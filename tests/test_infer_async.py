@@ -1,0 +1,602 @@
+"""infer_async.py and plot.py: queue arithmetic by hand, the control loop on the simulated arm with
+stand-in policies of controlled latency, the TCP wire format, PyAV capture, and the real tiny SmolVLA.
+
+Timing-based checks use margins of several times the latency, so a loaded machine cannot flip them.
+"""
+
+import json
+import os
+import pickle
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import infer_async as ia
+import so100
+from plot import COLOURS, Panel, save_line_plot, save_panels
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_POLICY, TINY_VLM = ROOT / "tests/fixtures/tiny/policy", ROOT / "tests/fixtures/tiny/vlm"
+TOP, WRIST = "observation.images.top", "observation.images.wrist"
+
+# ---------------------------------------------------------------------------------------------
+# plot.py
+
+
+def pixels_of(image: Image.Image, colour) -> np.ndarray:
+    """(row, column) of every pixel within a small distance of `colour` (lines are antialiased-free)."""
+    a = np.asarray(image.convert("RGB")).astype(int)
+    return np.argwhere(np.abs(a - np.array(colour)).sum(-1) <= 30)
+
+
+def test_line_plot_is_a_png_of_the_requested_size_with_the_line_where_the_data_goes(tmp_path):
+    path = tmp_path / "loss.png"
+    xs = list(range(50))
+    save_line_plot(str(path), {"rising": (xs, [float(x) for x in xs])}, "t", "x", "y", size=(640, 400))
+    image = Image.open(path)
+    assert image.format == "PNG" and image.size == (640, 400)
+    line = pixels_of(image, COLOURS[0])
+    line = line[line[:, 1] < 500]  # leave out the legend swatch in the top-right corner
+    assert len(line) > 200
+    # A rising series: the leftmost line pixels sit low in the image, the rightmost high.
+    left = line[line[:, 1] < line[:, 1].min() + 20][:, 0].mean()
+    right = line[line[:, 1] > line[:, 1].max() - 20][:, 0].mean()
+    assert left > right + 150
+    assert line[:, 1].max() - line[:, 1].min() > 400  # spans most of the width
+
+
+def test_panels_stack_top_to_bottom_each_with_its_own_series(tmp_path):
+    path = tmp_path / "panels.png"
+    xs = [0.0, 1.0, 2.0]
+    save_panels(str(path), [Panel({"a": (xs, [1.0, 2.0, 3.0])}, "top"),
+                            Panel({"b": (xs, [5.0, 5.0, 5.0]), "c": (xs, [1.0, 0.0, 1.0])}, "bottom")], size=(500, 600))
+    image = Image.open(path)
+    assert image.size == (500, 600)
+    a, b, c = pixels_of(image, COLOURS[0]), pixels_of(image, COLOURS[1]), pixels_of(image, COLOURS[0])
+    first_panel_rows = a[a[:, 0] < 300]
+    assert len(first_panel_rows) > 50
+    assert len(b) > 50 and b[:, 0].min() >= 300  # the second series of the lower panel lives below
+    assert len(c[c[:, 0] >= 300]) > 50  # the lower panel's first series reuses the first colour
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation and the action queue (values computed by hand)
+
+
+def test_aggregation_functions_hand_computed():
+    old, new = np.array([1.0, 10.0]), np.array([3.0, 20.0])
+    assert np.allclose(ia.aggregate_weighted(old, new), [0.3 * 1 + 0.7 * 3, 0.3 * 10 + 0.7 * 20])  # 2.4, 17
+    assert np.allclose(ia.aggregate_weighted(old, new), [2.4, 17.0])
+    assert np.allclose(ia.aggregate_latest(old, new), [3.0, 20.0])
+    assert np.allclose(ia.aggregate_average(old, new), [2.0, 15.0])
+
+
+def queue_after_five_of_ten_ones(aggregate: str) -> ia.ActionQueue:
+    """A queue whose first chunk (ten actions of 1.0, timesteps 0-9) has had 0-4 executed."""
+    queue = ia.ActionQueue(ia.AGGREGATES[aggregate])
+    queue.merge(0, np.ones((10, 1)))
+    assert [queue.pop()[0] for _ in range(5)] == [0, 1, 2, 3, 4]
+    return queue
+
+
+@pytest.mark.parametrize("aggregate, overlap", [
+    ("weighted", [0.3 + 0.7 * 30, 0.3 + 0.7 * 40, 0.3 + 0.7 * 50, 0.3 + 0.7 * 60, 0.3 + 0.7 * 70]),
+    ("latest", [30, 40, 50, 60, 70]),
+    ("average", [15.5, 20.5, 25.5, 30.5, 35.5]),
+])
+def test_overlapping_chunk_drops_stale_blends_overlap_appends_rest(aggregate, overlap):
+    queue = queue_after_five_of_ten_ones(aggregate)
+    # A chunk computed from the observation stamped 3: its actions are for timesteps 3..12.
+    stale = queue.merge(3, np.arange(10, 110, 10, dtype=float)[:, None])
+    assert stale == 2  # timesteps 3 and 4 were executed while it was computed
+    assert len(queue) == 8  # 5..12
+    popped = [queue.pop() for _ in range(8)]
+    assert [t for t, _ in popped] == list(range(5, 13))
+    assert np.allclose([a[0] for _, a in popped], overlap + [80, 90, 100])
+    assert queue.pop() is None
+
+
+def test_chunk_entirely_in_the_past_is_dropped():
+    queue = queue_after_five_of_ten_ones("weighted")
+    assert queue.merge(0, np.full((4, 1), 7.0)) == 4
+    assert [queue.pop()[1][0] for _ in range(5)] == [1.0] * 5
+
+
+def test_ease_in_from_the_held_pose_when_the_queue_is_empty():
+    queue = ia.ActionQueue(ia.aggregate_latest, ease_in=3)
+    queue.hold(np.array([0.0]))
+    queue.merge(0, np.full((5, 1), 10.0))
+    # weights (k+1)/4 for k = 0, 1, 2, then the chunk itself
+    assert [queue.pop()[1][0] for _ in range(5)] == pytest.approx([2.5, 5.0, 7.5, 10.0, 10.0])
+
+
+def test_ease_in_crossfades_from_the_previous_plan_held_at_its_end():
+    queue = ia.ActionQueue(ia.aggregate_latest, ease_in=3)
+    queue.merge(0, np.zeros((2, 1)))  # the old plan: 0, 0 at timesteps 0, 1 (no pose held: no ease)
+    queue.merge(0, np.full((5, 1), 8.0))
+    # k=0: 0.75*0 + 0.25*8; k=1: 0.5*0 + 0.5*8; k=2: beyond the old plan, its last action (0) held
+    assert [queue.pop()[1][0] for _ in range(5)] == pytest.approx([2.0, 4.0, 6.0, 8.0, 8.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy server thread: similarity skipping, errors
+
+SPEC_1 = ia.PolicySpec(cameras={}, state_dim=6, action_dim=6, chunk_size=4, n_action_steps=4)
+
+
+def observation(state, timestep=0, must_go=False) -> ia.Observation:
+    return ia.Observation(timestep, np.asarray(state, np.float32), {}, "task", must_go, time.monotonic())
+
+
+def run_server(observations, similarity, policy_fn=None):
+    calls, chunks = [], []
+    metrics = ia.Metrics()
+    fn = policy_fn or (lambda obs: calls.append(obs.state.copy()) or np.zeros((4, 6)))
+    server = ia.PolicyServer(fn, SPEC_1, lambda t, c, lat: chunks.append(t), metrics, similarity)
+    server.start()
+    try:
+        for obs in observations:
+            server.submit(obs)
+            deadline = time.monotonic() + 10
+            while server.busy and time.monotonic() < deadline:
+                time.sleep(0.001)
+    finally:
+        server.stop()
+    return calls, chunks, metrics, server
+
+
+def test_similar_observation_skipped_unless_must_go():
+    zero = [0.0] * 6
+    near = [0.5, 0, 0, 0, -0.9, 0]  # every joint within 1 degree of the last processed
+    far = [0, 0, 1.5, 0, 0, 0]  # one joint 1.5 degrees away
+    calls, chunks, metrics, _ = run_server(
+        [observation(zero, 0), observation(near, 1), observation(near, 2, must_go=True), observation(far, 3)],
+        similarity=1.0)
+    assert len(calls) == 3 and all(np.allclose(c, e) for c, e in zip(calls, [zero, near, far]))
+    assert chunks == [0, 2, 3]
+    assert metrics.observations_skipped == 1
+
+
+def test_similarity_zero_never_skips():
+    calls, _, metrics, _ = run_server([observation([0.0] * 6, t) for t in range(3)], similarity=0.0)
+    assert len(calls) == 3 and metrics.observations_skipped == 0
+
+
+@pytest.mark.parametrize("bad_chunk, message", [
+    (np.array([[0.0] * 6, [np.nan] + [0.0] * 5]), "non-finite"),
+    (np.zeros((4, 5)), "shape"),
+])
+def test_unusable_chunk_is_a_policy_error(bad_chunk, message):
+    _, chunks, _, server = run_server([observation([0.0] * 6)], 0.0, policy_fn=lambda obs: bad_chunk)
+    assert chunks == []
+    assert isinstance(server.error, ia.PolicyError) and message in str(server.error)
+
+
+# ---------------------------------------------------------------------------------------------
+# The control loop on the simulated arm with stand-in policies
+
+
+class RecordingArm:
+    """An SO100 that remembers every goal asked of it (before its clipping) and what it sent."""
+
+    def __init__(self, robot: so100.SO100):
+        self.robot, self.asked, self.sent, self.reads = robot, [], [], []
+        self.torque_offs = 0
+
+    def read(self):
+        state = self.robot.read()
+        self.reads.append(state.copy())
+        return state
+
+    def write(self, goal):
+        self.asked.append(np.array(goal, dtype=float))
+        sent = self.robot.write(goal)
+        self.sent.append(sent)
+        return sent
+
+    def torque_off(self):
+        self.torque_offs += 1
+        self.robot.torque_off()
+
+
+@pytest.fixture
+def sim_arm():
+    with so100.SimulatedArm() as sim:
+        with so100.SO100(sim.port, calibration=sim.calibration) as robot:
+            yield RecordingArm(robot), sim
+
+
+def trajectory(start: np.ndarray, length: int) -> np.ndarray:
+    """A smooth reach from the start pose: timestep t -> 6 joint goals (degrees, gripper percent)."""
+    t = np.arange(length)[:, None]
+    return start[None, :] + np.array([20, -10, 15, 5, 10, 20]) * np.sin(t / 40.0)
+
+
+def stand_in_policy(plan: np.ndarray, chunk_size: int, latency: float):
+    """Returns plan[timestep : timestep + chunk] after `latency` seconds (the rest of the plan held)."""
+    def policy(obs: ia.Observation) -> np.ndarray:
+        time.sleep(latency)
+        index = np.minimum(np.arange(obs.timestep, obs.timestep + chunk_size), len(plan) - 1)
+        return plan[index]
+    return policy
+
+
+def run_loop(arm, actions: int, latency: float, threshold: float, sync: bool = False, chunk: int = 20,
+             fps: float = 100.0, aggregate: str = "latest"):
+    plan = trajectory(arm.robot.read().astype(float), actions + chunk)
+    spec = ia.PolicySpec(cameras={}, state_dim=6, action_dim=6, chunk_size=chunk, n_action_steps=chunk)
+    config = ia.ClientConfig(fps=fps, threshold=threshold, aggregate=aggregate, ease_in=0, similarity=0.0, sync=sync)
+    client = ia.RobotClient(arm, {}, stand_in_policy(plan, chunk, latency), spec, "task", config)
+    metrics = client.run(max_actions=actions, duration=60)
+    return metrics, plan
+
+
+def test_queue_never_empties_when_g_covers_the_latency(sim_arm):
+    arm, _ = sim_arm
+    # latency 20 ms = 2 ticks at 100 Hz; g >= 0.02 / (20 * 0.01) = 0.1. With g = 0.7 an observation
+    # goes out with 14 actions (140 ms) left: seven times the latency.
+    metrics, plan = run_loop(arm, actions=300, latency=0.02, threshold=0.7)
+    assert metrics.actions_executed == 300
+    assert metrics.idle_ticks == 0
+    assert min(n for _, n in metrics.queue_sizes[metrics.startup_ticks:]) > 0
+    assert metrics.ticks == 300 + metrics.startup_ticks
+    assert metrics.chunks_received >= 300 // 20
+    # Stale actions were dropped by timestep: the arm got exactly the plan, in order, no repeats.
+    assert metrics.stale_actions_dropped > 0
+    assert np.allclose(np.array(arm.asked), plan[:300])
+
+
+def test_idle_ticks_appear_and_are_counted_when_g_is_too_small(sim_arm):
+    arm, _ = sim_arm
+    # latency 80 ms = 8 ticks > g * chunk = 0.1 * 20 = 2 ticks of actions left at each request.
+    metrics, plan = run_loop(arm, actions=100, latency=0.08, threshold=0.1)
+    assert metrics.actions_executed == 100
+    assert metrics.idle_ticks > 0
+    empty_after_start = sum(1 for _, n in metrics.queue_sizes[metrics.startup_ticks:] if n == 0)
+    assert metrics.idle_ticks <= empty_after_start  # an idle tick is a tick that found the queue empty
+    assert metrics.ticks == metrics.actions_executed + metrics.idle_ticks + metrics.startup_ticks
+    assert np.allclose(np.array(arm.asked), plan[:100])
+
+
+def test_async_finishes_a_fixed_sequence_in_fewer_ticks_than_sync(sim_arm):
+    arm, _ = sim_arm
+    # 120 actions in chunks of 20, latency 60 ms (6 ticks at 100 Hz). Sync waits for every chunk
+    # (6 chunks x >= 1 idle tick, ~6 each); async waits once at the start.
+    sync, plan = run_loop(arm, actions=120, latency=0.06, threshold=0.7, sync=True)
+    assert np.allclose(np.array(arm.asked), plan[:120])
+    assert sync.chunks_received == 6 and sync.stale_actions_dropped == 0
+    assert sync.idle_ticks >= 5  # at least one tick per chunk after the first
+    arm.asked.clear()
+    asynchronous, plan = run_loop(arm, actions=120, latency=0.06, threshold=0.7, sync=False)
+    assert np.allclose(np.array(arm.asked), plan[:120])
+    assert asynchronous.ticks < sync.ticks
+    assert asynchronous.idle_ticks < sync.idle_ticks
+
+
+def test_sync_executes_n_action_steps_per_chunk(sim_arm):
+    arm, _ = sim_arm
+    plan = trajectory(arm.robot.read().astype(float), 40)
+    spec = ia.PolicySpec(cameras={}, state_dim=6, action_dim=6, chunk_size=10, n_action_steps=10)
+    config = ia.ClientConfig(fps=200, sync=True, n_action_steps=4, ease_in=0, similarity=0)
+    policy, stamps = stand_in_policy(plan, 10, 0.0), []
+    client = ia.RobotClient(arm, {}, lambda obs: stamps.append(obs.timestep) or policy(obs), spec, "task", config)
+    client.run(max_actions=12)
+    assert stamps[:3] == [0, 4, 8]  # observe, execute 4 of the 10 actions, observe again
+    assert np.allclose(np.array(arm.asked), plan[:12])
+
+
+def sim_torque(sim) -> list[int]:
+    return [servo.get("Torque_Enable") for servo in sim.servos.values()]
+
+
+@pytest.mark.parametrize("failure", ["raises", "nan"])
+def test_policy_failure_holds_the_arm_then_torque_off(sim_arm, failure, capsys):
+    arm, sim = sim_arm
+    plan = trajectory(arm.robot.read().astype(float), 200)
+    calls = []
+
+    def failing_policy(obs):
+        calls.append(obs.timestep)
+        if len(calls) == 3:
+            if failure == "raises":
+                raise RuntimeError("CUDA out of memory")
+            return np.full((10, 6), np.nan)
+        return plan[obs.timestep:obs.timestep + 10]
+
+    spec = ia.PolicySpec(cameras={}, state_dim=6, action_dim=6, chunk_size=10, n_action_steps=10)
+    client = ia.RobotClient(arm, {}, failing_policy, spec, "task", ia.ClientConfig(fps=100, ease_in=0, similarity=0))
+    assert sim_torque(sim) == [1] * 6
+    status = ia.drive(client, duration=30)
+    assert status == 1
+    message = capsys.readouterr().err
+    assert ("CUDA out of memory" if failure == "raises" else "non-finite") in message
+    assert "torque went off" in message
+    # The last goal written is the hold: the pose read just before it. Nothing non-finite went out.
+    assert np.allclose(arm.asked[-1], arm.reads[-1])
+    assert all(np.all(np.isfinite(goal)) for goal in arm.asked)
+    assert arm.torque_offs == 1 and sim_torque(sim) == [0] * 6
+    assert len(calls) == 3
+
+
+def test_duration_ends_the_run_with_the_safe_stop(sim_arm, capsys):
+    arm, sim = sim_arm
+    spec = ia.PolicySpec(cameras={}, state_dim=6, action_dim=6, chunk_size=10, n_action_steps=10)
+    hold = arm.robot.read()
+    client = ia.RobotClient(arm, {}, lambda obs: np.tile(hold, (10, 1)), spec, "task", ia.ClientConfig(fps=50))
+    started = time.monotonic()
+    assert ia.drive(client, duration=0.5) == 0
+    assert time.monotonic() - started < 10
+    assert client.metrics.actions_executed > 0
+    assert sim_torque(sim) == [0] * 6
+    assert "done" in capsys.readouterr().err
+
+
+def test_client_refuses_a_policy_whose_cameras_are_missing():
+    spec = ia.PolicySpec(cameras={TOP: (48, 64)}, state_dim=6, action_dim=6, chunk_size=10, n_action_steps=10)
+    with pytest.raises(ia.InferError, match="observation.images.top"):
+        ia.RobotClient(object(), {}, lambda obs: None, spec, "task")
+
+
+# ---------------------------------------------------------------------------------------------
+# Remote mode: the wire format over loopback
+
+SPEC_2 = ia.PolicySpec(cameras={TOP: (6, 8)}, state_dim=6, action_dim=6, chunk_size=5, n_action_steps=5)
+
+
+@pytest.fixture
+def tcp_server():
+    """A PolicyTCPServer on an ephemeral loopback port with token 's3cret' and a 1 MiB message limit;
+    its policy records each observation and answers chunk[i, j] = state[j] + i."""
+    seen = []
+
+    def policy_fn(obs):
+        seen.append(obs)
+        return obs.state[None, :] + np.arange(5, dtype=np.float32)[:, None]
+
+    server = ia.PolicyTCPServer(("127.0.0.1", 0), policy_fn, SPEC_2, token="s3cret", max_bytes=1 << 20)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, seen
+    server.shutdown()
+    server.server_close()
+
+
+def raw_exchange(port: int, data: bytes) -> tuple[dict, float]:
+    """Sends bytes on a fresh connection; returns the server's reply header and how long it took."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        started = time.monotonic()
+        sock.sendall(data)
+        header, _ = ia.recv_frame(sock)
+        return header, time.monotonic() - started
+
+
+def frame(header: dict, payload: bytes = b"") -> bytes:
+    """The documented layout, built by hand: b'SVLA', header length, payload length (big-endian)."""
+    body = json.dumps(header).encode()
+    return b"SVLA" + struct.pack(">II", len(body), len(payload)) + body + payload
+
+
+def test_frame_layout_matches_the_documented_bytes():
+    left, right = socket.socketpair()
+    with left, right:
+        ia.send_frame(left, {"type": "x"})
+        assert right.recv(100) == b"SVLA\x00\x00\x00\x0d\x00\x00\x00\x00" + b'{"type": "x"}'
+
+
+def test_remote_round_trip_of_an_observation_and_a_chunk(tcp_server):
+    server, seen = tcp_server
+    remote = ia.RemotePolicy("127.0.0.1", server.server_address[1], token="s3cret")
+    try:
+        assert remote.connect() == SPEC_2
+        image = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
+        state = np.array([1.5, -2, 3, 4, 5, 99], np.float32)
+        chunk = remote(ia.Observation(7, state, {TOP: image}, "pick up the cube"))
+        chunk_again = remote(ia.Observation(8, state + 1, {TOP: image}, "pick up the cube"))
+    finally:
+        remote.close()
+    assert np.array_equal(chunk, state[None, :] + np.arange(5)[:, None])
+    assert np.array_equal(chunk_again, chunk + 1)
+    assert seen[0].timestep == 7 and seen[0].task == "pick up the cube"
+    assert np.array_equal(seen[0].state, state) and np.array_equal(seen[0].images[TOP], image)
+
+
+@pytest.mark.parametrize("token", ["wrong", None, "s3cret "])
+def test_remote_refuses_a_wrong_or_missing_token(tcp_server, token):
+    server, seen = tcp_server
+    remote = ia.RemotePolicy("127.0.0.1", server.server_address[1], token=token)
+    with pytest.raises(ia.WireError, match="token"):
+        remote.connect()
+    remote.close()
+    assert seen == []
+
+
+def test_remote_refuses_an_oversized_message_before_reading_it(tcp_server):
+    server, seen = tcp_server
+    port = server.server_address[1]
+    hello = frame({"type": "hello", "version": 1, "token": "s3cret"})
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(hello)
+        assert ia.recv_frame(sock)[0]["type"] == "spec"
+        # Announce a 2 MiB payload (limit 1 MiB) and send none of it: the refusal comes at once.
+        sock.sendall(b"SVLA" + struct.pack(">II", 2, 2 << 20) + b"{}")
+        header, _ = ia.recv_frame(sock)
+    assert header["type"] == "error" and "exceeds the limit" in header["message"]
+    header, _ = raw_exchange(port, b"SVLA" + struct.pack(">II", 1 << 30, 0))  # an absurd header length
+    assert header["type"] == "error" and "header" in header["message"]
+    assert seen == []
+
+
+def test_remote_refuses_a_pickle_payload(tcp_server):
+    server, seen = tcp_server
+    port = server.server_address[1]
+    bomb = pickle.dumps({"type": "hello", "version": 1, "token": "s3cret"})
+    header, _ = raw_exchange(port, bomb)  # a bare pickle instead of a frame
+    assert header["type"] == "error" and "not an infer_async message" in header["message"]
+    # A pickle where the tensor payload goes, after a good hello.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(frame({"type": "hello", "version": 1, "token": "s3cret"}))
+        ia.recv_frame(sock)
+        sock.sendall(frame({"type": "infer", "timestep": 0, "task": "x"}, pickle.dumps(np.zeros(6))))
+        header, _ = ia.recv_frame(sock)
+    assert header["type"] == "error" and "malformed tensor payload" in header["message"]
+    assert seen == []
+
+
+def test_module_never_uses_pickle():
+    source = (ROOT / "infer_async.py").read_text()
+    assert "pickle" not in source and "torch.load" not in source and "eval(" not in source
+
+
+def test_remote_refuses_an_observation_that_does_not_fit_the_policy(tcp_server):
+    server, seen = tcp_server
+    remote = ia.RemotePolicy("127.0.0.1", server.server_address[1], token="s3cret")
+    remote.connect()
+    wrong_image = np.zeros((8, 6, 3), np.uint8)  # transposed
+    with pytest.raises(ia.WireError, match="uint8 \\(6, 8, 3\\)"):
+        remote(ia.Observation(0, np.zeros(6, np.float32), {TOP: wrong_image}, "x"))
+    remote.close()
+    assert seen == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Cameras
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    path = tmp_path / "camera.fifo"
+    os.mkfifo(path)
+    return path
+
+
+def test_pyav_camera_keeps_the_newest_frame_and_refuses_a_stale_one(fifo):
+    # A FIFO stands in for the capture device: PyAV decodes raw RGB frames as they are written.
+    opened = {}
+
+    def device():
+        opened["fd"] = fd = os.open(fifo, os.O_WRONLY)
+        for value in (10, 20, 30):
+            os.write(fd, np.full((24, 32, 3), value, np.uint8).tobytes())
+
+    writer = threading.Thread(target=device)
+    writer.start()
+    camera = ia.Camera(TOP, str(fifo), (12, 16), input_format="rawvideo", timeout=0.5,
+                       options={"video_size": "32x24", "pixel_format": "rgb24", "framerate": "30"})
+    try:
+        camera.start(first_frame_timeout=10)
+        writer.join()
+        deadline = time.monotonic() + 5
+        while camera.read()[0, 0, 0] != 30 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        frame = camera.read()
+        assert frame.shape == (12, 16, 3) and frame.dtype == np.uint8 and np.all(frame == 30)
+        time.sleep(0.7)  # the device stalls: no frame for longer than the timeout
+        with pytest.raises(ia.CameraError, match="no frame for"):
+            camera.read()
+        os.close(opened["fd"])  # the device goes away
+        time.sleep(0.2)
+        with pytest.raises(ia.CameraError, match="ended"):
+            camera.read()
+    finally:
+        camera.close()
+
+
+def test_camera_that_cannot_open_names_the_device(tmp_path):
+    with pytest.raises(ia.CameraError, match="no_such_device"):
+        ia.Camera(TOP, str(tmp_path / "no_such_device"), (12, 16), input_format="rawvideo",
+                  options={"video_size": "32x24", "pixel_format": "rgb24"}).start()
+
+
+def test_synthetic_camera_moves():
+    now = [0.0]
+    camera = ia.SyntheticCamera(TOP, (48, 64), clock=lambda: now[0])
+    first = camera.read()
+    now[0] = 3.0
+    assert first.shape == (48, 64, 3) and first.dtype == np.uint8
+    assert not np.array_equal(first, camera.read())
+
+
+def test_camera_argument_names_map_to_policy_keys():
+    assert ia.parse_camera("top=/dev/video0") == (TOP, "/dev/video0")
+    assert ia.parse_camera("observation.images.wrist=1") == (WRIST, "1")
+    with pytest.raises(ia.InferError, match="NAME=DEVICE"):
+        ia.parse_camera("/dev/video0")
+
+
+# ---------------------------------------------------------------------------------------------
+# The real SmolVLA (tiny fixture) end to end on the simulated arm
+
+
+@pytest.fixture(scope="module")
+def tiny_policy():
+    return ia.load_policy(str(TINY_POLICY), str(TINY_VLM), "cpu")
+
+
+def test_real_smolvla_drives_the_simulated_arm(sim_arm, tiny_policy):
+    arm, sim = sim_arm
+    spec = ia.policy_spec(tiny_policy)
+    assert spec == ia.PolicySpec({TOP: (48, 64), WRIST: (48, 64)}, 6, 6, 10, 10)
+    cameras = {key: ia.SyntheticCamera(key, size) for key, size in spec.cameras.items()}
+    client = ia.RobotClient(arm, cameras, ia.make_policy_fn(tiny_policy), spec, "Pick up the cube.",
+                            ia.ClientConfig(fps=30))
+    assert ia.drive(client, duration=60, max_actions=30) == 0
+    metrics = client.metrics
+    assert metrics.actions_executed == 30 and metrics.chunks_received >= 3
+    # Random weights: the actions are arbitrary, but finite, and what reached the servos is clipped
+    # to the calibrated range.
+    low, high = so100.unit_limits(sim.calibration)
+    assert all(np.all(np.isfinite(goal)) for goal in arm.asked)
+    assert all(np.all(goal >= low - 1e-6) and np.all(goal <= high + 1e-6) for goal in arm.sent)
+    for name, servo_id in so100.MOTOR_IDS.items():
+        goal = sim.servos[servo_id].get("Goal_Position")
+        assert sim.calibration[name]["range_min"] <= goal <= sim.calibration[name]["range_max"]
+    assert sim_torque(sim) == [0] * 6
+
+
+def test_command_line_sim_run_writes_metrics_and_plot(tmp_path, capsys):
+    metrics_path, plot_path = tmp_path / "metrics.json", tmp_path / "queue.png"
+    status = ia.main(["--sim", "--policy", str(TINY_POLICY), "--vlm", str(TINY_VLM), "--device", "cpu",
+                      "--task", "Pick up the cube.", "--duration", "1.5", "--quiet",
+                      "--metrics-json", str(metrics_path), "--plot", str(plot_path)])
+    assert status == 0
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["mode"] == "async" and metrics["actions_executed"] > 0 and metrics["chunk_size"] == 10
+    assert metrics["ticks"] == len(metrics["queue_size"]) > 0
+    assert metrics["latency_ms"]["mean"] > 0 and metrics["latency_ms"]["p95"] >= metrics["latency_ms"]["mean"] * 0.5
+    assert Image.open(plot_path).size == (800, 600)
+    err = capsys.readouterr().err
+    assert "inference latency" in err and "torque went off" in err
+
+
+def test_command_line_remote_run_against_a_token_server(tcp_server, tmp_path):
+    server, seen = tcp_server
+    metrics_path = tmp_path / "m.json"
+    status = ia.main(["--sim", "--server", f"127.0.0.1:{server.server_address[1]}", "--token", "s3cret",
+                      "--task", "wave", "--fps", "50", "--duration", "1", "--quiet", "--metrics-json", str(metrics_path)])
+    assert status == 0
+    assert json.loads(metrics_path.read_text())["actions_executed"] > 0
+    assert seen and seen[0].task == "wave" and seen[0].images[TOP].shape == (6, 8, 3)
+
+
+def test_sim_without_the_demo_checkpoint_says_to_train_first(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert ia.main(["--sim", "--quiet"]) == 2
+    assert "python train.py" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--policy", "p", "--task", "t"], "--port"),
+    (["--sim", "--policy", "p"], "--task"),
+    (["--sim", "--server", "h:1", "--policy", "p", "--task", "t"], "exclude"),
+    (["--sim", "--server", "nohostport", "--task", "t"], "HOST:PORT"),
+    (["--sim", "--task", "t", "--threshold", "1.5"], "--threshold"),
+])
+def test_command_line_errors_are_clear(argv, message, capsys):
+    assert ia.main(argv) == 2
+    assert message in capsys.readouterr().err
