@@ -2,6 +2,7 @@
 
     python bench.py data [--workers 2] [--batch-size 8] [--batches 40]
     python bench.py infer [--device cpu] [--dtype float32] [--compile] [--fast] [--batch 1 8]
+    python bench.py train [--device cpu] [--batch-size 2]
 """
 
 from __future__ import annotations
@@ -290,6 +291,47 @@ def bench_infer(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# train: one optimisation step of the smolvla_base architecture, with and without cached vision
+
+
+def bench_train(args: argparse.Namespace) -> None:
+    import train
+
+    device = torch.device(args.device)
+    sync = device_sync(device)
+    peak = matmul_gflops(device, torch.float32)
+    emit({"bench": "matmul", "device": str(device), "dtype": "float32", "threads": torch.get_num_threads(),
+          "gflops": round(peak, 1)})
+    policy = smolvla_base(device, torch.float32, args.cameras, args.height, args.width)
+    trained = train.freeze(policy)  # the fine-tuning recipe: vision encoder and VLM frozen
+    recipe = train.parse_args([])  # the optimiser and schedule defaults
+    optimizer = train.make_optimizer(policy, recipe)
+    scheduler = train.make_scheduler(optimizer, recipe)
+    policy.train()
+
+    batch = observation_batch(policy, args.batch_size, args.height, args.width, device)
+    generator = torch.Generator().manual_seed(3)
+    batch["action"] = torch.randn(args.batch_size, policy.cfg.chunk_size, 6, generator=generator).to(device)
+    batch["action_is_pad"] = torch.zeros(args.batch_size, policy.cfg.chunk_size, dtype=torch.bool, device=device)
+    noise, time_ = train.flow_noise_and_time(0, 0, 0, 0, args.batch_size, policy, device)
+    # What --cache-vision feeds instead of the images: embed_image outputs stored as float16.
+    cached = {k: v for k, v in batch.items() if k not in policy.camera_keys}
+    cached["image_embeddings"] = {k: v.half() for k, v in policy.encode_images(batch).items()}
+
+    results = {}
+    for mode, step_batch in (("uncached", batch), ("cache-vision", cached)):
+        seconds = timed(lambda: train.train_step(policy, optimizer, scheduler, step_batch, noise, time_),
+                        args.repeats, sync)
+        results[mode] = args.batch_size / seconds
+        emit({"bench": "train", "mode": mode, "device": str(device), "batch": args.batch_size,
+              "ms_per_step": round(seconds * 1e3, 1), "samples_per_s": round(results[mode], 2),
+              "trained_parameters": sum(p.numel() for n, p in policy.named_parameters() if n in set(trained)),
+              "peak_memory_mb": round(peak_memory_mb(device))})
+    emit({"bench": "train", "cache_vision_speedup": round(results["cache-vision"] / results["uncached"], 2),
+          "note": "model step only; the cache also skips video decoding (see bench.py data)"})
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def main() -> None:
@@ -319,6 +361,15 @@ def main() -> None:
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=640)
     p.set_defaults(run=bench_infer)
+
+    p = commands.add_parser("train", help="training samples/s of the smolvla_base architecture, with/without cached vision")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up; the median is printed")
+    p.add_argument("--cameras", type=int, default=2)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=640)
+    p.set_defaults(run=bench_train)
 
     args = parser.parse_args()
     args.run(args)
