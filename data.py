@@ -401,11 +401,13 @@ class LeRobotDataset(torch.utils.data.Dataset):
         episodes: list[int] | None = None,
         revision: str | None = None,
         max_open_videos: int = 16,
+        decode_video: bool = True,
     ):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size
         self.max_open_videos = max_open_videos
+        self.decode_video = decode_video  # False: items carry no images (training from cached features)
         self.root = resolve_root(repo_id_or_dir, revision)
         info_path = self.root / "meta" / "info.json"
         if not info_path.is_file():
@@ -529,7 +531,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         chunk = np.arange(i, i + self.chunk_size)
         item: dict[str, Any] = {}
         timestamp = float(columns["timestamp"][i])
-        for key in self.camera_keys:
+        for key in self.camera_keys if self.decode_video else []:
             image = self._frame(episode_index, key, timestamp)
             item[key] = torch.from_numpy(image).permute(2, 0, 1).to(torch.float32).div_(255.0)
         if "observation.state" in columns:

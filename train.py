@@ -461,10 +461,9 @@ def split_episodes(spec: str, episodes: list[int]) -> tuple[list[int], list[int]
 
 
 def without_video(dataset: data.LeRobotDataset) -> data.LeRobotDataset:
-    """A view of the dataset whose items lack the camera images: no video is opened or decoded.
-    (LeRobotDataset.__getitem__ decodes exactly the keys in `camera_keys`.)"""
+    """A view of the dataset whose items lack the camera images: no video is opened or decoded."""
     view = copy.copy(dataset)
-    view.camera_keys = []
+    view.decode_video = False
     return view
 
 

@@ -269,6 +269,16 @@ def test_select_episodes(tiny_v3_dataset):
     assert len(data.LeRobotDataset(root, episodes=[1])) == LENGTHS[1]
 
 
+def test_items_without_video(tiny_v3_dataset, tmp_path):
+    """decode_video=False (training from cached image features) opens no video at all."""
+    root = copy_dataset(tiny_v3_dataset[0], tmp_path)
+    for video in (root / "videos").rglob("*.mp4"):
+        video.write_bytes(b"not a video")
+    item = data.LeRobotDataset(root, chunk_size=3, decode_video=False)[5]
+    assert not any(key.startswith("observation.images.") for key in item)
+    assert item["action"].shape == (3, 6) and item["frame_index"] == 5
+
+
 def test_dataloader_workers_open_their_own_decoders(tiny_v3_dataset):
     root, episodes = tiny_v3_dataset
     dataset = data.LeRobotDataset(root, chunk_size=4)
