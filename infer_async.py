@@ -382,6 +382,13 @@ def load_policy(policy: str, vlm: str | None = None, device: str | None = None):
         raise InferError(f"cannot load the policy {policy}: {err}") from err
 
 
+def warm_up(policy_fn: Callable[[Observation], np.ndarray], spec: PolicySpec) -> None:
+    """One inference on a blank observation: the first call is several times slower (memory
+    allocation, kernel selection), and would otherwise stall the start of the run."""
+    images = {key: np.zeros((height, width, 3), np.uint8) for key, (height, width) in spec.cameras.items()}
+    policy_fn(Observation(0, np.zeros(spec.state_dim, np.float32), images, ""))
+
+
 def policy_spec(policy) -> PolicySpec:
     """Camera keys as the robot names them: a policy whose preprocessor renames data cameras onto
     its slots (e.g. top -> camera1) expects the data names."""
@@ -967,9 +974,10 @@ def open_policy(args: argparse.Namespace, stack: ExitStack) -> tuple[Callable[[O
         path, args.task = DEMO_POLICY, args.task or DEMO_TASK
     print(f"loading {path} ...", file=sys.stderr, flush=True)
     policy = load_policy(path, args.vlm, args.device)
-    spec = policy_spec(policy)
+    spec, policy_fn = policy_spec(policy), make_policy_fn(policy)
+    warm_up(policy_fn, spec)
     print(f"policy on {policy.device}: chunk {spec.chunk_size}, cameras {sorted(spec.cameras)}", file=sys.stderr)
-    return make_policy_fn(policy), spec
+    return policy_fn, spec
 
 
 def open_cameras(args: argparse.Namespace, spec: PolicySpec, stack: ExitStack) -> dict:
@@ -1041,9 +1049,10 @@ def serve_main(argv: list[str]) -> int:
     except InferError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    spec = policy_spec(policy)
+    spec, policy_fn = policy_spec(policy), make_policy_fn(policy)
+    warm_up(policy_fn, spec)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    server = PolicyTCPServer((args.host, args.listen), make_policy_fn(policy), spec, args.token,
+    server = PolicyTCPServer((args.host, args.listen), policy_fn, spec, args.token,
                              int(args.max_message_mb * 2**20), log=log)
     host, port = server.server_address[:2]
     log(f"serving {args.policy} on {host}:{port} (chunk {spec.chunk_size}, cameras {sorted(spec.cameras)}"

@@ -7,8 +7,12 @@ Timing-based checks use margins of several times the latency, so a loaded machin
 import json
 import os
 import pickle
+import re
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -562,7 +566,7 @@ def test_real_smolvla_drives_the_simulated_arm(sim_arm, tiny_policy):
 def test_command_line_sim_run_writes_metrics_and_plot(tmp_path, capsys):
     metrics_path, plot_path = tmp_path / "metrics.json", tmp_path / "queue.png"
     status = ia.main(["--sim", "--policy", str(TINY_POLICY), "--vlm", str(TINY_VLM), "--device", "cpu",
-                      "--task", "Pick up the cube.", "--duration", "1.5", "--quiet",
+                      "--task", "Pick up the cube.", "--duration", "2", "--quiet",
                       "--metrics-json", str(metrics_path), "--plot", str(plot_path)])
     assert status == 0
     metrics = json.loads(metrics_path.read_text())
@@ -600,3 +604,71 @@ def test_sim_without_the_demo_checkpoint_says_to_train_first(tmp_path, monkeypat
 def test_command_line_errors_are_clear(argv, message, capsys):
     assert ia.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_the_loop_with_the_safe_stop(sim_arm, capsys):
+    arm, sim = sim_arm
+    spec = ia.PolicySpec(cameras={}, state_dim=6, action_dim=6, chunk_size=10, n_action_steps=10)
+    hold = arm.robot.read()
+    sleeps = []
+
+    def sleep(seconds):  # Ctrl-C lands while the loop waits for its next tick, as it mostly does
+        sleeps.append(seconds)
+        if len(sleeps) == 40:
+            raise KeyboardInterrupt
+        time.sleep(seconds)
+
+    client = ia.RobotClient(arm, {}, lambda obs: np.tile(hold, (10, 1)), spec, "task", ia.ClientConfig(fps=100),
+                            sleep=sleep)
+    assert ia.drive(client, duration=30) == 0
+    assert "interrupted (Ctrl-C)" in capsys.readouterr().err
+    assert np.allclose(arm.asked[-1], arm.reads[-1]) and sim_torque(sim) == [0] * 6
+
+
+class Process:
+    """A subprocess whose stderr lines are collected by a thread, for waiting on a message."""
+
+    def __init__(self, argv):
+        self.popen = subprocess.Popen([sys.executable, str(ROOT / "infer_async.py"), *argv], cwd=ROOT,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.popen.stderr), daemon=True).start()
+
+    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            exited = self.popen.poll() is not None
+            time.sleep(0.1)  # after an exit too: the reader thread catches up with the last lines
+            for line in list(self.lines):
+                if match := re.search(pattern, line):
+                    return match
+            if exited:
+                raise AssertionError(f"exited with {self.popen.returncode}:\n{''.join(self.lines)}")
+        raise AssertionError(f"no {pattern!r} within {timeout} s in:\n{''.join(self.lines)}")
+
+    def interrupt(self) -> int:
+        self.popen.send_signal(signal.SIGINT)
+        return self.popen.wait(timeout=60)
+
+
+def test_serve_and_client_processes_with_ctrl_c(tmp_path):
+    """The remote-GPU setup as users run it: `serve` in one process, the robot client (simulated arm)
+    in another, Ctrl-C to each."""
+    server = Process(["serve", "--policy", str(TINY_POLICY), "--vlm", str(TINY_VLM), "--device", "cpu",
+                      "--listen", "0", "--token", "s3cret"])
+    try:
+        port = server.wait_for(r"serving .* on 127\.0\.0\.1:(\d+)").group(1)
+        metrics_path = tmp_path / "metrics.json"
+        client = Process(["--sim", "--server", f"127.0.0.1:{port}", "--token", "s3cret", "--task", "Pick up the cube.",
+                          "--metrics-json", str(metrics_path)])
+        try:
+            client.wait_for(r"actions [1-9]")  # the live line, once actions flow
+        finally:
+            status = client.interrupt()
+        output = "".join(client.lines)
+        assert status == 0, output
+        assert "interrupted (Ctrl-C)" in output and "torque went off" in output
+        assert json.loads(metrics_path.read_text())["chunks_received"] > 0
+        assert server.wait_for(r"connected")
+    finally:
+        assert server.interrupt() == 0
