@@ -49,6 +49,8 @@ STATE = "observation.state"
 IMAGE_PREFIX = "observation.images."
 DEMO_POLICY = "outputs/demo/checkpoints/last/pretrained_model"  # written by `python train.py`
 DEMO_TASK = "Move the arm to the red target."  # the task the demo policy was trained on
+DEMO_FPS = 10.0  # the demo dataset's frame rate (a checkpoint does not record its dataset's)
+DEFAULT_FPS = 30.0
 
 # ---------------------------------------------------------------------------------------------
 # 1. Observations, errors, aggregation
@@ -506,6 +508,7 @@ class PolicyTCPServer(socketserver.ThreadingTCPServer):
         self.policy_fn, self.spec, self.token, self.max_bytes = policy_fn, spec, token, max_bytes
         self.read_timeout, self.log = read_timeout, log
         self.policy_lock = threading.Lock()
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, PolicyConnection)
 
 
@@ -744,8 +747,9 @@ class RobotClient:
     """
 
     def __init__(self, robot, cameras: dict, policy_fn: Callable[[Observation], np.ndarray], spec: PolicySpec,
-                 task: str, config: ClientConfig = ClientConfig(), clock: Callable[[], float] = time.monotonic,
+                 task: str, config: ClientConfig | None = None, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep):
+        config = config or ClientConfig()
         missing = sorted(set(spec.cameras) - set(cameras))
         if missing:
             raise InferError(f"the policy needs the camera(s) {missing}; given {sorted(cameras)}")
@@ -872,11 +876,22 @@ def drive(client: RobotClient, duration: float | None = None, max_actions: int |
 # ---------------------------------------------------------------------------------------------
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends a flag's default unless it is empty or the help already speaks of it (which also
+    keeps a token taken from the environment out of --help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" not in text and action.default not in (None, False, [], argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Run a SmolVLA policy on an SO-100 arm with asynchronous inference "
                     "(`python infer_async.py serve --help` for the remote policy server).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("policy")
     g.add_argument("--policy", help=f"Hub id or directory (default with --sim: {DEMO_POLICY})")
     g.add_argument("--vlm", help="VLM config/tokenizer (dir or Hub id) if not the policy's vlm_model_name")
@@ -904,7 +919,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--camera-timeout", type=float, default=1.0,
                    help="seconds: a camera whose newest frame is older than this stops the run")
     g = p.add_argument_group("control")
-    g.add_argument("--fps", type=float, default=30.0, help="control ticks per second (one action each)")
+    g.add_argument("--fps", type=float, help=f"control ticks per second, one action each: use the training "
+                   f"data's frame rate (default {DEFAULT_FPS:g}; {DEMO_FPS:g} for the demo policy)")
     g.add_argument("--threshold", type=float, default=0.7,
                    help="g: send an observation when queue size / chunk size <= g")
     g.add_argument("--aggregate", choices=sorted(AGGREGATES), default="weighted",
@@ -924,7 +940,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_serve_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infer_async.py serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="infer_async.py serve", formatter_class=HelpFormatter,
                                 description="Serve one policy over TCP for `infer_async.py --server HOST:PORT`.")
     p.add_argument("--policy", required=True, help="Hub id or directory, fixed for the server's lifetime")
     p.add_argument("--vlm", help="VLM config/tokenizer (dir or Hub id) if not the policy's vlm_model_name")
@@ -950,7 +966,7 @@ def check_client_args(args: argparse.Namespace) -> None:
         raise InferError("give the instruction with --task \"...\"")
     if not 0 <= args.threshold <= 1:
         raise InferError(f"--threshold must lie in [0, 1], got {args.threshold}")
-    if args.fps <= 0 or args.ease_in < 0 or args.similarity < 0:
+    if (args.fps is not None and args.fps <= 0) or args.ease_in < 0 or args.similarity < 0:
         raise InferError("--fps must be positive; --ease-in and --similarity must not be negative")
     if args.n_action_steps is not None and args.n_action_steps < 1:
         raise InferError(f"--n-action-steps must be at least 1, got {args.n_action_steps}")
@@ -971,7 +987,7 @@ def open_policy(args: argparse.Namespace, stack: ExitStack) -> tuple[Callable[[O
         if not Path(DEMO_POLICY).exists():
             raise InferError(f"no demo policy at {DEMO_POLICY}: run `python train.py` first "
                              "(about 2 minutes on a CPU), or pass --policy")
-        path, args.task = DEMO_POLICY, args.task or DEMO_TASK
+        path, args.task, args.fps = DEMO_POLICY, args.task or DEMO_TASK, args.fps or DEMO_FPS
     print(f"loading {path} ...", file=sys.stderr, flush=True)
     policy = load_policy(path, args.vlm, args.device)
     spec, policy_fn = policy_spec(policy), make_policy_fn(policy)
@@ -1017,6 +1033,7 @@ def client_main(argv: list[str]) -> int:
         try:
             check_client_args(args)
             policy_fn, spec = open_policy(args, stack)
+            args.fps = args.fps or DEFAULT_FPS
             cameras = open_cameras(args, spec, stack)
             if args.sim:
                 sim = stack.enter_context(so100.SimulatedArm())
