@@ -407,9 +407,10 @@ def make_policy_fn(policy) -> Callable[[Observation], np.ndarray]:
     import torch
 
     def run(observation: Observation) -> np.ndarray:
-        batch = {key: torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        # torch.tensor copies: arrays received over the wire are read-only views of the message.
+        batch = {key: torch.tensor(image).permute(2, 0, 1)[None].float() / 255
                  for key, image in observation.images.items()}
-        batch[STATE] = torch.from_numpy(np.asarray(observation.state, np.float32))[None]
+        batch[STATE] = torch.tensor(observation.state, dtype=torch.float32)[None]
         batch["task"] = [observation.task]
         return policy.predict_chunk(batch)[0].float().cpu().numpy()
 
