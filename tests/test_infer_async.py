@@ -34,7 +34,7 @@ TOP, WRIST = "observation.images.top", "observation.images.wrist"
 
 
 def pixels_of(image: Image.Image, colour) -> np.ndarray:
-    """(row, column) of every pixel within a small distance of `colour` (lines are antialiased-free)."""
+    """(row, column) of every pixel of (nearly) `colour`."""
     a = np.asarray(image.convert("RGB")).astype(int)
     return np.argwhere(np.abs(a - np.array(colour)).sum(-1) <= 30)
 
@@ -62,11 +62,10 @@ def test_panels_stack_top_to_bottom_each_with_its_own_series(tmp_path):
                             Panel({"b": (xs, [5.0, 5.0, 5.0]), "c": (xs, [1.0, 0.0, 1.0])}, "bottom")], size=(500, 600))
     image = Image.open(path)
     assert image.size == (500, 600)
-    a, b, c = pixels_of(image, COLOURS[0]), pixels_of(image, COLOURS[1]), pixels_of(image, COLOURS[0])
-    first_panel_rows = a[a[:, 0] < 300]
-    assert len(first_panel_rows) > 50
-    assert len(b) > 50 and b[:, 0].min() >= 300  # the second series of the lower panel lives below
-    assert len(c[c[:, 0] >= 300]) > 50  # the lower panel's first series reuses the first colour
+    first_colour, second_colour = pixels_of(image, COLOURS[0]), pixels_of(image, COLOURS[1])
+    assert len(first_colour[first_colour[:, 0] < 300]) > 50  # "a" in the upper half
+    assert len(first_colour[first_colour[:, 0] >= 300]) > 50  # "c": each panel starts the palette anew
+    assert len(second_colour) > 50 and second_colour[:, 0].min() >= 300  # "b" only in the lower half
 
 
 # ---------------------------------------------------------------------------------------------
