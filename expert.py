@@ -22,6 +22,12 @@ import torch.nn as nn
 from lm import DecoderLayer, RMSNorm, additive_mask, apply_rope, attention, repeat_kv, rope_cos_sin
 
 
+def weight_dtype(linear: nn.Module) -> torch.dtype:
+    """The dtype a linear layer takes its input in (float32 for an int8 dynamically quantised one)."""
+    weight = linear.weight
+    return weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
+
+
 def expert_intermediate_size(hidden: int, multiplier: int = 4, multiple_of: int = 256) -> int:
     """MLP width of the expert: 2/3 of 4x hidden, rounded up to a multiple of 256 (720 -> 2048)."""
     size = int(multiplier * int(2 * hidden / 3))
@@ -88,7 +94,7 @@ class ActionExpert(nn.Module):
             if self.cfg.is_cross(i):
                 # The expert's k/v projections read the VLM's keys/values flattened over heads.
                 # The official checkpoints keep these projections in float32 (the rest is bf16).
-                proj_dtype = attn.k_proj.weight.dtype
+                proj_dtype = weight_dtype(attn.k_proj)
                 k = attn.k_proj(k.transpose(1, 2).flatten(2).to(proj_dtype)).to(dtype)
                 v = attn.v_proj(v.transpose(1, 2).flatten(2).to(proj_dtype)).to(dtype)
                 k, v = attn.split_heads(k, attn.kv_heads), attn.split_heads(v, attn.kv_heads)
