@@ -373,13 +373,13 @@ class PolicyServer:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_policy(policy: str, vlm: str | None = None, device: str | None = None):
-    """flow.SmolVLA from a Hub id or directory. Imported here: in remote mode the robot computer
-    needs neither torch nor the model code."""
+def load_policy(policy: str, vlm: str | None = None, device: str | None = None, fast: bool = False):
+    """flow.SmolVLA from a Hub id or directory (fast: the int8 CPU mode). Imported here: in remote
+    mode the robot computer needs neither torch nor the model code."""
     from flow import SmolVLA
 
     try:
-        return SmolVLA.from_pretrained(policy, vlm=vlm, device=device)
+        return SmolVLA.from_pretrained(policy, vlm=vlm, device="cpu" if fast else device, fast=fast)
     except (FileNotFoundError, ValueError, KeyError, OSError) as err:
         raise InferError(f"cannot load the policy {policy}: {err}") from err
 
@@ -897,6 +897,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--policy", help=f"Hub id or directory (default with --sim: {DEMO_POLICY})")
     g.add_argument("--vlm", help="VLM config/tokenizer (dir or Hub id) if not the policy's vlm_model_name")
     g.add_argument("--device", help="cuda, cpu, mps (default: cuda if available)")
+    g.add_argument("--fast", action="store_true",
+                   help="real-time CPU mode: int8 linear layers, ~2x faster chunks (see README, Performance)")
     g.add_argument("--task", help="the instruction given to the policy (default with --sim: the demo's task)")
     g.add_argument("--server", metavar="HOST:PORT", help="use a remote policy server instead of a local policy")
     g.add_argument("--token", default=os.environ.get("INFER_ASYNC_TOKEN"),
@@ -946,6 +948,7 @@ def build_serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", required=True, help="Hub id or directory, fixed for the server's lifetime")
     p.add_argument("--vlm", help="VLM config/tokenizer (dir or Hub id) if not the policy's vlm_model_name")
     p.add_argument("--device", help="cuda, cpu, mps (default: cuda if available)")
+    p.add_argument("--fast", action="store_true", help="real-time CPU mode: int8 linear layers (CPU only)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind; keep 127.0.0.1 and reach it through an SSH tunnel")
     p.add_argument("--listen", type=int, default=8765, help="TCP port")
@@ -990,10 +993,11 @@ def open_policy(args: argparse.Namespace, stack: ExitStack) -> tuple[Callable[[O
                              "(about 2 minutes on a CPU), or pass --policy")
         path, args.task, args.fps = DEMO_POLICY, args.task or DEMO_TASK, args.fps or DEMO_FPS
     print(f"loading {path} ...", file=sys.stderr, flush=True)
-    policy = load_policy(path, args.vlm, args.device)
+    policy = load_policy(path, args.vlm, args.device, args.fast)
     spec, policy_fn = policy_spec(policy), make_policy_fn(policy)
     warm_up(policy_fn, spec)
-    print(f"policy on {policy.device}: chunk {spec.chunk_size}, cameras {sorted(spec.cameras)}", file=sys.stderr)
+    mode = " (int8 fast mode)" if getattr(policy, "quantized", False) else ""
+    print(f"policy on {policy.device}{mode}: chunk {spec.chunk_size}, cameras {sorted(spec.cameras)}", file=sys.stderr)
     return policy_fn, spec
 
 
@@ -1063,7 +1067,7 @@ def serve_main(argv: list[str]) -> int:
         print(f"warning: serving on {args.host} without --token: anyone who can reach this port can drive "
               "the policy. Prefer 127.0.0.1 with an SSH tunnel.", file=sys.stderr)
     try:
-        policy = load_policy(args.policy, args.vlm, args.device)
+        policy = load_policy(args.policy, args.vlm, args.device, args.fast)
     except InferError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

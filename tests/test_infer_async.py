@@ -577,6 +577,15 @@ def test_command_line_sim_run_writes_metrics_and_plot(tmp_path, capsys):
     assert "inference latency" in err and "torque went off" in err
 
 
+def test_command_line_fast_mode_runs_the_int8_policy(tmp_path, capsys):
+    status = ia.main(["--sim", "--policy", str(TINY_POLICY), "--vlm", str(TINY_VLM), "--fast",
+                      "--task", "Pick up the cube.", "--duration", "1", "--quiet",
+                      "--metrics-json", str(tmp_path / "m.json")])
+    assert status == 0
+    assert json.loads((tmp_path / "m.json").read_text())["actions_executed"] > 0
+    assert "int8 fast mode" in capsys.readouterr().err
+
+
 def test_command_line_remote_run_against_a_token_server(tcp_server, tmp_path):
     server, seen = tcp_server
     metrics_path = tmp_path / "m.json"
