@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import data
 
@@ -320,11 +321,18 @@ def bench_train(args: argparse.Namespace) -> None:
 
     results = {}
     for mode, step_batch in (("uncached", batch), ("cache-vision", cached)):
-        seconds = timed(lambda: train.train_step(policy, optimizer, scheduler, step_batch, noise, time_),
-                        args.repeats, sync)
+        step = lambda: train.train_step(policy, optimizer, scheduler, step_batch, noise, time_)  # noqa: E731
+        # Matrix-product FLOPs of a step, forward and backward, counted by PyTorch (which does not
+        # count CPU attention kernels, so this undercounts a little and the efficiency is a floor).
+        with FlopCounterMode(display=False) as counter:
+            step()
+        gflop = counter.get_total_flops() / 1e9
+        seconds = timed(step, args.repeats, sync)
         results[mode] = args.batch_size / seconds
         emit({"bench": "train", "mode": mode, "device": str(device), "batch": args.batch_size,
               "ms_per_step": round(seconds * 1e3, 1), "samples_per_s": round(results[mode], 2),
+              "matmul_gflop_per_step": round(gflop, 1), "gflops": round(gflop / seconds, 1),
+              "efficiency": round(gflop / seconds / peak, 3),
               "trained_parameters": sum(p.numel() for n, p in policy.named_parameters() if n in set(trained)),
               "peak_memory_mb": round(peak_memory_mb(device))})
     emit({"bench": "train", "cache_vision_speedup": round(results["cache-vision"] / results["uncached"], 2),
