@@ -384,34 +384,6 @@ class SmolVLA(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm.embed_tokens.weight.dtype
 
-    def quantize_int8(self) -> "SmolVLA":
-        """Real-time CPU mode: int8 dynamic quantisation (int8 weights, activations quantised on the
-        fly) of the linear layers of the vision encoder, the connector, the VLM and the action expert.
-        The expert is included because at batch 1 its ten steps per chunk are bound by reading its
-        weights from memory, which int8 makes four times smaller. The small float32 projections
-        (state, action, time) stay float32. Inference only: a quantised policy cannot be trained or
-        saved. bench.py prints the speed-up and the action difference it costs."""
-        import warnings
-
-        from torch.ao.quantization import quantize_dynamic
-
-        if self.device.type != "cpu":
-            raise ValueError("int8 dynamic quantisation runs on the CPU only")
-        with warnings.catch_warnings():  # PyTorch announces the move of this API to torchao
-            warnings.simplefilter("ignore")
-            for module in (self.vision, self.connector, self.lm, self.expert):
-                quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
-        self.quantized = True
-        return self
-
-    def compile_denoise(self, mode: str | None = None) -> None:
-        """torch.compile the denoising step (suffix embedding + expert + velocity head), the part that
-        runs num_steps times per chunk. Shapes are static (language padded to tokenizer_max_length), so
-        one compilation serves every chunk; on CUDA the default mode also captures CUDA graphs."""
-        if mode is None:
-            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-        self.velocity = torch.compile(self.velocity, mode=mode, dynamic=False)
-
     def set_stats(self, stats: dict[str, dict[str, Any]], source: str = "given stats") -> None:
         """Use these normalisation stats ({feature: {"mean": ..., "std": ...}}, e.g. dataset.stats)."""
         self.normalizer = Normalizer(stats, [source])
@@ -539,13 +511,12 @@ class SmolVLA(nn.Module):
                 images.append(None)
                 embeddings.append(torch.as_tensor(cached[key], device=device))
                 continue
-            image = torch.as_tensor(batch[key], device=device).float()
-            images.append(preprocess_images(image[None] if image.ndim == 3 else image, self.cfg.resize_imgs_with_padding))
+            images.append(self.camera_pixels(batch[key]))
             embeddings.append(None)
         masks = [torch.ones(batch_size, dtype=torch.bool, device=device) for _ in present]
         for _ in missing:  # empty camera slots: a blank image whose tokens are masked out
-            side = self.vision_cfg.image_size
-            images.append(torch.full((batch_size, 3, side, side), -1.0, device=device))
+            width, height = self.cfg.resize_imgs_with_padding
+            images.append(torch.full((batch_size, 3, height, width), -1.0, device=device))
             embeddings.append(None)
             masks.append(torch.zeros(batch_size, dtype=torch.bool, device=device))
 
@@ -561,13 +532,12 @@ class SmolVLA(nn.Module):
         """embed_image outputs per camera for a batch: what `batch["image_embeddings"]` may carry
         instead of the images, so a frozen vision encoder's work can be cached across epochs."""
         batch = {self.rename_map.get(k, k): v for k, v in batch.items()}
-        out = {}
-        for key in self.camera_keys:
-            if key in batch:
-                image = torch.as_tensor(batch[key], device=self.device).float()
-                image = image[None] if image.ndim == 3 else image
-                out[key] = self.embed_image(preprocess_images(image, self.cfg.resize_imgs_with_padding))
-        return out
+        return {key: self.embed_image(self.camera_pixels(batch[key])) for key in self.camera_keys if key in batch}
+
+    def camera_pixels(self, images: Any) -> torch.Tensor:
+        """A camera's float images in [0,1], (B,3,H,W) or (3,H,W) -> the vision encoder's input."""
+        images = torch.as_tensor(images, device=self.device).float()
+        return preprocess_images(images[None] if images.ndim == 3 else images, self.cfg.resize_imgs_with_padding)
 
     @torch.no_grad()
     def predict_chunk(self, batch: dict[str, Any], noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -587,6 +557,36 @@ class SmolVLA(nn.Module):
             valid = ~torch.as_tensor(batch["action_is_pad"], device=losses.device).bool()
         weights = valid[:, :, None].to(losses.dtype).expand_as(losses)
         return (losses * weights).sum() / weights.sum().clamp(min=1)
+
+    # -- speed modes --------------------------------------------------------------------------------
+
+    def quantize_int8(self) -> "SmolVLA":
+        """Real-time CPU mode: int8 dynamic quantisation (int8 weights, activations quantised on the
+        fly) of the linear layers of the vision encoder, the connector, the VLM and the action expert.
+        The expert is included because at batch 1 its ten steps per chunk are bound by reading its
+        weights from memory, which int8 makes four times smaller. The small float32 projections
+        (state, action, time) stay float32. Inference only: a quantised policy cannot be trained or
+        saved. bench.py prints the speed-up and the action difference it costs."""
+        import warnings
+
+        from torch.ao.quantization import quantize_dynamic
+
+        if self.device.type != "cpu":
+            raise ValueError("int8 dynamic quantisation runs on the CPU only")
+        with warnings.catch_warnings():  # PyTorch announces the move of this API to torchao
+            warnings.simplefilter("ignore")
+            for module in (self.vision, self.connector, self.lm, self.expert):
+                quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        self.quantized = True
+        return self
+
+    def compile_denoise(self, mode: str | None = None) -> None:
+        """torch.compile the denoising step (suffix embedding + expert + velocity head), the part that
+        runs num_steps times per chunk. Shapes are static (language padded to tokenizer_max_length), so
+        one compilation serves every chunk; on CUDA the default mode also captures CUDA graphs."""
+        if mode is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        self.velocity = torch.compile(self.velocity, mode=mode, dynamic=False)
 
     # -- checkpoints ------------------------------------------------------------------------------------
 

@@ -410,3 +410,24 @@ def test_int8_fast_mode_within_fidelity_bound(policy, golden):
     assert 0 < difference < flow.INT8_FIDELITY_BOUND
     with pytest.raises(RuntimeError, match="cannot be saved"):
         fast.save_pretrained("unused")
+
+
+def test_empty_camera_slot_is_masked_out(golden, tmp_path):
+    """With empty_cameras=1 a missing camera becomes a blank, masked slot: the chunk does not depend
+    on what that camera would have shown, and a second missing camera is still an error."""
+    target = copy_policy(tmp_path)
+    config = json.loads((target / "config.json").read_text())
+    config["empty_cameras"] = 1
+    (target / "config.json").write_text(json.dumps(config))
+    policy = SmolVLA.from_pretrained(target, vlm=VLM, device="cpu")
+    batch = observation(golden)
+    without_wrist = {k: v for k, v in batch.items() if k != CAMERAS[1]}
+    a = policy.predict_chunk(without_wrist, noise=golden["input.noise"])
+    with torch.no_grad():
+        p = policy.prepare(without_wrist)
+        emb, pad, _ = policy.embed_prefix(p)
+    tokens = policy.vision_cfg.tokens_per_image
+    assert pad[:, :tokens].all() and not pad[:, tokens:2 * tokens].any()
+    assert torch.isfinite(a).all()
+    with pytest.raises(KeyError, match="camera mismatch"):
+        policy.predict_chunk({k: v for k, v in without_wrist.items() if k != CAMERAS[0]})
