@@ -413,8 +413,8 @@ def test_int8_fast_mode_within_fidelity_bound(policy, golden):
 
 
 def test_empty_camera_slot_is_masked_out(golden, tmp_path):
-    """With empty_cameras=1 a missing camera becomes a blank, masked slot: the chunk does not depend
-    on what that camera would have shown, and a second missing camera is still an error."""
+    """With empty_cameras=1 a missing camera becomes a blank slot whose tokens are masked out; a
+    second missing camera is still an error."""
     target = copy_policy(tmp_path)
     config = json.loads((target / "config.json").read_text())
     config["empty_cameras"] = 1
