@@ -563,8 +563,8 @@ class SmolVLA(nn.Module):
     def quantize_int8(self) -> "SmolVLA":
         """Real-time CPU mode: int8 dynamic quantisation (int8 weights, activations quantised on the
         fly) of the linear layers of the vision encoder, the connector, the VLM and the action expert.
-        The expert is included because at batch 1 its ten steps per chunk are bound by reading its
-        weights from memory, which int8 makes four times smaller. The small float32 projections
+        The expert is included because at batch 1 its products have only 50 rows, a shape where int8
+        GEMM runs about 3x faster than float32 on a CPU. The small float32 projections
         (state, action, time) stay float32. Inference only: a quantised policy cannot be trained or
         saved. bench.py prints the speed-up and the action difference it costs."""
         import warnings
