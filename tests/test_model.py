@@ -431,3 +431,18 @@ def test_empty_camera_slot_is_masked_out(golden, tmp_path):
     assert torch.isfinite(a).all()
     with pytest.raises(KeyError, match="camera mismatch"):
         policy.predict_chunk({k: v for k, v in without_wrist.items() if k != CAMERAS[0]})
+
+
+@pytest.mark.slow
+def test_compiled_denoising_step_is_one_graph_with_golden_numbers(golden):
+    """Static shapes: one torch.compile graph serves every chunk, and the numbers stay the reference's."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    policy = SmolVLA.from_pretrained(POLICY, vlm=VLM, device="cpu")
+    policy.compile_denoise()
+    batch = observation(golden)
+    close(policy.predict_chunk(batch, noise=golden["input.noise"]), golden["output.actions"], rtol=1e-6)
+    policy.predict_chunk(dict(batch, **{"observation.state": batch["observation.state"] + 1.0}))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
