@@ -103,7 +103,7 @@ class ActionExpert(nn.Module):
             else:
                 # Preallocated [prefix | actions] buffers: each denoising step overwrites the tail.
                 shape = (batch, attn.heads, prefix_len + chunk_size, attn.head_dim)
-                k_all, v_all = k.new_empty(shape), v.new_empty(shape)
+                k_all, v_all = self.kv_buffers(i, shape, dtype, device)
                 k_all[:, :, :prefix_len] = repeat_kv(k, self.groups)
                 v_all[:, :, :prefix_len] = repeat_kv(v, self.groups)
                 keys.append(k_all)
@@ -122,6 +122,29 @@ class ActionExpert(nn.Module):
             self_mask=additive_mask(self_allowed, dtype), cross_mask=additive_mask(prefix_allowed, dtype),
             self_rope=rope(num_valid + steps), cross_rope=rope(steps),
         )
+
+    def kv_buffers(self, layer: int, shape: tuple[int, ...], dtype: torch.dtype,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value buffers of a self-attention layer.
+
+        At inference (no autograd) they belong to the module, are reallocated only when the shape
+        changes and are marked as static addresses (gpt-fast's KV cache): a compiled denoising step
+        writes into the same tensors at every chunk, which CUDA-graph capture needs. So a policy
+        serves one chunk at a time. With autograd on (training) they are fresh tensors, since the
+        step's graph keeps them.
+        """
+        if torch.is_grad_enabled():
+            return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
+        buffers = []
+        for kind in ("key", "value"):
+            name = f"{kind}_buffer_{layer}"
+            buffer = getattr(self, name, None)
+            if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != device:
+                buffer = torch.empty(shape, dtype=dtype, device=device)
+                torch._dynamo.mark_static_address(buffer)
+                self.register_buffer(name, buffer, persistent=False)
+            buffers.append(buffer)
+        return buffers[0], buffers[1]
 
     def forward(self, x: torch.Tensor, cache: ExpertCache) -> torch.Tensor:
         """Action tokens (B, S, hidden) -> final-normed hidden states (B, S, hidden)."""
