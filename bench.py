@@ -173,18 +173,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def stand_in_vlm_dir(root: Path) -> Path:
-    """SmolVLM2-500M's config and a small word-level tokenizer: language is padded to 48 tokens either
-    way, so the tokenizer's vocabulary does not change the work, and the real one needs the Hub."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
+    """SmolVLM2-500M's config with the demo's small tokenizer (train.py): language is padded to 48
+    tokens either way, so the vocabulary does not change the work, and the real one needs the Hub."""
     import flow
+    import train
 
-    words = "<|endoftext|> <|im_start|> <|im_end|> [UNK] Pick up the cube and place it in box .".split()
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    root.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(root / "tokenizer.json"))
-    (root / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|im_end|>"}))
+    train.write_demo_vlm(root, ["Pick up the cube and place it in the box."])
     (root / "config.json").write_text(json.dumps(flow.SMOLVLM2_500M_CONFIG))
     return root
 
@@ -192,7 +186,7 @@ def stand_in_vlm_dir(root: Path) -> Path:
 def smolvla_base(device: torch.device, dtype: torch.dtype, cameras: int, height: int, width: int):
     import flow
 
-    vlm_dir = stand_in_vlm_dir(Path(tempfile.mkdtemp(prefix="smolvla-bench-vlm-")))
+    vlm_dir = stand_in_vlm_dir(Path(tempfile.mkdtemp(prefix="smolvla-bench-")) / "vlm")
     features = {f"observation.images.camera{i + 1}": {"type": "VISUAL", "shape": [3, height, width]}
                 for i in range(cameras)}
     features["observation.state"] = {"type": "STATE", "shape": [6]}

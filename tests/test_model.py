@@ -346,6 +346,9 @@ def test_full_size_smolvla_base_architecture(tmp_path):
     policy = SmolVLA(cfg, SMOLVLM2_500M_CONFIG, tokenizer)
     assert sum(p.numel() for p in policy.parameters()) == 450_046_176
     assert len(policy.state_dict()) == 500
+    import bench
+
+    assert 575 < bench.chunk_gflop(policy, batch_size=1) < 600  # REFERENCE.md: about 585 GFLOP a chunk
     policy.set_stats({k: {"mean": torch.zeros(6), "std": torch.ones(6)} for k in ("observation.state", "action")})
     batch = {"observation.images.top": torch.rand(1, 3, 480, 640), "observation.images.wrist": torch.rand(1, 3, 480, 640),
              "observation.state": torch.zeros(1, 6), "task": ["Pick up the cube and place it in the box."]}
