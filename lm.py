@@ -75,6 +75,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return out.transpose(1, 2).reshape(batch, length, heads * dim)
 
 
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`attention` in the reference's order of operations (LeRobot's eager SmolVLA attention): scores
+    q @ k^T in float32, then scaled by head_dim^-0.5, masked, softmax, cast back, @ v.
+
+    Used for the VLM prefix pass: SDPA's fused kernel rounds differently, and after the expert's ten
+    Euler steps that shows as 3 float32 ulp of a 40-degree action; in this order the chunk stays
+    within 1e-5 of the reference in robot units. The prefix runs once per chunk, so it costs little.
+    """
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    probs = torch.softmax(scores + mask, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v)
+    batch, heads, length, dim = out.shape
+    return out.transpose(1, 2).reshape(batch, length, heads * dim)
+
+
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Boolean (B, Lq, Lk) -> additive (B, 1, Lq, Lk) mask for `attention`."""
     zero = torch.zeros((), dtype=dtype, device=allowed.device)
@@ -167,5 +182,5 @@ class TextModel(nn.Module):
             if i == len(self.layers) - 1:
                 break  # the last layer's output feeds nothing: only its keys/values are used
             q = apply_rope(attn.split_heads(attn.q_proj(h), attn.heads), cos, sin)
-            x = layer.finish(x, attention(q, repeat_kv(k, groups), repeat_kv(v, groups), mask))
+            x = layer.finish(x, reference_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), mask))
         return kv
