@@ -378,6 +378,8 @@ def load_policy(policy: str, vlm: str | None = None, device: str | None = None, 
     mode the robot computer needs neither torch nor the model code."""
     from flow import SmolVLA
 
+    if fast and device not in (None, "cpu"):
+        raise InferError(f"--fast is the int8 CPU mode; it cannot run on --device {device}")
     try:
         return SmolVLA.from_pretrained(policy, vlm=vlm, device="cpu" if fast else device, fast=fast)
     except (FileNotFoundError, ValueError, KeyError, OSError) as err:
