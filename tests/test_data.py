@@ -463,13 +463,17 @@ def test_v21_video_shorter_than_episode(tiny_v21_dataset, tmp_path):
         dataset[5]
 
 
-def test_timestamp_between_frames_is_an_error_not_a_neighbour(tiny_v21_dataset, tmp_path):
-    root = copy_dataset(tiny_v21_dataset[0], tmp_path)
-    path = root / "data/chunk-000/episode_000001.parquet"
+def shift_timestamps(path: Path, rows: slice, seconds: float) -> None:
+    """Rewrite a data parquet with the timestamps of `rows` moved by `seconds`."""
     table = pq.read_table(path)
     timestamps = table.column("timestamp").to_numpy().copy()
-    timestamps[2] += 0.5 / FPS
+    timestamps[rows] += seconds
     pq.write_table(table.set_column(table.schema.get_field_index("timestamp"), "timestamp", pa.array(timestamps)), path)
+
+
+def test_timestamp_between_frames_is_an_error_not_a_neighbour(tiny_v21_dataset, tmp_path):
+    root = copy_dataset(tiny_v21_dataset[0], tmp_path)
+    shift_timestamps(root / "data/chunk-000/episode_000001.parquet", slice(2, 3), 0.5 / FPS)
     dataset = data.LeRobotDataset(root, episodes=[1])
     assert_pattern(dataset[1]["observation.images.top"], 1, 1, 0)
     with pytest.raises(data.VideoDecodeError, match=r"episode 1, .*frame time 0.0833 s: .*no frame at 0.0833 s"):
@@ -478,11 +482,7 @@ def test_timestamp_between_frames_is_an_error_not_a_neighbour(tiny_v21_dataset, 
 
 def test_v3_timestamps_outside_the_episode_video_span(tiny_v3_dataset, tmp_path):
     root = copy_dataset(tiny_v3_dataset[0], tmp_path)
-    path = root / "data/chunk-000/file-000.parquet"
-    table = pq.read_table(path)
-    timestamps = table.column("timestamp").to_numpy().copy()
-    timestamps[7:11] += 10.0  # episode 1
-    pq.write_table(table.set_column(table.schema.get_field_index("timestamp"), "timestamp", pa.array(timestamps)), path)
+    shift_timestamps(root / "data/chunk-000/file-000.parquet", slice(7, 11), 10.0)  # episode 1
     with pytest.raises(data.DatasetError, match=r"file-000.mp4: episode 1, camera observation.images.top: frame time 10.3333 s is outside"):
         data.LeRobotDataset(root)
     assert len(data.LeRobotDataset(root, episodes=[0, 2])) == LENGTHS[0] + LENGTHS[2]
