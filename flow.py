@@ -304,7 +304,7 @@ def attention_allowed(pad_mask: torch.Tensor, ar_flags: torch.Tensor) -> torch.T
 # The policy
 
 
-# Our parameter names -> the official checkpoint's, by prefix (both directions are unambiguous).
+# Our parameter names -> the official checkpoint's, by prefix.
 KEY_PREFIXES = [
     ("vision.patch_embedding.", "model.vlm_with_expert.vlm.model.vision_model.embeddings.patch_embedding."),
     ("vision.position_embedding.", "model.vlm_with_expert.vlm.model.vision_model.embeddings.position_embedding."),
@@ -321,13 +321,6 @@ KEY_PREFIXES = [
 def to_official(name: str) -> str:
     ours, official = next((o, f) for o, f in KEY_PREFIXES if name.startswith(o))
     return official + name[len(ours):]
-
-
-def from_official(key: str) -> str | None:
-    for ours, official in KEY_PREFIXES:
-        if key.startswith(official):
-            return ours + key[len(official):]
-    return None
 
 
 @dataclass
@@ -348,7 +341,6 @@ class SmolVLA(nn.Module):
                  stats: Normalizer | None = None):
         super().__init__()
         self.cfg = cfg
-        self.vlm_config = vlm_config
         self.vision_cfg, self.lm_cfg, self.expert_cfg = vlm_configs(vlm_config, cfg)
         self.vision = VisionEncoder(self.vision_cfg)
         self.connector = Connector(self.vision_cfg)
@@ -424,14 +416,17 @@ class SmolVLA(nn.Module):
             pad, flags = F.pad(pad, (0, extra)), F.pad(flags, (0, extra))
         return emb, pad, flags
 
-    def prefix_cache(self, p: Prefix) -> tuple[ExpertCache, torch.Tensor]:
-        """Run the prefix through the VLM once -> the expert's cache and the prefix pad mask."""
+    def prefix_kv(self, p: Prefix) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Run the prefix through the VLM once -> per-layer keys/values and the prefix pad mask."""
         emb, pad, flags = self.embed_prefix(p)
         positions = torch.cumsum(pad, dim=1) - 1
         cos, sin = rope_cos_sin(positions, self.lm_cfg.head_dim, self.lm_cfg.rope_base)
         mask = additive_mask(attention_allowed(pad, flags), emb.dtype)
-        prefix_kv = self.lm.prefix_kv(emb, cos, sin, mask)
-        return self.expert.prepare(prefix_kv, pad, self.cfg.chunk_size), pad
+        return self.lm.prefix_kv(emb, cos, sin, mask), pad
+
+    def prefix_cache(self, p: Prefix) -> ExpertCache:
+        """Everything the expert reads from the prefix, computed once per chunk."""
+        return self.expert.prepare(*self.prefix_kv(p), self.cfg.chunk_size)
 
     # -- suffix: noisy actions and time ---------------------------------------------------------------
 
@@ -456,7 +451,7 @@ class SmolVLA(nn.Module):
         batch = p.state.shape[0]
         if noise is None:
             noise = torch.randn(batch, self.cfg.chunk_size, self.cfg.max_action_dim, device=p.state.device)
-        cache, _ = self.prefix_cache(p)
+        cache = self.prefix_cache(p)
         dt = -1.0 / self.cfg.num_steps
         # t_k = 1 + k*dt in float64, then rounded once to float32 (an accumulated float32 t drifts by
         # ulps, and the time embedding's 4 ms period turns that into visible action differences).
@@ -479,7 +474,7 @@ class SmolVLA(nn.Module):
         t = time[:, None, None]
         x_t = t * noise + (1 - t) * actions
         target = noise - actions
-        cache, _ = self.prefix_cache(p)
+        cache = self.prefix_cache(p)
         return F.mse_loss(self.velocity(cache, x_t, time), target, reduction="none")
 
     # -- robot-facing API -----------------------------------------------------------------------------

@@ -84,16 +84,10 @@ def test_prefix_embeddings(policy, prefix, golden):
     assert torch.equal(pad, golden["prefix.pad_mask"].bool())
 
 
-def prefix_kv(policy, prefix):
-    emb, pad, flags = policy.embed_prefix(prefix)
-    cos, sin = flow.rope_cos_sin(torch.cumsum(pad, dim=1) - 1, policy.lm_cfg.head_dim, policy.lm_cfg.rope_base)
-    return policy.lm.prefix_kv(emb, cos, sin, flow.additive_mask(flow.attention_allowed(pad, flags), emb.dtype))
-
-
 @pytest.mark.parametrize("layer", ["layer0", "last"])
 def test_prefix_keys_values(policy, prefix, golden, layer):
     with torch.no_grad():
-        keys, values = prefix_kv(policy, prefix)[0 if layer == "layer0" else -1]
+        keys, values = policy.prefix_kv(prefix)[0][0 if layer == "layer0" else -1]
     # ours are (B, kv_heads, L, D); the fixture stores (B, L, kv_heads, D)
     close(keys.transpose(1, 2), golden[f"prefix.{layer}.key"])
     close(values.transpose(1, 2), golden[f"prefix.{layer}.value"])
@@ -101,7 +95,7 @@ def test_prefix_keys_values(policy, prefix, golden, layer):
 
 def test_first_velocity(policy, prefix, golden):
     with torch.no_grad():
-        cache, _ = policy.prefix_cache(prefix)
+        cache = policy.prefix_cache(prefix)
         velocity = policy.velocity(cache, golden["input.noise"], torch.ones(2))
     close(velocity, golden["denoise.first_velocity"])
 
