@@ -649,14 +649,11 @@ class SmolVLA(nn.Module):
         expected = {to_official(n): p for n, p in model.state_dict().items()
                     if n.startswith(("vision.", "connector.", "lm.", "lm_head."))}
         loaded = set()
+        prefix = "model.vlm_with_expert.vlm."
         for path in sorted(vlm_dir.glob("*.safetensors")):
-            for key, tensor in read_safetensors(path).items():
-                official = "model.vlm_with_expert.vlm." + key
-                match = re.match(r"model\.vlm_with_expert\.vlm\.model\.text_model\.layers\.(\d+)\.", official)
-                if match and int(match.group(1)) >= model.lm_cfg.num_layers:
-                    continue  # SmolVLA keeps only the first num_vlm_layers layers
-                if official not in expected:
-                    continue
+            # Only what the policy keeps is read: text layers past num_vlm_layers are not expected.
+            for key, tensor in read_safetensors(path, keep=lambda k: prefix + k in expected).items():
+                official = prefix + key
                 if tuple(tensor.shape) != tuple(expected[official].shape):
                     raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, "
                                      f"the model expects {tuple(expected[official].shape)}")
@@ -747,10 +744,10 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, keep=lambda key: True) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys() if keep(k)}
     except Exception as err:
         raise ValueError(f"cannot read {path} as safetensors: {err}") from err
 
