@@ -22,6 +22,11 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 
 
+def emit(record: dict) -> None:
+    """One JSON line of results, flushed at once (runs take minutes)."""
+    print(json.dumps(record), flush=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # data: random-access items/s of a 2-camera 480x640 AV1 dataset through a DataLoader
 
@@ -70,11 +75,11 @@ def build_bench_dataset(cache_dir: Path, num_episodes: int, length: int) -> Path
     root = cache_dir / f"bench-data-480x640-{num_episodes}x{length}-av1-g2-crf30"
     if root.exists():
         return root
-    print(json.dumps({"bench": "data", "event": "building dataset", "root": str(root)}), flush=True)
+    emit({"bench": "data", "event": "building dataset", "root": str(root)})
     start = time.perf_counter()
     data.write_dataset(root, with_progress(synthetic_episodes(num_episodes, length, 480, 640), num_episodes),
                        fps=30, crf=30, gop=2)
-    print(json.dumps({"bench": "data", "event": "built", "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+    emit({"bench": "data", "event": "built", "seconds": round(time.perf_counter() - start, 1)})
     return root
 
 
@@ -114,7 +119,7 @@ def bench_data(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() + children_cpu_seconds() - cpu_start
     items = args.batches * args.batch_size
-    print(json.dumps({
+    emit({
         "bench": "data",
         "items_per_s": round(items / seconds, 1),
         "frames_per_s": round(items * len(dataset.camera_keys) / seconds, 1),
@@ -128,15 +133,11 @@ def bench_data(args: argparse.Namespace) -> None:
         "image_shape": list(batch[dataset.camera_keys[0]].shape[1:]),
         "cpus": os.cpu_count(),
         "load_average_1min_before": round(load_before, 2),
-    }), flush=True)
+    })
 
 
 # ---------------------------------------------------------------------------------------------
 # infer: one action chunk of the smolvla_base architecture (random weights, no Hub)
-
-
-def emit(record: dict) -> None:
-    print(json.dumps(record), flush=True)
 
 
 def timed(fn, repeats: int, sync) -> float:
@@ -157,11 +158,14 @@ def device_sync(device: torch.device):
 
 
 def matmul_gflops(device: torch.device, dtype: torch.dtype, size: int = 4096) -> float:
-    """This machine's dense matrix-multiply throughput: the ceiling the model's FLOPs are held to."""
+    """This machine's dense matrix-multiply throughput (printed): the ceiling the model's FLOPs are held to."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     seconds = timed(lambda: a @ b, 5, device_sync(device))
-    return 2 * size**3 / seconds / 1e9
+    gflops = 2 * size**3 / seconds / 1e9
+    emit({"bench": "matmul", "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+          "threads": torch.get_num_threads(), "gflops": round(gflops, 1)})
+    return gflops
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -244,8 +248,6 @@ def bench_infer(args: argparse.Namespace) -> None:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     sync = device_sync(device)
     peak = matmul_gflops(device, dtype)
-    emit({"bench": "matmul", "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
-          "gflops": round(peak, 1)})
     policy = smolvla_base(device, dtype, args.cameras, args.height, args.width)
     if args.compile:
         policy.compile_denoise()
@@ -295,8 +297,6 @@ def bench_train(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     sync = device_sync(device)
     peak = matmul_gflops(device, torch.float32)
-    emit({"bench": "matmul", "device": str(device), "dtype": "float32", "threads": torch.get_num_threads(),
-          "gflops": round(peak, 1)})
     policy = smolvla_base(device, torch.float32, args.cameras, args.height, args.width)
     trained = train.freeze(policy)  # the fine-tuning recipe: vision encoder and VLM frozen
     recipe = train.parse_args([])  # the optimiser and schedule defaults
