@@ -96,7 +96,7 @@ MOTOR_IDS: dict[str, int] = {name: i + 1 for i, name in enumerate(JOINT_NAMES)}
 FULL_TURN_JOINT = "wrist_roll"  # turns freely: calibrated to the whole 0..4095 range
 GRIPPER = "gripper"
 
-# Written on connect, with torque off and Lock 0 (REFERENCE.md 5, as LeRobot configures the arm).
+# Written on connect, with torque off and Lock 0: the settings LeRobot's SO-100 driver applies.
 ARM_SETTINGS: tuple[tuple[str, int], ...] = (
     ("Return_Delay", 0),  # reply at once (the default waits 500 us before answering)
     ("Maximum_Acceleration", 254),
@@ -592,7 +592,8 @@ def save_calibration(calibration: Mapping, path: str | os.PathLike) -> Path:
     return path
 
 
-# LeRobot's units (REFERENCE.md 5). Joints: DEGREES, 0 at the middle of the calibrated range.
+# LeRobot's units. Joints: DEGREES = (ticks - (range_min + range_max) / 2) * 360 / 4095, so 0 is the
+# middle of the calibrated range (LeRobot divides by 4095, not 4096, and does not clamp).
 def ticks_to_degrees(ticks: float, range_min: int, range_max: int) -> float:
     return (ticks - (range_min + range_max) / 2) * 360 / MAX_RESOLUTION
 
@@ -687,6 +688,20 @@ def check_servos(bus: FeetechBus, servo_ids: Sequence[int] = tuple(MOTOR_IDS.val
             raise FeetechError(f"{bus.port}: {bus._who(servo_id)} reports model number {model}, expected "
                                f"{STS3215_MODEL} (STS3215)", port=bus.port, servo_id=servo_id,
                                register="Model_Number")
+
+
+def check_arm(port: str, *, reply_timeout: float = 0.05, attempts: int = 3) -> None:
+    """Open `port`, check that the six servos answer and are STS3215s, and close it again.
+
+    This needs no calibration: a program calls it first so that a wrong port or an unpowered arm is
+    reported before a missing calibration file (SO100() loads the calibration when it is built)."""
+    bus = FeetechBus(port, reply_timeout=reply_timeout, attempts=attempts,
+                     motor_names={i: n for n, i in MOTOR_IDS.items()})
+    bus.open()
+    try:
+        check_servos(bus, list(MOTOR_IDS.values()))
+    finally:
+        bus.close()
 
 
 class SO100:
@@ -1434,6 +1449,7 @@ def _cmd_read(args: argparse.Namespace) -> int:
         finally:
             bus.close()
         return 0
+    check_arm(args.port)  # the port and the servos first: a wrong port is reported before a missing calibration
     arm = SO100(args.port, calibration=args.calibration, legacy=args.legacy, id=args.id)
     arm.connect(torque=False)
     try:

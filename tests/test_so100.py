@@ -1,5 +1,6 @@
-"""so100.py: Feetech protocol bytes (REFERENCE.md 4), units (REFERENCE.md 5), and the SO100 driver
-against the simulated servo bus over a real pseudo-terminal."""
+"""so100.py: Feetech protocol bytes (the example packets of the STS3215 protocol: PING, READ,
+SYNC_READ, SYNC_WRITE), LeRobot's units and calibration files, and the SO100 driver against the
+simulated servo bus over a real pseudo-terminal."""
 
 import json
 import sys
@@ -20,7 +21,7 @@ def h(text: str) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------
-# Packets: byte strings from REFERENCE.md 4, and replies computed by hand
+# Packets: the protocol's documented example byte strings, and replies computed by hand
 # ---------------------------------------------------------------------------------------------
 
 def test_ping_packet_and_reply():
@@ -637,6 +638,21 @@ def test_cli_errors_are_one_line(capsys):
     assert so100.main(["read", "--port", "/nonexistent/ttyACM9", "--raw", "--once"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: cannot open serial port /nonexistent/ttyACM9") and "brltty" in err
+
+
+def test_cli_read_reports_a_wrong_port_before_a_missing_calibration(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_LEROBOT_CALIBRATION", str(tmp_path / "empty"))  # no calibration anywhere
+    assert so100.main(["read", "--port", "/nonexistent/ttyACM9", "--id", "blue", "--once"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot open serial port /nonexistent/ttyACM9") and "calibration" not in err
+
+
+def test_check_arm_needs_no_calibration_and_names_a_silent_servo(sim, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_LEROBOT_CALIBRATION", str(tmp_path / "empty"))
+    so100.check_arm(sim.port)  # six STS3215s answer: nothing raised, no calibration looked for
+    sim.inject(4, "no_reply", count=100)
+    with pytest.raises(so100.NoReplyError, match=r"servo 4 \(wrist_flex\): no reply"):
+        so100.check_arm(sim.port, reply_timeout=0.02, attempts=2)
 
 
 def test_cli_sim_serves_until_interrupted(tmp_path):
