@@ -9,12 +9,18 @@ Reading:
 Writing (the real v3.0 layout, AV1 video):
     write_dataset("out/demo", episodes, fps=30)   # see write_dataset's docstring
 
-The layouts are described in REFERENCE.md section 3. Nothing here comes from LeRobot itself: the
-parquet files are read with pyarrow and the videos decoded with PyAV (libdav1d for AV1).
+v3.0 layout: meta/info.json (fps, features, data_path and video_path templates), meta/stats.json,
+meta/tasks.parquet (task strings and their task_index), meta/episodes/chunk-*/file-*.parquet (one row
+per episode: length, data file, per camera the video file and the episode's from/to_timestamp in it),
+data/chunk-*/file-*.parquet (one row per frame) and videos/<camera>/chunk-*/file-*.mp4 (several
+episodes back to back). v2.1: one parquet and one mp4 per camera for each episode, jsonl metadata.
+Nothing here comes from LeRobot itself: the parquet files are read with pyarrow and the videos
+decoded with PyAV (libdav1d for AV1).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -64,16 +70,32 @@ def resolve_root(repo_id_or_dir: str | os.PathLike, revision: str | None = None)
             raise DatasetError(f"{local} is a file, not a dataset directory")
         return local.resolve()
     name = str(repo_id_or_dir)
+    missing = f"no such local directory: {local.absolute()}{near_misses(local)}"
     if not _HUB_ID.match(name):
-        raise DatasetError(f"no such dataset directory: {local} (and it is not a hub id 'owner/name')")
+        raise DatasetError(f"{missing} (and {name!r} is not a Hub id 'owner/name')")
     try:
         path = snapshot_download(name, repo_type="dataset", revision=revision)
     except Exception as e:  # the hub client raises many types; all mean "could not get it"
+        reason = " ".join(str(e).split())  # the client's messages run over several lines
         raise DatasetError(
-            f"{name!r} is not a local directory, and downloading it as a Hugging Face Hub dataset "
-            f"(revision {revision or 'main'}) failed: {type(e).__name__}: {e}"
+            f"{missing}; and as a Hugging Face Hub dataset {name!r} (revision {revision or 'main'}) it could "
+            f"not be downloaded: {type(e).__name__}: {reason}"
         ) from e
     return Path(path)
+
+
+def near_misses(path: Path) -> str:
+    """' (did you mean outputs/demo_dataset?)' when the parent directory exists and holds a directory
+    with a similar name: an 'owner/name'-shaped local path with a typo is otherwise taken for a Hub id."""
+    parent = path.parent
+    if not parent.is_dir():
+        return ""
+    try:
+        siblings = [child.name for child in parent.iterdir() if child.is_dir()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, siblings, n=3, cutoff=0.5)
+    return f" (did you mean {' or '.join(str(parent / c) for c in close)}?)" if close else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +238,7 @@ def read_tasks(root: Path, version: str) -> dict[int, str]:
     path = root / "meta" / "tasks.parquet"
     names = parquet_columns(path)
     # LeRobot writes this file from a pandas frame indexed by the task string: the strings land in
-    # a column named "task" (named index) or "__index_level_0__" (unnamed index).
+    # a column named "task" (named index, or a plain column) or "__index_level_0__" (unnamed index).
     task_column = next((c for c in ("task", "__index_level_0__") if c in names), None)
     if task_column is None:
         raise DatasetError(f"{path}: no task string column ('task' or '__index_level_0__'); it has {names}")
@@ -807,8 +829,7 @@ def _write_v30(root, episodes, fps, robot_type, state_names, action_names, vcode
     pq.write_table(table, root / data_path.format(chunk_index=0, file_index=0))
     (root / "meta" / "episodes" / "chunk-000").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(episode_rows), root / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
-    pq.write_table(pa.table({"task": list(tasks), "task_index": pa.array(list(tasks.values()), pa.int64())}),
-                   root / "meta" / "tasks.parquet")
+    pq.write_table(tasks_table(list(tasks)), root / "meta" / "tasks.parquet")
     stats = {name: s.result((3, 1, 1) if name in camera_keys else (-1,)) for name, s in dataset_stats.items()}
     (root / "meta" / "stats.json").write_text(json.dumps(stats, indent=2))
 
@@ -848,6 +869,34 @@ def _write_v30(root, episodes, fps, robot_type, state_names, action_names, vcode
         "features": features,
     }
     (root / "meta" / "info.json").write_text(json.dumps(info, indent=4))
+
+
+def tasks_table(tasks: list[str]) -> pa.Table:
+    """meta/tasks.parquet as LeRobot writes it: `pandas.DataFrame({"task_index": range(n)}, index=tasks)
+    .to_parquet()`. LeRobot reads it back with pandas and takes a frame's instruction from the row name,
+    `tasks.iloc[task_index].name`: the strings must be the pandas index, which pyarrow stores as a
+    column "__index_level_0__" after the data columns, named in the b"pandas" schema metadata; rows in
+    task_index order. A plain "task" column reads back as data, and every frame's task becomes its
+    row number ("0", "1", ...). pandas is not a dependency here: the metadata is written as pandas 2.x
+    writes it through pyarrow (same keys, order and JSON spacing; readers use index_columns, columns
+    and column_indexes and ignore the version fields)."""
+    index = "__index_level_0__"
+    pandas_metadata = {
+        "index_columns": [index],
+        "column_indexes": [{"name": None, "field_name": None, "pandas_type": "unicode", "numpy_type": "object",
+                            "metadata": {"encoding": "UTF-8"}}],
+        "columns": [
+            {"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64",
+             "metadata": None},
+            {"name": None, "field_name": index, "pandas_type": "unicode", "numpy_type": "object", "metadata": None},
+        ],
+        "attributes": {},
+        "creator": {"library": "pyarrow", "version": pa.__version__},
+        "pandas_version": "2.3.3",  # the pandas release whose output this reproduces
+    }
+    schema = pa.schema([("task_index", pa.int64()), (index, pa.string())],
+                       metadata={b"pandas": json.dumps(pandas_metadata).encode()})
+    return pa.table([pa.array(range(len(tasks)), pa.int64()), pa.array(tasks, pa.string())], schema=schema)
 
 
 def _chain(first: dict, rest: Iterator[dict]) -> Iterator[dict]:

@@ -99,8 +99,10 @@ def numpy_stats(values: np.ndarray) -> dict:
 
 
 def write_v21(root: Path, episodes: list[dict]) -> None:
-    """LeRobot v2.1 by hand (REFERENCE.md section 3): one parquet and one H.264 mp4 per episode,
-    jsonl metadata, per-episode stats and no meta/stats.json."""
+    """LeRobot v2.1 by hand: data/chunk-000/episode_<i>.parquet and one H.264 mp4 per episode and camera
+    under videos/chunk-000/<camera>/, meta/episodes.jsonl, meta/tasks.jsonl ({"task_index", "task"}
+    lines), meta/episodes_stats.jsonl (per-episode stats) and, as in some real v2.1 datasets, no
+    meta/stats.json."""
     tasks = list(dict.fromkeys(e["task"] for e in episodes))
     features = {
         "action": {"dtype": "float32", "shape": [6], "names": [f"a{i}" for i in range(6)]},
@@ -191,7 +193,7 @@ def test_v3_layout_is_the_real_one(tiny_v3_dataset):
     assert info["total_episodes"] == 3 and info["total_frames"] == sum(LENGTHS) and info["total_tasks"] == 2
     assert list(info["features"]) == ["action", "observation.state", *CAMERAS, "timestamp", "frame_index", "episode_index", "index", "task_index"]
     tasks = pq.read_table(root / "meta/tasks.parquet").to_pylist()
-    assert sorted((t["task_index"], t["task"]) for t in tasks) == [(0, TASKS[0]), (1, TASKS[1])]
+    assert [(t["task_index"], t["__index_level_0__"]) for t in tasks] == [(0, TASKS[0]), (1, TASKS[1])]
     meta = pq.read_table(root / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
     assert [m["length"] for m in meta] == LENGTHS
     assert [m["dataset_from_index"] for m in meta] == [0, 7, 11]
@@ -206,6 +208,49 @@ def test_v3_layout_is_the_real_one(tiny_v3_dataset):
     rows = pq.read_table(root / "data/chunk-000/file-000.parquet").to_pylist()
     assert [r["episode_index"] for r in rows] == [0] * 7 + [1] * 4 + [2] * 9
     assert [r["task_index"] for r in rows] == [0] * 7 + [1] * 4 + [0] * 9
+
+
+# What pandas 2.3.3 + pyarrow write for LeRobot's tasks frame, pandas.DataFrame({"task_index": [0, 1]},
+# index=["pick the cube", "place the cube in the box"]).to_parquet(path), copied from such a file's
+# b"pandas" schema metadata; only pyarrow's own version (creator) is filled in with the one installed.
+PANDAS_TASKS_METADATA = (
+    '{"index_columns": ["__index_level_0__"], "column_indexes": [{"name": null, "field_name": null, '
+    '"pandas_type": "unicode", "numpy_type": "object", "metadata": {"encoding": "UTF-8"}}], "columns": '
+    '[{"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64", '
+    '"metadata": null}, {"name": null, "field_name": "__index_level_0__", "pandas_type": "unicode", '
+    '"numpy_type": "object", "metadata": null}], "attributes": {}, "creator": {"library": "pyarrow", '
+    '"version": "PYARROW_VERSION"}, "pandas_version": "2.3.3"}'
+)
+
+
+def test_v3_tasks_file_is_the_pandas_layout_lerobot_reads(tiny_v3_dataset):
+    """LeRobot opens meta/tasks.parquet with pandas and takes a frame's instruction from the row name
+    (tasks.iloc[task_index].name): the strings must be the frame's index, stored as pandas stores an
+    unnamed index, or LeRobot gives every frame the task "0", "1", ..."""
+    root, _ = tiny_v3_dataset
+    path = root / "meta/tasks.parquet"
+    schema = pq.read_schema(path)
+    assert schema.names == ["task_index", "__index_level_0__"]
+    assert [schema.field(n).type for n in schema.names] == [pa.int64(), pa.string()]
+    assert all(schema.field(n).nullable for n in schema.names)  # as pandas writes them
+    assert set(schema.metadata) == {b"pandas"}
+    expected = PANDAS_TASKS_METADATA.replace("PYARROW_VERSION", pa.__version__).encode()
+    assert schema.metadata[b"pandas"] == expected  # byte for byte: keys, order, spacing
+    # the file's own key-value metadata (what pandas and LeRobot open): pandas' entry and pyarrow's schema
+    assert set(pq.read_metadata(path).metadata) == {b"pandas", b"ARROW:schema"}
+    table = pq.read_table(path)
+    assert table.column("__index_level_0__").to_pylist() == TASKS[:2]  # row i is task_index i (iloc)
+    assert table.column("task_index").to_pylist() == [0, 1]
+
+
+def test_tasks_file_with_a_task_column_still_reads(tiny_v3_dataset, tmp_path):
+    """LeRobot's v2.1 -> v3.0 converter names the index "task" (a "task" column); older writers wrote
+    a plain "task" column. Both keep reading."""
+    root = copy_dataset(tiny_v3_dataset[0], tmp_path)
+    pq.write_table(pa.table({"task_index": pa.array([1, 0], pa.int64()), "task": ["second", "first"]}),
+                   root / "meta/tasks.parquet")
+    dataset = data.LeRobotDataset(root)
+    assert [dataset[i]["task"] for i in (0, 7, 11)] == ["first", "second", "first"]
 
 
 def test_v3_every_item_in_order_and_shuffled(tiny_v3_dataset):
@@ -317,12 +362,32 @@ def test_unknown_hub_id_and_missing_directory_are_clear_errors(monkeypatch, tmp_
         raise FileNotFoundError(f"Repository Not Found for url: https://huggingface.co/api/datasets/{repo_id}")
 
     monkeypatch.setattr(data, "snapshot_download", not_found)
-    with pytest.raises(data.DatasetError, match="nobody/nothing.*not a local directory.*Repository Not Found"):
+    with pytest.raises(data.DatasetError, match="no such local directory.*nobody/nothing.*Repository Not Found"):
         data.LeRobotDataset("nobody/nothing")
-    with pytest.raises(data.DatasetError, match="no such dataset directory"):
+    with pytest.raises(data.DatasetError, match="no such local directory"):
         data.LeRobotDataset(str(tmp_path / "no" / "such" / "dataset"))
     with pytest.raises(data.DatasetError, match="missing .*info.json"):
         data.LeRobotDataset(tmp_path)  # exists, but is not a dataset
+
+
+def test_mistyped_local_path_says_no_such_directory_as_well_as_the_hub_error(monkeypatch, tmp_path):
+    """'outputs/demo_datset' has the shape of a Hub id 'owner/name': the message must still say that
+    no such local directory exists (and suggest the near one), not only that the download failed,
+    and stay on one line when the Hub client's message does not."""
+    def offline(repo_id, repo_type=None, revision=None):
+        raise OSError("Got: ConnectError: [Errno -2] Name or service not known\nAn error happened while trying "
+                      "to locate the files on the Hub.")
+
+    monkeypatch.setattr(data, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "demo_dataset").mkdir(parents=True)
+    with pytest.raises(data.DatasetError) as error:
+        data.LeRobotDataset("outputs/demo_datset", revision="v3.0")
+    message = str(error.value)
+    assert f"no such local directory: {tmp_path / 'outputs' / 'demo_datset'}" in message
+    assert "did you mean outputs/demo_dataset?" in message
+    assert "revision v3.0" in message and "Name or service not known An error happened" in message
+    assert "\n" not in message
 
 
 def test_writer_refuses_bad_input_and_leaves_nothing(tmp_path):
