@@ -8,7 +8,8 @@
 
 One training step: a batch of frames (camera images, state, the next chunk_size actions, the task
 string) -> flow-matching loss -> backward through the action expert and projections (vision encoder
-and VLM frozen) -> clip -> AdamW -> learning-rate schedule (linear warm-up, then cosine).
+and VLM frozen) -> clip -> AdamW -> learning-rate schedule (LeRobot's: linear warm-up, then cosine,
+both fitted to --steps when it is shorter than --decay-steps).
 
 Layout under --output-dir:
     checkpoints/<step:06d>/pretrained_model/   the policy (flow.SmolVLA.save_pretrained: LeRobot layout)
@@ -62,44 +63,102 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     pass
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A mistake on the command line is one line naming the flag (the usage block runs to ~20 lines
+    and hides it), exit status 2 as argparse's."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def integer(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer in [minimum, maximum]; the message names the allowed range."""
+    allowed = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text}")
+        return value
+
+    return parse
+
+
+def number(minimum: float, inclusive: bool = True, below: float | None = None):
+    """An argparse type: a finite float >= minimum (> minimum when not inclusive), < below if given."""
+    allowed = f"a number {'>=' if inclusive else '>'} {minimum:g}" + ("" if below is None else f" and < {below:g}")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}") from None
+        too_low = value < minimum if inclusive else value <= minimum
+        if not math.isfinite(value) or too_low or (below is not None and value >= below):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text}")
+        return value
+
+    return parse
+
+
+def episode_spec(text: str) -> str:
+    """--val-episodes: a count N >= 0, or a comma-separated list of episode indices (3,17,42)."""
+    parts = [part.strip() for part in text.split(",")]
+    listed = [part for part in parts if part]
+    if not listed and "," in text or not all(part.isdecimal() for part in listed):
+        raise argparse.ArgumentTypeError(f"expected a count N >= 0 or a list of episode indices like 3,17,42, got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = OneLineErrorParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data and policy")
     g.add_argument("--data", help="LeRobot dataset: Hub id or local directory (omit for the offline demo)")
+    g.add_argument("--revision", default=None,
+                   help="--data from the Hub: the branch, tag or commit to download; None means main")
     g.add_argument("--policy", default=DEFAULT_POLICY, help="policy to fine-tune: Hub id or local directory")
     g.add_argument("--from-vlm", metavar="VLM", help="start a new policy from this pretrained VLM instead of --policy")
     g.add_argument("--vlm", help="where the VLM config/tokenizer live when the policy's vlm_model_name is not reachable")
     g.add_argument("--rename", action="append", default=[], metavar="DATA=POLICY",
                    help="map a dataset camera onto a policy camera slot (repeatable; 'top=camera1' is short for "
                         "observation.images.top=observation.images.camera1; 'DATA=' leaves a camera out)")
-    g.add_argument("--num-vlm-layers", type=int, default=16, help="--from-vlm: VLM layers kept")
-    g.add_argument("--chunk-size", type=int, default=50, help="--from-vlm: actions per chunk")
+    g.add_argument("--num-vlm-layers", type=integer(1), default=16, help="--from-vlm: VLM layers kept")
+    g.add_argument("--chunk-size", type=integer(1), default=50, help="--from-vlm: actions per chunk")
     g.add_argument("--train-vision", action=argparse.BooleanOptionalAction, default=False,
                    help="also train the vision encoder (frozen by default; trained in the demo)")
     g.add_argument("--train-vlm", action=argparse.BooleanOptionalAction, default=False,
                    help="also train the VLM layers and connector (frozen by default; trained in the demo)")
     g = p.add_argument_group("optimisation (SmolVLA fine-tuning recipe)")
-    g.add_argument("--steps", type=int, default=20_000, help="training steps")
-    g.add_argument("--batch-size", type=int, default=64, help="per process; the global batch is this times the GPUs")
-    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
-    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
-    g.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon")
-    g.add_argument("--weight-decay", type=float, default=1e-10, help="AdamW weight decay")
-    g.add_argument("--warmup-steps", type=int, default=1_000, help="linear warm-up to --lr")
-    g.add_argument("--decay-steps", type=int, default=30_000, help="cosine decay ends at this step")
-    g.add_argument("--decay-lr", type=float, default=2.5e-6, help="learning rate at the end of the decay")
-    g.add_argument("--grad-clip", type=float, default=10.0, help="gradient norm clipping")
-    g.add_argument("--seed", type=int, default=1000, help="new weights, data order, flow noise")
+    g.add_argument("--steps", type=integer(1), default=20_000,
+                   help="training steps (the learning-rate schedule is fitted to them, see --decay-steps)")
+    g.add_argument("--batch-size", type=integer(1), default=64, help="per process; the global batch is this times the GPUs")
+    g.add_argument("--lr", type=number(0, inclusive=False), default=1e-4, help="peak learning rate")
+    g.add_argument("--betas", type=number(0, below=1), nargs=2, default=(0.9, 0.95), help="AdamW betas")
+    g.add_argument("--eps", type=number(0), default=1e-8, help="AdamW epsilon")
+    g.add_argument("--weight-decay", type=number(0), default=1e-10, help="AdamW weight decay")
+    g.add_argument("--warmup-steps", type=integer(0), default=1_000,
+                   help="linear warm-up to --lr (shrunk when --steps < --decay-steps, see below)")
+    g.add_argument("--decay-steps", type=integer(1), default=30_000,
+                   help="cosine decay ends at this step; when --steps is smaller, the schedule is fitted to the run: "
+                        "warm-up int(warmup * steps / decay) steps and the decay ends at the last step, as LeRobot's "
+                        "cosine_decay_with_warmup (the same flags give lerobot-train's learning rates). The cosine "
+                        "counts from step 0, not from the end of the warm-up")
+    g.add_argument("--decay-lr", type=number(0), default=2.5e-6, help="learning rate at the end of the decay")
+    g.add_argument("--grad-clip", type=number(0, inclusive=False), default=10.0, help="gradient norm clipping")
+    g.add_argument("--seed", type=integer(0, 2**32 - 1), default=1000, help="new weights, data order, flow noise")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=None, help="None means outputs/train (outputs/demo for the demo)")
     g.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoints/last")
-    g.add_argument("--save-every", type=int, default=5_000, help="checkpoint interval in steps (and at the end)")
-    g.add_argument("--log-every", type=int, default=50, help="steps per metrics.jsonl line")
-    g.add_argument("--val-episodes", default="0",
+    g.add_argument("--save-every", type=integer(1), default=5_000, help="checkpoint interval in steps (and at the end)")
+    g.add_argument("--log-every", type=integer(1), default=50, help="steps per metrics.jsonl line")
+    g.add_argument("--val-episodes", type=episode_spec, default="0",
                    help="episodes held out for validation: a count N (the last N) or a list like 3,17,42")
-    g.add_argument("--eval-every", type=int, default=1_000, help="validation loss interval in steps")
-    g.add_argument("--val-samples", type=int, default=256, help="frames in the (fixed) validation set")
-    g.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes")
+    g.add_argument("--eval-every", type=integer(1), default=1_000, help="validation loss interval in steps")
+    g.add_argument("--val-samples", type=integer(1), default=256, help="frames in the (fixed) validation set")
+    g.add_argument("--num-workers", type=integer(0), default=4, help="DataLoader worker processes")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu, mps; None means cuda if available")
     g.add_argument("--cache-vision", action="store_true",
                    help="compute the frozen vision encoder's image embeddings once (float16, memory-mapped) "
@@ -407,20 +466,39 @@ def make_optimizer(policy: nn.Module, args: argparse.Namespace) -> torch.optim.O
     return torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), eps=args.eps, weight_decay=args.weight_decay)
 
 
+# The schedule is LeRobot's "cosine_decay_with_warmup" (lerobot-train's for SmolVLA), so that the same
+# flags give the same learning rate at every step. Two of its properties are easy to get wrong:
+#   - it is fitted to the run: when the run is shorter than the decay, the warm-up shrinks in
+#     proportion, int(warmup * (steps / decay)) with LeRobot's order of operations, and the decay ends
+#     at the last step (so --steps 20000 ends at --decay-lr, not part-way down the cosine);
+#   - the cosine's phase is the absolute step over the decay steps, not the step since the warm-up:
+#     after a 1,000-step warm-up of a 30,000-step decay it starts at 0.9973, not 1.
+
+
+def fitted_schedule(steps: int, warmup_steps: int, decay_steps: int) -> tuple[int, int]:
+    """(warm-up steps, decay steps) of a run of `steps` steps: as given, or shrunk to the run."""
+    if steps < decay_steps:
+        return int(warmup_steps * (steps / decay_steps)), steps
+    return warmup_steps, decay_steps
+
+
 def lr_factor(step: int, warmup_steps: int, decay_steps: int, peak_lr: float, decay_lr: float) -> float:
-    """Multiplier of the peak lr at `step`: linear warm-up from 1/(warmup+1) to 1 over warmup_steps,
-    then a half cosine from 1 down to decay_lr/peak_lr at decay_steps, constant after."""
+    """Multiplier of the peak lr at `step` (0-based) for an already fitted warm-up and decay: linear
+    from 1/(warmup+1) towards 1 over the warm-up steps, then floor + (1 - floor) * (1 + cos(pi * step /
+    decay)) / 2 with floor = decay_lr / peak_lr, constant from step `decay_steps` on."""
     if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    span = max(decay_steps - warmup_steps, 1)
-    progress = min(step - warmup_steps, span) / span
+        if step <= 0:
+            return 1 / (warmup_steps + 1)
+        return (1 / (warmup_steps + 1) - 1) * (1 - step / warmup_steps) + 1
+    cosine = 0.5 * (1 + math.cos(math.pi * min(step, decay_steps) / decay_steps))
     floor = decay_lr / peak_lr
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return (1 - floor) * cosine + floor
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup_steps, decay_steps = fitted_schedule(args.steps, args.warmup_steps, args.decay_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, args.warmup_steps, args.decay_steps, args.lr, args.decay_lr))
+        optimizer, lambda step: lr_factor(step, warmup_steps, decay_steps, args.lr, args.decay_lr))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -909,20 +987,61 @@ def load_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, Path, dic
     """--resume: the run's saved arguments (flags given now override them), the checkpoint, its state."""
     checkpoint = last_checkpoint(Path(args.output_dir))
     state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
-    merged = dict(state["args"])
+    merged = vars(build_parser().parse_args([]))  # flags added since the run was saved take their defaults
+    merged.update(state["args"])
     merged.update({k: getattr(args, k) for k in args.explicit})
     merged.update({k: getattr(args, k) for k in RUN_ONLY | {"explicit"}})
     for key in ("batch_size", "seed", "lr", "betas", "warmup_steps", "decay_steps", "decay_lr"):
         if key in args.explicit and state["args"].get(key) != merged[key]:
             print(f"warning: --{key.replace('_', '-')} {merged[key]} differs from the run's {state['args'].get(key)}: "
                   "the curve will not match an uninterrupted run", flush=True)
+    saved = state["args"]
+    before = fitted_schedule(saved["steps"], saved["warmup_steps"], saved["decay_steps"])
+    after = fitted_schedule(merged["steps"], merged["warmup_steps"], merged["decay_steps"])
+    if "steps" in args.explicit and before != after:
+        print(f"warning: --steps {merged['steps']} (the run's: {saved['steps']}) refits the learning-rate schedule "
+              f"(warm-up {before[0]} -> {after[0]}, decay {before[1]} -> {after[1]} steps): the learning rate jumps "
+              "here and the curve will not match an uninterrupted run", flush=True)
     merged["betas"] = tuple(merged["betas"])
     return argparse.Namespace(**merged), checkpoint, state
 
 
+def run_outputs(output_dir: Path) -> str:
+    """Where a run's results are, for the messages that end or refuse a run."""
+    return (f"policy {output_dir / 'checkpoints' / 'last' / 'pretrained_model'}, loss plot {output_dir / 'loss.png'}, "
+            f"metrics {output_dir / 'metrics.jsonl'}")
+
+
+def finished_run(args: argparse.Namespace) -> dict:
+    """When --output-dir already holds a run and --resume is not given. A complete run asked for again
+    with the same flags (the demo's `python train.py` run twice): a summary with a message that says
+    where its results are; nothing is trained or overwritten. Otherwise a TrainError: a stopped run
+    points to --resume, flags that ask for a different run to another --output-dir."""
+    output_dir = Path(args.output_dir)
+    last = output_dir / "checkpoints" / "last"
+    if not last.exists():
+        raise TrainError(f"{output_dir} holds an unfinished training run without a checkpoint: delete "
+                         f"{output_dir / 'checkpoints'} or choose another --output-dir")
+    # mmap: the step and arguments are read without loading the optimizer state (GBs at full size)
+    state = torch.load(last / "training_state.pt", map_location="cpu", weights_only=True, mmap=True)
+    step, saved = int(state["step"]), state["args"]
+    if step < saved["steps"]:
+        raise TrainError(f"{output_dir} holds a training run stopped at step {step} of {saved['steps']}: pass "
+                         "--resume to continue it, or choose another --output-dir")
+    different = [k for k in args.explicit if k not in RUN_ONLY and k in saved and getattr(args, k) != saved[k]
+                 and not (k == "betas" and tuple(saved[k]) == tuple(args.betas))]
+    where = f"{output_dir} holds a finished run ({step} of {saved['steps']} steps): {run_outputs(output_dir)}"
+    if different:
+        flags = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved[k]})" for k in different)
+        raise TrainError(f"{where}. The flags given ask for another run ({flags}): choose another --output-dir, "
+                         f"or to train this run for longer pass --resume --steps N with N > {step}")
+    return {"step": step, "stopped": False, "seconds": 0.0, "loss": None, "complete": True,
+            "checkpoint": str(last.resolve()), "message": f"nothing to do: {where}"}
+
+
 def open_datasets(args: argparse.Namespace, chunk_size_hint: int = 50):
     """(the whole dataset, training episodes, validation episodes), checking the split."""
-    whole = data.LeRobotDataset(args.data, chunk_size=chunk_size_hint)
+    whole = data.LeRobotDataset(args.data, chunk_size=chunk_size_hint, revision=args.revision)
     train_eps, val_eps = split_episodes(args.val_episodes, whole.episodes)
     return whole, train_eps, val_eps
 
@@ -941,10 +1060,20 @@ def _train(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
     resume_state, checkpoint = None, None
     if args.resume:
         args, checkpoint, resume_state = load_resume(args)
+        if args.steps < resume_state["step"]:
+            raise TrainError(f"--steps {args.steps}: the run in {args.output_dir} is already at step "
+                             f"{resume_state['step']}; pass a larger --steps to train it further")
+        if args.steps == resume_state["step"]:
+            where = Path(args.output_dir)
+            log(rank, f"nothing to do: {where} holds a finished run ({args.steps} of {args.steps} steps; pass a "
+                      f"larger --steps to train it further): {run_outputs(where)}")
+            return {"step": args.steps, "stopped": False, "seconds": 0.0, "loss": None, "complete": True,
+                    "checkpoint": str(checkpoint)}
     output_dir = Path(args.output_dir)
     if resume_state is None and (output_dir / "checkpoints").exists():
-        raise TrainError(f"{output_dir} already holds a training run: pass --resume to continue it, "
-                         "or choose another --output-dir")
+        summary = finished_run(args)
+        log(rank, summary.pop("message"))
+        return summary
     vlm_dir = None
     if args.data is None:
         if rank == 0:
@@ -1069,11 +1198,12 @@ def _train(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
     seconds = time.perf_counter() - start
     if args.param_checksum_file:
         Path(args.param_checksum_file.format(rank=rank)).write_text(parameter_digest(policy) + "\n")
+    last = output_dir / "checkpoints" / "last"
     summary = {"step": step, "stopped": stopped, "seconds": seconds,
                "loss": last_result["loss"] if last_result else None,
-               "checkpoint": str((output_dir / "checkpoints" / "last").resolve())}
-    log(rank, f"{'stopped' if stopped else 'done'} at step {step} in {duration(seconds)}; "
-              f"checkpoint {output_dir / 'checkpoints' / 'last' / 'pretrained_model'}")
+               "checkpoint": str(last.resolve()) if last.exists() else None}
+    outputs = run_outputs(output_dir) if last.exists() else "no checkpoint was saved"
+    log(rank, f"{'stopped' if stopped else 'done'} at step {step} in {duration(seconds)}: {outputs}")
     return summary
 
 

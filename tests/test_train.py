@@ -79,27 +79,47 @@ def test_defaults_are_the_smolvla_fine_tuning_recipe():
     assert args.output_dir == "outputs/train" and not args.train_vision and not args.train_vlm
 
 
-def test_learning_rate_schedule_hand_values():
-    lr = lambda step: 1e-4 * train.lr_factor(step, 1_000, 30_000, 1e-4, 2.5e-6)  # noqa: E731
-    assert lr(0) == pytest.approx(1e-4 / 1001)
-    assert lr(499) == pytest.approx(1e-4 * 500 / 1001)
-    assert lr(1_000) == pytest.approx(1e-4)
-    # halfway through the cosine (steps 1,000..30,000) the lr is halfway between peak and floor
-    assert lr(15_500) == pytest.approx((1e-4 + 2.5e-6) / 2)
-    assert lr(30_000) == pytest.approx(2.5e-6) and lr(40_000) == pytest.approx(2.5e-6)
-    # the scheduler applies it step by step
-    param = torch.nn.Parameter(torch.zeros(1))
-    args = train.parse_args(["--data", "x", "--warmup-steps", "2", "--decay-steps", "4", "--lr", "1.0",
-                             "--decay-lr", "0.5"])
+def test_learning_rate_schedule_is_lerobots_cosine_decay_with_warmup():
+    """LeRobot's cosine_decay_with_warmup with the default flags (peak 1e-4, floor 2.5e-6, warm-up
+    1,000, decay 30,000). The values were worked out by hand from its formula: warm-up factor
+    (s + 1) / (w + 1); then 0.025 + 0.975 * (1 + cos(pi * s / d)) / 2 with the absolute step s; when
+    --steps n < d, w becomes int(w * n / d) and d becomes n."""
+    def lr(steps: int):
+        scheduler = train.make_scheduler(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]),
+                                         train.parse_args(["--data", "x", "--steps", str(steps)]))
+        return lambda step: 1e-4 * scheduler.lr_lambdas[0](step)
+
+    full = lr(30_000)  # as long as the decay: nothing is fitted
+    assert full(0) == pytest.approx(1e-4 / 1001, rel=1e-12)
+    assert full(999) == pytest.approx(1e-4 * 1000 / 1001, rel=1e-12)
+    assert full(1_000) == pytest.approx(9.973294239920334e-05, rel=1e-12)  # the cosine at pi/30, not 1
+    assert full(15_000) == pytest.approx(5.125e-05, rel=1e-12)  # cos(pi/2) = 0: halfway to the floor
+    assert full(30_000) == pytest.approx(2.5e-6, rel=1e-12) and full(40_000) == pytest.approx(2.5e-6, rel=1e-12)
+
+    usual = lr(20_000)  # the usual fine-tuning run: warm-up int(1000 * 2/3) = 666, decay over 20,000
+    assert usual(0) == pytest.approx(1e-4 / 667, rel=1e-12)
+    assert usual(665) == pytest.approx(1e-4 * 666 / 667, rel=1e-12)
+    assert usual(666) == pytest.approx(9.973347576037485e-05, rel=1e-12)  # cos(pi * 666 / 20000)
+    assert usual(15_000) == pytest.approx(1.677854441715581e-05, rel=1e-12)  # cos(3 pi / 4)
+    assert usual(19_999) == pytest.approx(2.50000060142902e-06, rel=1e-9)  # the last step: at the floor
+
+    short = lr(10)  # int(1000 * 10 / 30000) = 0: no warm-up at all
+    assert short(0) == pytest.approx(1e-4, rel=1e-12) and short(5) == pytest.approx(5.125e-05, rel=1e-12)
+
+
+def test_scheduler_applies_the_fitted_schedule_step_by_step():
+    """--steps 6 of a 12-step decay: warm-up int(6 * 6 / 12) = 3 steps, decay over 6. By hand with
+    peak 1, floor 0.5: 1/4, 2/4, 3/4, then 0.5 + 0.25 * (1 + cos(pi * s / 6)) for s = 3, 4, 5."""
+    args = train.parse_args(["--data", "x", "--steps", "6", "--warmup-steps", "6", "--decay-steps", "12",
+                             "--lr", "1.0", "--decay-lr", "0.5"])
     optimizer = train.make_optimizer(torch.nn.Linear(1, 1), args)
     scheduler = train.make_scheduler(optimizer, args)
     seen = []
-    for _ in range(6):
+    for _ in range(7):
         seen.append(scheduler.get_last_lr()[0])
         optimizer.step()
         scheduler.step()
-    assert seen == pytest.approx([1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.5])
-    assert param.grad is None
+    assert seen == pytest.approx([0.25, 0.5, 0.75, 0.75, 0.625, 0.5 + 0.25 * (1 - 3 ** 0.5 / 2), 0.5], rel=1e-12)
 
 
 SMOLVLA_BASE_SLOTS = [f"observation.images.camera{i}" for i in (1, 2, 3)]
@@ -191,6 +211,33 @@ def test_frozen_parameters_unchanged_and_trained_ones_moved(trained):
     assert all(not torch.equal(saved[k], fixture[k]) for k in trained_keys)
 
 
+def test_one_real_step_leaves_frozen_parameters_untouched(dataset_dir, tmp_path):
+    """train_step on the tiny policy: the vision encoder, connector, VLM text layers and lm_head get
+    no gradient and keep every bit; every parameter the optimiser holds gets one, and those with a
+    non-zero gradient move."""
+    args = train.parse_args(args_for(dataset_dir, tmp_path / "out"))
+    dataset = data.LeRobotDataset(dataset_dir, chunk_size=10)
+    policy = train.build_policy(args, dataset, torch.device("cpu"))
+    trained_names = set(train.freeze(policy))
+    optimizer = train.make_optimizer(policy, args)
+    scheduler = train.make_scheduler(optimizer, args)
+    before = {name: param.detach().clone() for name, param in policy.named_parameters()}
+    batch = torch.utils.data.default_collate([dataset[i] for i in (0, 25, 50, 75)])
+    noise, flow_time = train.flow_noise_and_time(0, 0, 0, 0, 4, policy, torch.device("cpu"))
+    result = train.train_step(policy, optimizer, scheduler, batch, noise, flow_time)
+    assert result["loss"] > 0 and result["grad_norm"] > 0
+
+    params = dict(policy.named_parameters())
+    frozen = [n for n in params if n.startswith(("vision.", "connector.", "lm.", "lm_head."))]
+    assert len(frozen) > 50 and not trained_names & set(frozen)
+    assert all(params[n].grad is None and torch.equal(params[n], before[n]) for n in frozen)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert held == {id(params[n]) for n in trained_names} and len(trained_names) > 30
+    assert all(params[n].grad is not None for n in trained_names)
+    moving = [n for n in trained_names if params[n].grad.abs().sum() > 0]
+    assert len(moving) > 30 and all(not torch.equal(params[n], before[n]) for n in moving)
+
+
 def test_trained_policy_samples_the_demonstrated_actions(trained, dataset_dir):
     out, _ = trained
     dataset = data.LeRobotDataset(dataset_dir, chunk_size=10, episodes=[0, 3, 6])
@@ -212,15 +259,32 @@ def test_trained_policy_samples_the_demonstrated_actions(trained, dataset_dir):
 # -- resume, interruption, failures -----------------------------------------------------------------
 
 
-def test_resume_reproduces_the_uninterrupted_run(dataset_dir, tmp_path):
+def stop_after(monkeypatch, steps: int) -> None:
+    """Ask the training loop to stop (as Ctrl-C does) once `steps` steps are done."""
+    asked = {"n": 0}
+
+    def agreed(self):
+        asked["n"] += 1
+        return asked["n"] > steps
+
+    monkeypatch.setattr(train.StopRequest, "agreed", agreed)
+
+
+def test_resume_reproduces_the_uninterrupted_run(dataset_dir, tmp_path, monkeypatch):
+    """An 8-step run stopped after 4 steps and resumed ends as the straight run: same weights, losses,
+    optimizer moments, and the same learning rates (the schedule is fitted to the run's 8 steps)."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     train.main(args_for(dataset_dir, straight, "--steps", "8", "--val-episodes", "1", "--eval-every", "2"))
-    train.main(args_for(dataset_dir, split, "--steps", "4", "--val-episodes", "1", "--eval-every", "2"))
-    train.main(["--output-dir", str(split), "--resume", "--steps", "8", "--num-workers", "0"])
+    with monkeypatch.context() as patch:
+        stop_after(patch, 4)
+        assert train.main(args_for(dataset_dir, split, "--steps", "8", "--val-episodes", "1", "--eval-every", "2"))["stopped"]
+    train.main(["--output-dir", str(split), "--resume", "--num-workers", "0"])
     a = read_weights(straight / "checkpoints" / "last" / "pretrained_model" / "model.safetensors")
     b = read_weights(split / "checkpoints" / "last" / "pretrained_model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert losses(straight) == losses(split) and len(losses(split)) == 8
+    learning_rates = lambda out: [m["lr"] for m in train.read_metrics(out / "metrics.jsonl") if "lr" in m]  # noqa: E731
+    assert learning_rates(straight) == learning_rates(split)
     sa = torch.load(straight / "checkpoints" / "last" / "training_state.pt", weights_only=True)
     sb = torch.load(split / "checkpoints" / "last" / "training_state.pt", weights_only=True)
     exp_avg = lambda s: [v["exp_avg"] for v in s["optimizer"]["state"].values()]  # noqa: E731
@@ -316,9 +380,89 @@ def test_bad_inputs_are_clear_errors(dataset_dir, tmp_path, capsys):
                                                     for e in reaching_episodes(1)], fps=10)
     assert "no camera" in error(args_for(blind, tmp_path / "d", "--steps", "1"))
     assert "--val-episodes" in error(args_for(dataset_dir, tmp_path / "e", "--val-episodes", "8"))
-    train.main(args_for(dataset_dir, tmp_path / "f", "--steps", "1"))
-    assert "--resume" in error(args_for(dataset_dir, tmp_path / "f", "--steps", "1"))  # never overwrites a run
     assert "no checkpoint" in error(["--output-dir", str(tmp_path / "g"), "--resume"])
+
+
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("--steps", "0", "integer >= 1"), ("--steps", "-5", "integer >= 1"), ("--batch-size", "0", "integer >= 1"),
+    ("--batch-size", "-3", "integer >= 1"), ("--lr", "-1", "number > 0"), ("--lr", "0", "number > 0"),
+    ("--lr", "nan", "number > 0"), ("--num-workers", "-1", "integer >= 0"), ("--eps", "-0.1", "number >= 0"),
+    ("--weight-decay", "-0.1", "number >= 0"), ("--warmup-steps", "-1", "integer >= 0"),
+    ("--decay-steps", "0", "integer >= 1"), ("--decay-lr", "-0.5", "number >= 0"), ("--grad-clip", "0", "number > 0"),
+    ("--seed", "-1", "integer from 0 to 4294967295"), ("--save-every", "0", "integer >= 1"),
+    ("--log-every", "0", "integer >= 1"), ("--eval-every", "0", "integer >= 1"), ("--val-samples", "0", "integer >= 1"),
+    ("--num-vlm-layers", "0", "integer >= 1"), ("--chunk-size", "0", "integer >= 1"),
+    ("--batch-size", "two", "integer >= 1"), ("--val-episodes", "-1", "count N >= 0 or a list"),
+    ("--val-episodes", "3,x", "count N >= 0 or a list"),
+])
+def test_numeric_flag_out_of_range_is_one_line_naming_it(flag, value, allowed, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data", "x", flag, value])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "Traceback" not in message, message
+    assert f"argument {flag}" in message and allowed in message and value in message, message
+
+
+def test_betas_must_lie_in_0_1(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--betas", "0.9", "1.0"])
+    assert exit_info.value.code == 2 and "--betas" in capsys.readouterr().err
+
+
+def test_a_run_ends_naming_its_outputs_and_a_rerun_says_it_is_complete(dataset_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    command = args_for(dataset_dir, out, "--steps", "2")
+    train.main(command)
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    named = [out / "checkpoints" / "last" / "pretrained_model", out / "loss.png", out / "metrics.jsonl"]
+    assert last_line.startswith("done at step 2") and all(str(path) in last_line for path in named), last_line
+    assert all(path.exists() for path in named)
+
+    # the same command again: nothing to train, and it says where the results are (exit 0)
+    stamp = (out / "checkpoints" / "last").resolve()
+    summary = train.main(command)
+    message = capsys.readouterr().out
+    assert summary["complete"] and summary["step"] == 2 and (out / "checkpoints" / "last").resolve() == stamp
+    assert "finished run (2 of 2 steps)" in message and all(str(path) in message for path in named), message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000002", "last"]
+    # another run asked for in the same directory: an error naming the flag and the outputs
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args_for(dataset_dir, out, "--steps", "2", "--lr", "5e-4"))
+    message = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--lr 0.0005 (the run's: 0.001)" in message and str(named[1]) in message
+    # resuming a finished run without more steps: nothing to do; with fewer: an error
+    assert train.main(["--output-dir", str(out), "--resume"])["complete"]
+    assert "finished run" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train.main(["--output-dir", str(out), "--resume", "--steps", "1"])
+    assert "already at step 2" in capsys.readouterr().err
+
+
+def test_a_rerun_of_a_stopped_run_points_to_resume(dataset_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        stop_after(patch, 1)
+        train.main(args_for(dataset_dir, out, "--steps", "3"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args_for(dataset_dir, out, "--steps", "3"))  # never overwrites a run
+    message = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "stopped at step 1 of 3" in message and "--resume" in message
+
+
+def test_revision_reaches_the_hub_download(dataset_dir, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_snapshot_download(repo_id, repo_type=None, revision=None):
+        calls.append((repo_id, repo_type, revision))
+        return str(dataset_dir)
+
+    monkeypatch.setattr(data, "snapshot_download", fake_snapshot_download)
+    argv = args_for(dataset_dir, tmp_path / "out", "--steps", "1")
+    argv[argv.index("--data") + 1] = "someone/reach"
+    train.main(argv + ["--revision", "v3.0"])
+    assert calls == [("someone/reach", "dataset", "v3.0")]
 
 
 def test_unused_policy_camera_slot_is_dropped_and_the_rename_saved(tmp_path):
