@@ -119,6 +119,10 @@ SMOLVLM2_500M_CONFIG = {
 # (checked on the golden fixture by the tests, measured on the full-size model by bench.py).
 INT8_FIDELITY_BOUND = 0.02
 
+# How far float camera images may stray outside [0, 1] (overshoot of a user's own bicubic or
+# antialiased resize) before they are refused as being in another range (0..255, [-1, 1]).
+IMAGE_RANGE_SLACK = 0.01
+
 # transformers' SmolVLMVisionConfig defaults: the VLM's config.json omits fields left at these.
 VISION_DEFAULTS = {"hidden_size": 1152, "intermediate_size": 3072, "num_hidden_layers": 12,
                    "num_attention_heads": 16, "image_size": 224, "patch_size": 32, "layer_norm_eps": 1e-6,
@@ -480,7 +484,8 @@ class SmolVLA(nn.Module):
     # -- robot-facing API -----------------------------------------------------------------------------
 
     def prepare(self, batch: dict[str, Any]) -> Prefix:
-        """A LeRobot-style batch (robot units, images in [0,1]) -> normalised model inputs."""
+        """A LeRobot-style batch (robot units; images uint8 in 0..255 or float in [0,1]) -> normalised
+        model inputs."""
         batch = {self.rename_map.get(k, k): v for k, v in batch.items()}
         device = self.device
         if STATE not in batch:
@@ -506,7 +511,7 @@ class SmolVLA(nn.Module):
                 images.append(None)
                 embeddings.append(torch.as_tensor(cached[key], device=device))
                 continue
-            images.append(self.camera_pixels(batch[key]))
+            images.append(self.camera_pixels(batch[key], key))
             embeddings.append(None)
         masks = [torch.ones(batch_size, dtype=torch.bool, device=device) for _ in present]
         for _ in missing:  # empty camera slots: a blank image whose tokens are masked out
@@ -527,11 +532,24 @@ class SmolVLA(nn.Module):
         """embed_image outputs per camera for a batch: what `batch["image_embeddings"]` may carry
         instead of the images, so a frozen vision encoder's work can be cached across epochs."""
         batch = {self.rename_map.get(k, k): v for k, v in batch.items()}
-        return {key: self.embed_image(self.camera_pixels(batch[key])) for key in self.camera_keys if key in batch}
+        return {key: self.embed_image(self.camera_pixels(batch[key], key))
+                for key in self.camera_keys if key in batch}
 
-    def camera_pixels(self, images: Any) -> torch.Tensor:
-        """A camera's float images in [0,1], (B,3,H,W) or (3,H,W) -> the vision encoder's input."""
-        images = torch.as_tensor(images, device=self.device).float()
+    def camera_pixels(self, images: Any, key: str = "camera") -> torch.Tensor:
+        """A camera's images (B,3,H,W) or (3,H,W), uint8 in 0..255 or float in [0,1] -> the vision
+        encoder's input. Anything else is refused: the model would silently see a different image."""
+        images = torch.as_tensor(images, device=self.device)
+        if images.dtype == torch.uint8:
+            images = images.float() / 255.0
+        elif images.is_floating_point():
+            images = images.float()
+            low, high = (value.item() for value in torch.aminmax(images))
+            if not (-IMAGE_RANGE_SLACK <= low and high <= 1 + IMAGE_RANGE_SLACK):  # also false for NaN
+                raise ValueError(f"{key}: float images must be in [0, 1], these range over [{low:.4g}, {high:.4g}] "
+                                 "(images in 0..255 should be uint8 or divided by 255)")
+        else:
+            raise ValueError(f"{key}: images of dtype {str(images.dtype).removeprefix('torch.')} are not "
+                             "supported; give uint8 in 0..255 or float in [0, 1]")
         return preprocess_images(images[None] if images.ndim == 3 else images, self.cfg.resize_imgs_with_padding)
 
     @torch.no_grad()

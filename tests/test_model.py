@@ -521,3 +521,46 @@ def test_compiled_denoising_step_is_one_graph_with_golden_numbers(golden):
     close_robot_units(policy.predict_chunk(batch, noise=golden["input.noise"]), golden["output.actions"])
     policy.predict_chunk(dict(batch, **{"observation.state": batch["observation.state"] + 1.0}))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+# -- camera image formats ------------------------------------------------------------------------------
+
+
+def as_uint8(images):
+    return (images * 255).round().to(torch.uint8)
+
+
+def test_uint8_images_are_read_as_0_to_255(policy, golden):
+    """uint8 camera frames (what cameras and video decoders give) mean the same as float frames / 255."""
+    as_bytes = {cam: as_uint8(golden[f"input.{cam}"]) for cam in CAMERAS}
+    as_floats = {cam: image.float() / 255 for cam, image in as_bytes.items()}
+    noise, time = golden["input.train_noise"], golden["input.train_time"]
+    with torch.no_grad():
+        close_robot_units(policy.predict_chunk({**observation(golden), **as_bytes}, noise=golden["input.noise"]),
+                          policy.predict_chunk({**observation(golden), **as_floats}, noise=golden["input.noise"]))
+        close(policy.loss({**training_batch(golden), **as_bytes}, noise, time),
+              policy.loss({**training_batch(golden), **as_floats}, noise, time))
+
+
+@pytest.mark.parametrize("kind, seen", [("0..255 floats", r"\[0, 255\]"), ("[-1, 1] floats", r"\[-1, 1\]"),
+                                        ("NaN", "nan"), ("int64", "dtype int64")])
+def test_images_in_another_range_are_refused(policy, golden, kind, seen):
+    """Images that are not uint8 nor float in [0, 1] are an error naming the camera and what was seen,
+    for inference and training alike."""
+    bytes_ = as_uint8(golden[f"input.{CAMERAS[1]}"])
+    wrong = {"0..255 floats": bytes_.float(), "[-1, 1] floats": bytes_.float() / 127.5 - 1,
+             "NaN": torch.full((2, 3, 48, 64), float("nan")), "int64": bytes_.long()}[kind]
+    if kind != "NaN":
+        assert wrong.min() == (-1 if kind == "[-1, 1] floats" else 0)  # the inputs span what they claim
+    for batch in (observation(golden), training_batch(golden)):
+        batch[CAMERAS[1]] = wrong
+        with pytest.raises(ValueError, match=f"{CAMERAS[1]}: .*{seen}"):
+            policy.predict_chunk(batch) if "action" not in batch else policy.loss(batch)
+
+
+def test_float_images_may_overshoot_slightly(policy, golden):
+    """A resize of the user's own may ring a little past [0, 1]; that is not a wrong range."""
+    image = golden[f"input.{CAMERAS[0]}"]
+    overshooting = image.clone()
+    overshooting[0, 0, 0, :2] = torch.tensor([-0.005, 1.005])
+    assert torch.isfinite(policy.predict_chunk(dict(observation(golden), **{CAMERAS[0]: overshooting}))).all()
