@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -216,31 +217,36 @@ def observation_batch(policy, batch_size: int, height: int, width: int, device: 
     return batch
 
 
-def chunk_gflop(policy, batch_size: int) -> float:
-    """Matrix-multiply FLOPs of one chunk as this implementation computes it (2*M*N*K per product)."""
-    v, t, e, c = policy.vision_cfg, policy.lm_cfg, policy.expert_cfg, policy.cfg
-    n = v.num_patches
-    vision = (2 * n * 3 * v.patch_size**2 * v.hidden_size
-              + v.num_layers * (8 * n * v.hidden_size**2 + 4 * n * n * v.hidden_size
-                                + 4 * n * v.hidden_size * v.intermediate_size)
-              + 2 * v.tokens_per_image * v.hidden_size * v.scale_factor**2 * v.text_hidden_size)
-    cams = len(policy.camera_keys)
-    p = cams * v.tokens_per_image + c.tokenizer_max_length + 1
-    q_width, kv_width = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
-    kv = 4 * p * t.hidden_size * kv_width
-    full_layer = kv + 4 * p * t.hidden_size * q_width + 4 * p * p * q_width + 6 * p * t.hidden_size * t.intermediate_size
-    vlm = (t.num_layers - 1) * full_layer + kv  # the last layer's keys/values are all that is used
-    s, eq = c.chunk_size, e.num_attention_heads * e.head_dim
-    step = 2 * s * c.max_action_dim * e.hidden_size + 2 * s * 3 * e.hidden_size**2 + 2 * s * e.hidden_size * c.max_action_dim
-    prepare = 0
-    for i in range(e.num_layers):
-        step += 4 * s * e.hidden_size * eq + 6 * s * e.hidden_size * e.intermediate_size
-        if e.is_cross(i):
-            step += 4 * s * p * eq
-            prepare += 4 * p * e.vlm_kv_width * kv_width
-        else:
-            step += 4 * s * e.hidden_size * kv_width + 4 * s * (p + s) * eq
-    return batch_size * (cams * vision + vlm + prepare + c.num_steps * step) / 1e9
+# PyTorch's FLOP counter knows the CUDA attention kernels but not the CPU one, which SDPA runs on a
+# CPU: without these formulas it misses the vision encoder's attention (77 GFLOP of smolvla_base's
+# chunk) and the expert's. Both count 2 FLOPs per multiply-add, as the counter does for products.
+
+
+def cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """Forward: the scores q @ k^T and the weighted sum of values, for (B, H, L, D) shapes."""
+    batch, heads, queries, dim = query_shape
+    keys, value_dim = key_shape[-2], value_shape[-1]
+    return 2 * batch * heads * queries * keys * (dim + value_dim)
+
+
+def cpu_attention_backward_flops(grad_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                                 **kwargs) -> int:
+    """Backward: the scores recomputed, then the gradients of the weights, values, queries and keys
+    (five products of the forward's sizes, as the counter's formula for the CUDA kernels has)."""
+    batch, heads, queries, dim = query_shape
+    keys, value_dim = key_shape[-2], value_shape[-1]
+    return 2 * batch * heads * queries * keys * (3 * dim + 2 * value_dim)
+
+
+def count_flops(fn) -> tuple[Any, int]:
+    """Run fn() under PyTorch's FLOP counter -> (its result, the FLOPs of its matrix products,
+    convolutions and attention, forward and backward)."""
+    aten = torch.ops.aten
+    attention = {aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops,
+                 aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=attention) as counter:
+        result = fn()
+    return result, counter.get_total_flops()
 
 
 def bench_infer(args: argparse.Namespace) -> None:
@@ -249,16 +255,22 @@ def bench_infer(args: argparse.Namespace) -> None:
     sync = device_sync(device)
     peak = matmul_gflops(device, dtype)
     policy = smolvla_base(device, dtype, args.cameras, args.height, args.width)
-    if args.compile:
-        policy.compile_denoise()
-    exact = {}
+    inputs, gflop_per_chunk = {}, {}
     for batch_size in args.batch:
         batch = observation_batch(policy, batch_size, args.height, args.width, device)
         noise = torch.randn(batch_size, policy.cfg.chunk_size, policy.cfg.max_action_dim,
                             generator=torch.Generator().manual_seed(2)).to(device)
+        inputs[batch_size] = batch, noise
+        # Counted on one real chunk, before compiling (the counter sees the eager operations).
+        gflop_per_chunk[batch_size] = count_flops(lambda: policy.predict_chunk(batch, noise))[1] / 1e9
+    if args.compile:
+        policy.compile_denoise()
+    exact = {}
+    for batch_size in args.batch:
+        batch, noise = inputs[batch_size]
         seconds = timed(lambda: policy.predict_chunk(batch, noise), args.repeats, sync)
         exact[batch_size] = (seconds, policy.predict_chunk(batch, noise), batch, noise)
-        gflop = chunk_gflop(policy, batch_size)
+        gflop = gflop_per_chunk[batch_size]
         emit({"bench": "infer", "mode": "exact", "device": str(device), "dtype": args.dtype,
               "compile": args.compile, "batch": batch_size, "ms_per_chunk": round(seconds * 1e3, 1),
               "gflop_per_chunk": round(gflop, 1), "gflops": round(gflop / seconds, 1),
@@ -270,7 +282,7 @@ def bench_infer(args: argparse.Namespace) -> None:
         emit({"bench": "infer", "compare": f"{args.dtype} vs float32", "batch": args.batch[0],
               "mean_abs_action_diff_std": round(difference.mean().item(), 5),
               "max_abs_action_diff_std": round(difference.max().item(), 5)})
-    if args.fast and device.type == "cpu":
+    if args.fast:
         import flow
 
         policy.quantize_int8()
@@ -316,16 +328,12 @@ def bench_train(args: argparse.Namespace) -> None:
     results = {}
     for mode, step_batch in (("uncached", batch), ("cache-vision", cached)):
         step = lambda: train.train_step(policy, optimizer, scheduler, step_batch, noise, time_)  # noqa: E731
-        # Matrix-product FLOPs of a step, forward and backward, counted by PyTorch (which does not
-        # count CPU attention kernels, so this undercounts a little and the efficiency is a floor).
-        with FlopCounterMode(display=False) as counter:
-            step()
-        gflop = counter.get_total_flops() / 1e9
+        gflop = count_flops(step)[1] / 1e9  # one step, forward and backward
         seconds = timed(step, args.repeats, sync)
         results[mode] = args.batch_size / seconds
         emit({"bench": "train", "mode": mode, "device": str(device), "batch": args.batch_size,
               "ms_per_step": round(seconds * 1e3, 1), "samples_per_s": round(results[mode], 2),
-              "matmul_gflop_per_step": round(gflop, 1), "gflops": round(gflop / seconds, 1),
+              "gflop_per_step": round(gflop, 1), "gflops": round(gflop / seconds, 1),
               "efficiency": round(gflop / seconds / peak, 3),
               "trained_parameters": sum(p.numel() for n, p in policy.named_parameters() if n in set(trained)),
               "peak_memory_mb": round(peak_memory_mb(device))})
@@ -336,44 +344,98 @@ def bench_train(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A command-line mistake is one line naming the flag and what it accepts (argparse's usage block
+    would bury it), with argparse's exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def integer(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer in [minimum, maximum]; the message names the allowed range."""
+    allowed = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text}")
+        return value
+
+    return parse
+
+
+def torch_device(text: str) -> str:
+    """An argparse type: a device this machine has (cpu, cuda, cuda:N, mps)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device (use cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has CUDA devices 0 to {torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine (use cpu)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
+# Frame sizes the benchmarks accept: a frame must keep at least one row and column after the resize
+# to the encoder's 512x512, and anything larger than 4096 is not a camera frame.
+FRAME_SIDE = integer(16, 4096)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("data", help="DataLoader random-access items/s, 2 cameras 480x640 AV1")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batches", type=int, default=40, help="batches timed, after the warm-up")
-    p.add_argument("--warmup", type=int, default=4, help="batches read before timing")
-    p.add_argument("--episodes", type=int, default=8, help="episodes in the generated dataset")
-    p.add_argument("--length", type=int, default=150, help="frames per episode")
+    p.add_argument("--workers", type=integer(0), default=2, help="DataLoader worker processes")
+    p.add_argument("--batch-size", type=integer(1), default=8)
+    p.add_argument("--batches", type=integer(1), default=40, help="batches timed, after the warm-up")
+    p.add_argument("--warmup", type=integer(0), default=4, help="batches read before timing")
+    p.add_argument("--episodes", type=integer(1), default=8, help="episodes in the generated dataset")
+    p.add_argument("--length", type=integer(1), default=150, help="frames per episode")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "smolvla-bench"),
                    help="where the generated dataset is kept between runs")
     p.set_defaults(run=bench_data)
 
-    p = commands.add_parser("infer", help="one action chunk of the smolvla_base architecture (random weights)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights and activations (the checkpoint's float32 tensors stay float32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the denoising step")
-    p.add_argument("--fast", action="store_true", help="also time the int8 CPU mode and its action difference")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; the median is printed")
-    p.add_argument("--cameras", type=int, default=2)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=640)
-    p.set_defaults(run=bench_infer)
+    infer = commands.add_parser("infer", help="one action chunk of the smolvla_base architecture (random weights)")
+    infer.add_argument("--device", type=torch_device, default="cpu")
+    infer.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="weights and activations (the checkpoint's float32 tensors stay float32)")
+    infer.add_argument("--compile", action="store_true", help="torch.compile the denoising step")
+    infer.add_argument("--fast", action="store_true",
+                       help="also time the int8 CPU mode and its action difference (--device cpu only)")
+    infer.add_argument("--batch", type=integer(1), nargs="+", default=[1, 8], help="batch sizes timed")
+    infer.add_argument("--repeats", type=integer(1), default=3, help="timed runs after one warm-up; the median is printed")
+    infer.add_argument("--cameras", type=integer(1), default=2)
+    infer.add_argument("--height", type=FRAME_SIDE, default=480, help="camera frame height, 16 to 4096")
+    infer.add_argument("--width", type=FRAME_SIDE, default=640, help="camera frame width, 16 to 4096")
+    infer.set_defaults(run=bench_infer)
 
     p = commands.add_parser("train", help="training samples/s of the smolvla_base architecture, with/without cached vision")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up; the median is printed")
-    p.add_argument("--cameras", type=int, default=2)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--device", type=torch_device, default="cpu")
+    p.add_argument("--batch-size", type=integer(1), default=2)
+    p.add_argument("--repeats", type=integer(1), default=3, help="timed steps after one warm-up; the median is printed")
+    p.add_argument("--cameras", type=integer(1), default=2)
+    p.add_argument("--height", type=FRAME_SIDE, default=480, help="camera frame height, 16 to 4096")
+    p.add_argument("--width", type=FRAME_SIDE, default=640, help="camera frame width, 16 to 4096")
     p.set_defaults(run=bench_train)
 
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.command == "infer" and args.fast and torch.device(args.device).type != "cpu":
+        infer.error(f"argument --fast: the int8 mode runs on the CPU only, not on --device {args.device}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     args.run(args)
 
 
