@@ -1,0 +1,1393 @@
+"""An SO-100 arm in MuJoCo: pick up a cube and place it in a box, closed loop, on a laptop CPU.
+
+The arm is built from the SO-100's kinematics (link offsets and joint axes of the real arm), with
+position servos that have the STS3215's torque and speed limits, a 3 cm cube at a random place and
+yaw, and a shallow box to put it in. A fixed overview camera and a wrist camera render headless.
+
+The simulated arm is reached the way the real one is: `so100.SO100` talks Feetech packets over a
+pseudo-terminal to a simulated servo bus whose encoders read the physics (`SimulatedArm`), so a
+policy driven through `infer_async.RobotClient` runs the exact code path of a real arm.
+
+    python sim.py record --episodes 50 --out outputs/sim_dataset --seed 0   # scripted demonstrations
+    python sim.py eval --policy outputs/demo/checkpoints/last/pretrained_model --episodes 50 --seed 1000
+    python sim.py eval --expert --episodes 5 --video expert.mp4             # the scripted expert
+
+Read top to bottom:
+  1. the scene (MJCF) and its physics: servos, success judged from the physics state alone
+  2. simulated time: physics advances in sleep(); a policy's latency passes in simulated time
+  3. the servo bus on a pseudo-terminal, with encoders read from the physics (or a simple motor)
+  4. cameras, and the arm + cameras as infer_async uses them
+  5. the scripted expert (inverse kinematics through waypoints)
+  6. recording a LeRobot dataset, closed-loop evaluation, video
+  7. the command line
+
+Units are the real arm's: joints in degrees (LeRobot's convention: 0 at the middle of the
+calibrated range), the gripper in percent of its range, so a recorded dataset looks like a real
+SO-100 dataset to data.py and train.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Headless rendering: Mesa's software EGL needs no display. Set before mujoco is imported.
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import argparse
+import copy
+import json
+import math
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+try:
+    import mujoco
+except ImportError as err:  # pragma: no cover - depends on the machine
+    raise SystemExit(f"sim.py needs MuJoCo: pip install mujoco ({err})") from err
+
+import so100
+
+TASK = "Pick up the cube and place it in the box."
+FPS = 30  # the control rate of real SO-100 datasets
+CAMERAS = ("top", "wrist")
+IMAGE_SIZE = (96, 96)  # (height, width) of each camera: small, so rendering costs ~10 ms a frame
+JOINTS = so100.JOINT_NAMES  # shoulder_pan, shoulder_lift, elbow_flex, wrist_flex, wrist_roll, gripper
+FEATURE_NAMES = [f"{name}.pos" for name in JOINTS]  # as current LeRobot SO-100 datasets name them
+ROBOT_TYPE = "so100_follower"
+
+# ---------------------------------------------------------------------------------------------
+# 1. The scene
+# ---------------------------------------------------------------------------------------------
+# The kinematic chain is the SO-100's (MuJoCo Menagerie's trs_so_arm100 model, measured from the
+# real arm): each body's offset from its parent in metres, its orientation, and the joint axis in
+# its own frame. Links are capsules and boxes; only the jaw pads, the cube, the box and the table
+# collide (the links pass through each other, which real calibration ranges prevent).
+
+JOINT_RANGES = {  # radians; wrist_roll stops short of +-pi so its encoder never wraps
+    "shoulder_pan": (-2.2, 2.2), "shoulder_lift": (-3.14158, 0.2), "elbow_flex": (0.0, 3.14158),
+    "wrist_flex": (-2.0, 1.8), "wrist_roll": (-2.9, 2.9), "gripper": (-0.2, 2.0)}
+HOME = np.array([0.0, -2.8, 1.9, 1.7, 0.0, 0.35])  # radians: tucked up by the base, out of the top view
+
+# STS3215 at 7.4 V: stall torque 19.5 kg.cm (1.9 N.m), no-load speed 0.22 s per 60 degrees.
+SERVO_TORQUE = 1.9  # N.m
+SERVO_SPEED = math.radians(60) / 0.22  # rad/s
+GRIPPER_TORQUE = 0.6  # N.m: the gripper's torque is capped on connect (Max_Torque_Limit 500 of 1000)...
+SERVO_KP = 40.0  # N.m/rad: stiff enough that gravity sags the arm by well under a degree
+
+CUBE_HALF = 0.015  # a 3 cm cube
+CUBE_AREA = ((-0.11, 0.05), (-0.27, -0.17))  # x, y ranges of the cube's centre (m); forward is -y
+CUBE_YAW = (-math.pi / 4, math.pi / 4)  # a cube looks the same every quarter turn
+BOX_CENTRE = (0.14, -0.21)
+BOX_INNER_HALF = 0.045  # inner half-width of the box (m)
+BOX_WALL = (0.004, 0.012)  # wall half-thickness and half-height
+
+TOP_CAMERA, TOP_CAMERA_TARGET = (0.03, -0.46, 0.42), (0.03, -0.21, 0.0)
+
+PHYSICS_DT = 0.002
+REST_SPEED = 0.02  # m/s: the cube counts as at rest below this
+SETTLE_S = 0.3  # the success condition must hold this long
+
+
+def look_at(position: Sequence[float], target: Sequence[float]) -> str:
+    """MJCF xyaxes of a camera at `position` looking at `target` with the image's up toward +z."""
+    forward = np.asarray(target, float) - np.asarray(position, float)
+    forward /= np.linalg.norm(forward)
+    right = np.cross(forward, [0.0, 0.0, 1.0])
+    right /= np.linalg.norm(right)
+    up = np.cross(right, forward)
+    return " ".join(f"{v:.4f}" for v in (*right, *up))
+
+
+def box_walls_xml() -> str:
+    h, (t, z) = BOX_INNER_HALF, BOX_WALL
+    walls = [(h + t, 0, t, h + 2 * t), (-h - t, 0, t, h + 2 * t), (0, h + t, h, t), (0, -h - t, h, t)]
+    return "\n".join(f'<geom class="box" pos="{x} {y} {z + 0.002}" size="{sx} {sy} {z}"/>'
+                     for x, y, sx, sy in walls)
+
+
+def scene_xml(image_size: tuple[int, int] = IMAGE_SIZE) -> str:
+    r = JOINT_RANGES
+    height, width = image_size
+    top_camera = look_at(TOP_CAMERA, TOP_CAMERA_TARGET)
+    return f"""
+<mujoco model="so100_pick_place">
+  <compiler angle="radian" autolimits="true"/>
+  <option timestep="{PHYSICS_DT}" cone="elliptic" impratio="10" integrator="implicitfast"/>
+  <visual>
+    <quality shadowsize="0" offsamples="0"/>
+    <global offwidth="{max(width, 640)}" offheight="{max(height, 480)}"/>
+  </visual>
+  <default>
+    <default class="link">
+      <joint armature="0.02" damping="0.1" frictionloss="0.01"/>
+      <geom type="capsule" size="0.018" contype="0" conaffinity="0" rgba="0.95 0.95 0.9 1" density="300"/>
+      <position kp="{SERVO_KP}" dampratio="1" forcerange="-{SERVO_TORQUE} {SERVO_TORQUE}"/>
+    </default>
+    <default class="pad">
+      <geom type="box" contype="1" conaffinity="1" friction="1 0.005 0.0001" solimp="0.95 0.99 0.001"
+            solref="0.004 1" condim="4" rgba="0.2 0.2 0.2 1" mass="0.005"/>
+    </default>
+    <default class="box">
+      <geom type="box" rgba="0.25 0.45 0.85 1" contype="1" conaffinity="1"/>
+    </default>
+  </default>
+  <asset>
+    <texture name="grid" type="2d" builtin="checker" rgb1="0.55 0.45 0.35" rgb2="0.5 0.4 0.3" width="64" height="64"/>
+    <material name="table" texture="grid" texrepeat="8 8"/>
+  </asset>
+  <worldbody>
+    <light pos="0.2 -0.4 1.0" dir="-0.2 0.3 -1" diffuse="0.8 0.8 0.8"/>
+    <light pos="-0.4 0.2 1.2" dir="0.3 -0.1 -1" diffuse="0.4 0.4 0.4"/>
+    <geom name="table" type="plane" size="0.6 0.6 0.01" material="table" contype="1" conaffinity="1"/>
+    <camera name="top" pos="{TOP_CAMERA[0]} {TOP_CAMERA[1]} {TOP_CAMERA[2]}" xyaxes="{top_camera}" fovy="45"/>
+    <body name="base" childclass="link">
+      <geom type="box" size="0.045 0.05 0.0165" pos="0 -0.03 0.0165" rgba="0.2 0.2 0.2 1"/>
+      <body name="shoulder" pos="0 -0.0452 0.0165" quat="0.707105 0.707108 0 0">
+        <joint name="shoulder_pan" axis="0 1 0" range="{r['shoulder_pan'][0]} {r['shoulder_pan'][1]}"/>
+        <geom fromto="0 0 0 0 0.1025 0.0306"/>
+        <body name="upper_arm" pos="0 0.1025 0.0306" euler="1.57079 0 0">
+          <joint name="shoulder_lift" axis="1 0 0" range="{r['shoulder_lift'][0]} {r['shoulder_lift'][1]}"/>
+          <geom fromto="0 0 0 0 0.11257 0.028" size="0.016"/>
+          <body name="lower_arm" pos="0 0.11257 0.028" euler="-1.57079 0 0">
+            <joint name="elbow_flex" axis="1 0 0" range="{r['elbow_flex'][0]} {r['elbow_flex'][1]}"/>
+            <geom fromto="0 0 0 0 0.0052 0.1349" size="0.014"/>
+            <body name="wrist" pos="0 0.0052 0.1349" euler="-1.57079 0 0">
+              <joint name="wrist_flex" axis="1 0 0" range="{r['wrist_flex'][0]} {r['wrist_flex'][1]}"/>
+              <geom fromto="0 0 0 0 -0.045 0" size="0.014"/>
+              <body name="gripper" pos="0 -0.0601 0">
+                <joint name="wrist_roll" axis="0 1 0" range="{r['wrist_roll'][0]} {r['wrist_roll'][1]}"/>
+                <geom type="box" size="0.022 0.022 0.016" pos="-0.004 -0.012 0" rgba="0.95 0.6 0.1 1"/>
+                <geom type="box" size="0.004 0.03 0.009" pos="0.012 -0.058 0" rgba="0.95 0.6 0.1 1"/>
+                <geom name="fixed_pad" class="pad" size="0.002 0.018 0.009" pos="0.007 -0.082 0"/>
+                <site name="grasp" pos="-0.018 -0.082 0" size="0.003" rgba="0 1 0 0"/>
+                <camera name="wrist" pos="-0.009 -0.04 0.032" xyaxes="-1 0 0 0 -0.58 0.81" fovy="80"/>
+                <body name="moving_jaw" pos="-0.0202 -0.0244 0" quat="0 0 1 0">
+                  <joint name="gripper" axis="0 0 1" range="{r['gripper'][0]} {r['gripper'][1]}"/>
+                  <geom type="box" size="0.004 0.04 0.008" pos="0.004 -0.038 0" rgba="0.95 0.6 0.1 1"/>
+                  <geom name="moving_pad" class="pad" size="0.002 0.018 0.009" pos="-0.002 -0.058 0"/>
+                </body>
+              </body>
+            </body>
+          </body>
+        </body>
+      </body>
+    </body>
+    <body name="cube" pos="0 -0.22 {CUBE_HALF}">
+      <freejoint name="cube"/>
+      <geom name="cube" type="box" size="{CUBE_HALF} {CUBE_HALF} {CUBE_HALF}" mass="0.03" rgba="0.85 0.1 0.1 1"
+            friction="1 0.005 0.0001" condim="4" contype="1" conaffinity="1"/>
+    </body>
+    <body name="target" pos="{BOX_CENTRE[0]} {BOX_CENTRE[1]} 0">
+      <geom class="box" pos="0 0 0.001" size="{BOX_INNER_HALF + 2 * BOX_WALL[0]} {BOX_INNER_HALF + 2 * BOX_WALL[0]} 0.001"/>
+      {box_walls_xml()}
+    </body>
+  </worldbody>
+  <actuator>
+    {"".join(f'<position class="link" name="{j}" joint="{j}" ctrlrange="{r[j][0]} {r[j][1]}"/>' for j in JOINTS[:-1])}
+    <position class="link" name="gripper" joint="gripper" ctrlrange="{r['gripper'][0]} {r['gripper'][1]}"
+              kp="{SERVO_KP / 4}" forcerange="-{GRIPPER_TORQUE} {GRIPPER_TORQUE}"/>
+  </actuator>
+</mujoco>"""
+
+
+class Scene:
+    """The physics: MuJoCo's `model` and `data`, servos that move toward their goals no faster than
+    the STS3215 turns, and the success condition read from the physics state alone."""
+
+    def __init__(self, image_size: tuple[int, int] = IMAGE_SIZE):
+        self.model = mujoco.MjModel.from_xml_string(scene_xml(image_size))
+        self.data = mujoco.MjData(self.model)
+        self.image_size = image_size
+        self.joint_qpos = np.array([self.model.joint(j).qposadr[0] for j in JOINTS])
+        self.joint_dof = np.array([self.model.joint(j).dofadr[0] for j in JOINTS])
+        self.cube_qpos = self.model.joint("cube").qposadr[0]
+        self.cube_dof = self.model.joint("cube").dofadr[0]
+        self.goal = HOME.copy()  # where each servo is told to go (radians)
+        self.torque = np.zeros(len(JOINTS), bool)
+        self.lock = threading.RLock()  # the servo bus thread and the control loop share the physics
+        self._kp = self.model.actuator_gainprm[:, 0].copy()
+        self._bias = self.model.actuator_biasprm[:, 1:3].copy()
+        self._renderer: mujoco.Renderer | None = None
+        self.reset(0)
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def reset(self, seed: int) -> None:
+        """The arm at rest near HOME, the cube at a random place and yaw (from `seed`)."""
+        rng = np.random.default_rng(seed)
+        with self.lock:
+            mujoco.mj_resetData(self.model, self.data)
+            q = HOME + rng.normal(0.0, 0.02, len(JOINTS))
+            self.data.qpos[self.joint_qpos] = q
+            self.data.ctrl[:] = q
+            self.goal = q.copy()
+            for servo in range(len(JOINTS)):
+                self.set_torque(servo, True)
+            x, y = (rng.uniform(*r) for r in CUBE_AREA)
+            yaw = rng.uniform(*CUBE_YAW)
+            self.data.qpos[self.cube_qpos:self.cube_qpos + 7] = [x, y, CUBE_HALF, math.cos(yaw / 2), 0, 0,
+                                                                 math.sin(yaw / 2)]
+            mujoco.mj_forward(self.model, self.data)
+            self.step(0.2)  # let the cube settle on the table and the servos take hold
+
+    @property
+    def time(self) -> float:
+        return float(self.data.time)
+
+    def joint_angles(self) -> np.ndarray:
+        return self.data.qpos[self.joint_qpos].copy()
+
+    def cube_position(self) -> np.ndarray:
+        return self.data.qpos[self.cube_qpos:self.cube_qpos + 3].copy()
+
+    def cube_yaw(self) -> float:
+        w, x, y, z = self.data.qpos[self.cube_qpos + 3:self.cube_qpos + 7]
+        return math.atan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
+
+    def cube_speed(self) -> float:
+        return float(np.linalg.norm(self.data.qvel[self.cube_dof:self.cube_dof + 3]))
+
+    def set_cube(self, position: Sequence[float], yaw: float = 0.0) -> None:
+        """Put the cube somewhere by hand (tests, the judge's own checks)."""
+        with self.lock:
+            self.data.qpos[self.cube_qpos:self.cube_qpos + 7] = [*position, math.cos(yaw / 2), 0, 0, math.sin(yaw / 2)]
+            self.data.qvel[self.cube_dof:self.cube_dof + 6] = 0
+            mujoco.mj_forward(self.model, self.data)
+
+    def cube_in_box(self) -> bool:
+        """The cube's centre inside the box's inner walls and low enough to be in it, not above it."""
+        x, y, z = self.cube_position()
+        margin = BOX_INNER_HALF - CUBE_HALF * 0.5
+        return (abs(x - BOX_CENTRE[0]) < margin and abs(y - BOX_CENTRE[1]) < margin
+                and z < CUBE_HALF + 2 * BOX_WALL[1])
+
+    def success(self) -> bool:
+        """In the box and at rest: read from the physics state, nothing else."""
+        return self.cube_in_box() and self.cube_speed() < REST_SPEED
+
+    # -- stepping ---------------------------------------------------------------------------------
+
+    def step(self, seconds: float) -> None:
+        """Advance the physics. Each servo's set point moves toward its goal at the servo's top
+        speed (the STS3215 runs a speed-limited profile, not a jump); a servo with torque off is limp."""
+        with self.lock:
+            steps = int(round(seconds / PHYSICS_DT))
+            max_move = SERVO_SPEED * PHYSICS_DT
+            for _ in range(steps):
+                ctrl = self.data.ctrl
+                ctrl[:] = np.where(self.torque, ctrl + np.clip(self.goal - ctrl, -max_move, max_move),
+                                   self.data.qpos[self.joint_qpos])
+                mujoco.mj_step(self.model, self.data)
+
+    def set_torque(self, servo: int, on: bool) -> None:
+        """Torque off zeroes the servo's stiffness and damping: the joint is free (limp)."""
+        with self.lock:
+            self.torque[servo] = on
+            self.model.actuator_gainprm[servo, 0] = self._kp[servo] if on else 0.0
+            self.model.actuator_biasprm[servo, 1:3] = self._bias[servo] if on else 0.0
+
+    # -- rendering --------------------------------------------------------------------------------
+
+    def render(self, camera: str) -> np.ndarray:
+        """uint8 (H, W, 3) RGB from the named camera."""
+        with self.lock:
+            if self._renderer is None:
+                self._renderer = open_renderer(self.model, *self.image_size)
+            self._renderer.update_scene(self.data, camera)
+            return self._renderer.render().copy()
+
+    def close(self) -> None:
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
+
+
+def open_renderer(model, height: int, width: int) -> "mujoco.Renderer":
+    try:
+        return mujoco.Renderer(model, height, width)
+    except Exception as err:  # the GL library is missing or cannot start headless
+        backend = os.environ.get("MUJOCO_GL", "")
+        hint = {"egl": "libEGL (Debian/Ubuntu: apt install libegl1 libgl1-mesa-dri)",
+                "osmesa": "OSMesa (apt install libosmesa6)"}.get(backend, "a GL library (libEGL or OSMesa)")
+        raise SimError(f"cannot render with MUJOCO_GL={backend or 'unset'}: {err}. Install {hint}, "
+                       "or set MUJOCO_GL=osmesa") from err
+
+
+class SimError(Exception):
+    """A problem the user can fix (the command line prints it and exits)."""
+
+# ---------------------------------------------------------------------------------------------
+# 2. Simulated time
+# ---------------------------------------------------------------------------------------------
+# infer_async.RobotClient takes a clock and a sleep function. Given these, the control loop runs
+# on simulated time: sleep(d) advances the physics by d. The policy runs on its own thread as on
+# a robot; while it computes, simulated time stands still, and its chunk arrives `latency`
+# simulated seconds after the observation was captured (the latency measured in wall time, plus
+# any extra given). So an evaluation runs as fast as the CPU allows, yet the arm moves exactly as
+# far during an inference as a real arm would in real time, and idle ticks, stale actions and
+# completion times mean what they would on a robot. realtime=True instead paces the physics to
+# the wall clock and lets the policy run freely beside it (infer_async.py --sim).
+
+
+class SimClock:
+    def __init__(self, scene: "Scene", bus: "SimulatedArm | None" = None, realtime: bool = False):
+        self.scene, self.bus, self.realtime = scene, bus, realtime
+        self.policy_busy: Callable[[], bool] = lambda: False  # set to the policy server's `busy`
+        self._cond = threading.Condition()
+        self._computing = False
+        self._due: float | None = None  # simulated time at which the pending chunk arrives
+        self._released = True
+        self._wall_start: float | None = None
+
+    def now(self) -> float:
+        return self.scene.time
+
+    def sleep(self, seconds: float) -> None:
+        target = self.now() + max(seconds, 0.0)
+        if self.realtime:
+            self._advance_to(target)
+            if self._wall_start is None:
+                self._wall_start = time.monotonic() - self.now()
+            delay = self._wall_start + self.now() - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            return
+        while True:
+            due = self._pending_due()
+            if due is None or due > target:
+                self._advance_to(target)
+                return
+            self._advance_to(due)
+            self._deliver()
+
+    def _pending_due(self) -> float | None:
+        """None when no chunk is on its way; else when it arrives (waits while the policy computes)."""
+        with self._cond:
+            while self.policy_busy() and (self._computing or self._due is None):
+                if not self._computing and self._due is None:
+                    # submitted but not started, or skipped as too similar: look again shortly
+                    self._cond.wait(0.0005)
+                    if not self.policy_busy():
+                        return None
+                    continue
+                self._cond.wait()
+            return self._due
+
+    def _deliver(self) -> None:
+        """Release the finished chunk at its arrival time and wait until it is in the queue."""
+        with self._cond:
+            self._due, self._released = None, True
+            self._cond.notify_all()
+        while self.policy_busy():
+            time.sleep(0.0002)
+
+    def _advance_to(self, when: float) -> None:
+        if self.bus is not None:
+            self.bus.settle()  # the goals already written reach the servos before time moves
+        self.scene.step(when - self.now())
+
+    def timed(self, policy_fn: Callable, extra_latency: float = 0.0, measure: bool = True) -> Callable:
+        """policy_fn wrapped so that its chunk arrives after its latency in simulated time."""
+        def run(observation):
+            with self._cond:
+                self._computing = True
+            start = time.perf_counter()
+            try:
+                chunk = policy_fn(observation)
+            finally:
+                latency = (time.perf_counter() - start if measure else 0.0) + extra_latency
+                with self._cond:
+                    self._computing = False
+                    if self.realtime:
+                        return_now = True
+                    else:
+                        return_now = False
+                        self._due, self._released = observation.captured_at + latency, False
+                        self._cond.notify_all()
+            if not return_now:
+                with self._cond:
+                    while not self._released:
+                        self._cond.wait()
+            return chunk
+        return run
+
+# ---------------------------------------------------------------------------------------------
+# 3. The servo bus
+# ---------------------------------------------------------------------------------------------
+# Six STS3215 register tables answering Feetech packets on a pseudo-terminal, so that
+# so100.SO100 talks to it as to a real arm. With a Scene attached the encoders read the physics
+# (Present_Position from the joint angle) and Goal_Position / Torque_Enable drive the servos in
+# it; without one, each servo moves toward its goal at a fixed speed (driver tests, and
+# `python sim.py bus` to try the driver's command line without hardware).
+
+FAULTS = ("no_reply", "bad_checksum", "truncated", "noise", "error", "wrong_id")
+NOISE = b"\x00\xff\x13\xff\xfe\x37"  # garbage before a reply, with lone FF bytes to test resync
+
+# A plausible calibrated arm: (homing_offset, range_min, range_max) per joint.
+BUS_CALIBRATION = {
+    "shoulder_pan": (120, 780, 3310),
+    "shoulder_lift": (-850, 830, 3240),
+    "elbow_flex": (1015, 900, 3120),
+    "wrist_flex": (-310, 850, 3260),
+    "wrist_roll": (600, 0, so100.MAX_RESOLUTION),
+    "gripper": (-1200, 2020, 3420),
+}
+TICKS_PER_RADIAN = so100.STEPS_PER_TURN / (2 * math.pi)
+CENTRE_TICKS = 2048  # a joint angle of 0 rad reads here: the scene's joint ranges fit inside one turn
+
+
+def radians_to_ticks(angle: float) -> float:
+    return CENTRE_TICKS + angle * TICKS_PER_RADIAN
+
+
+def ticks_to_radians(ticks: float) -> float:
+    return (ticks - CENTRE_TICKS) / TICKS_PER_RADIAN
+
+
+def physics_calibration() -> dict[str, tuple[int, int, int]]:
+    """The calibration of the simulated arm: each joint's range of motion in ticks, as the real
+    calibration records it by moving every joint through its range."""
+    out = {}
+    for offset, name in zip((150, -900, 1000, -300, 600, -1150), JOINTS):
+        low, high = JOINT_RANGES[name]
+        out[name] = (offset, math.ceil(radians_to_ticks(low)), math.floor(radians_to_ticks(high)))
+    return out
+
+
+class SimulatedServo:
+    """One STS3215's register table and shaft. Registers hold what a real servo would report;
+    the shaft's `actual` angle (raw encoder steps, float) is the physical truth."""
+
+    def __init__(self, servo_id: int):
+        self.id = servo_id
+        self.registers = bytearray(256)
+        self.actual = 2048.0
+        defaults = {
+            "Firmware_Major_Version": 3, "Firmware_Minor_Version": 10, "Model_Number": so100.STS3215_MODEL,
+            "ID": servo_id, "Baud_Rate": 0, "Return_Delay": 250, "Response_Status_Level": 1,
+            "Min_Position_Limit": 0, "Max_Position_Limit": so100.MAX_RESOLUTION, "Max_Temperature_Limit": 70,
+            "Max_Voltage_Limit": 140, "Min_Voltage_Limit": 40, "Max_Torque_Limit": 1000, "Phase": 0x0C,
+            "P_Coefficient": 32, "D_Coefficient": 32, "I_Coefficient": 0, "Protection_Current": 500,
+            "Homing_Offset": 0, "Operating_Mode": 0, "Overload_Torque": 80, "Torque_Enable": 0,
+            "Acceleration": 0, "Goal_Position": 0, "Torque_Limit": 1000, "Lock": 1,
+            "Present_Voltage": 120, "Present_Temperature": 28, "Maximum_Acceleration": 0,
+        }
+        for name, value in defaults.items():
+            self.set(name, value)
+        self.set("Goal_Position", self.present())
+
+    def get(self, name: str) -> int:
+        address, size, _ = so100.REGISTERS[name]
+        return so100.decode_register(name, bytes(self.registers[address:address + size]))
+
+    def set(self, name: str, value: int) -> None:
+        address, size, _ = so100.REGISTERS[name]
+        self.registers[address:address + size] = so100.encode_register(name, value)
+
+    def present(self) -> int:
+        """Present = Actual - Homing_Offset, wrapped to one turn (single-turn mode)."""
+        return int(round(self.actual - self.get("Homing_Offset"))) % so100.STEPS_PER_TURN
+
+    def set_present(self, present: float) -> None:
+        self.actual = (present + self.get("Homing_Offset")) % so100.STEPS_PER_TURN
+
+    def goal(self) -> int:
+        """Goal_Position inside the position limits (the servo itself keeps goals there)."""
+        goal = self.get("Goal_Position")
+        low, high = self.get("Min_Position_Limit"), self.get("Max_Position_Limit")
+        return min(max(goal, low), high) if low < high else goal
+
+    def advance(self, dt: float, speed: float) -> None:
+        """Move toward the goal at `speed` steps/s while torque is on; refresh the Present_* registers."""
+        velocity = 0
+        if self.get("Torque_Enable"):
+            offset = self.get("Homing_Offset")
+            present = (self.actual - offset) % so100.STEPS_PER_TURN
+            error = self.goal() - present
+            step = min(abs(error), speed * dt)
+            if step > 0:
+                present += step if error > 0 else -step
+                self.actual = (present + offset) % so100.STEPS_PER_TURN
+                velocity = int(round(step / dt)) * (1 if error > 0 else -1) if dt > 0 else 0
+        self.refresh(velocity)
+
+    def refresh(self, velocity: int = 0) -> None:
+        self.set("Present_Position", self.present())
+        self.set("Present_Velocity", max(-32767, min(32767, velocity)))
+        self.set("Moving", int(velocity != 0))
+
+    def write(self, address: int, data: bytes) -> None:
+        for offset, byte in enumerate(data):
+            a = address + offset
+            if a < so100.REGISTERS["Return_Delay"][0]:
+                continue  # firmware, model, id and baud rate stay fixed in the simulator
+            if a < so100.EEPROM_END and self.get("Lock"):
+                continue  # EEPROM is write-protected while locked (simplification: ignored, no error)
+            if a < len(self.registers):
+                self.registers[a] = byte
+
+
+class SimulatedArm:
+    """A simulated SO-100 servo bus served by a thread on a pseudo-terminal.
+
+    `with SimulatedArm() as sim: SO100(sim.port, calibration=sim.calibration)` talks to it exactly as
+    to a real arm. It answers PING, READ, WRITE, SYNC_READ and SYNC_WRITE (bad-checksum instruction
+    packets are ignored, as servos do). With `scene`, the servos are the scene's joints; without,
+    they move toward their goal at `speed` steps/s while torque is on. `inject(servo_id, fault,
+    count)` corrupts that servo's next replies. With calibrated=False the registers hold factory
+    values (no offset, full range) for calibration tests.
+    """
+
+    def __init__(self, calibrated: bool = True, speed: float = 3000.0,
+                 servo_ids: Sequence[int] = tuple(so100.MOTOR_IDS.values()), scene: "Scene | None" = None):
+        self.speed, self.scene = speed, scene
+        self.servos = {i: SimulatedServo(i) for i in servo_ids}
+        layout = physics_calibration() if scene is not None else BUS_CALIBRATION
+        self._calibration = {
+            name: {"id": so100.MOTOR_IDS[name], "drive_mode": 0, "homing_offset": offset,
+                   "range_min": low, "range_max": high}
+            for name, (offset, low, high) in layout.items()}
+        for name, (offset, low, high) in layout.items():
+            servo = self.servos.get(so100.MOTOR_IDS[name])
+            if servo is None:
+                continue
+            if calibrated:
+                servo.set("Homing_Offset", offset)
+                servo.set("Min_Position_Limit", low)
+                servo.set("Max_Position_Limit", high)
+            servo.actual = ((low + high) // 2 + offset) % so100.STEPS_PER_TURN  # rest pose: mid-range
+            servo.set("Goal_Position", servo.present())
+            servo.advance(0.0, speed)
+        self._faults: dict[int, deque] = {i: deque() for i in servo_ids}
+        self.log: deque = deque(maxlen=10000)  # (servo id, instruction) of each packet received
+        self._lock = threading.Lock()
+        self._last_advance = time.monotonic()
+        self._stop = threading.Event()
+        self._working = False  # bytes taken from the port and not yet answered
+        self._thread: threading.Thread | None = None
+        self._master = self._slave = -1
+        self.port = ""
+        if scene is not None:
+            self._read_physics()
+
+    @property
+    def calibration(self) -> dict[str, dict[str, int]]:
+        """A LeRobot-format calibration matching the registers of a calibrated simulator."""
+        return copy.deepcopy(self._calibration)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> "SimulatedArm":
+        import tty  # POSIX only
+
+        self._master, self._slave = os.openpty()
+        tty.setraw(self._master)
+        tty.setraw(self._slave)  # bytes pass unchanged: no echo, no newline translation
+        self.port = os.ttyname(self._slave)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._serve, name="so100-sim", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+            self._thread = None
+        for fd in (self._master, self._slave):  # the slave stays open meanwhile so the master never sees EIO
+            if fd >= 0:
+                os.close(fd)
+        self._master = self._slave = -1
+
+    def __enter__(self) -> "SimulatedArm":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> bool:
+        self.stop()
+        return False
+
+    def settle(self) -> None:
+        """Return once every byte written to the port so far has been acted on. A SYNC_WRITE has no
+        reply, so without this the physics could move on before the new goals arrive."""
+        import select
+
+        while self._thread is not None:
+            with self._lock:
+                pending = self._working or bool(select.select([self._master], [], [], 0)[0])
+            if not pending:
+                return
+            time.sleep(0.0001)
+
+    # -- test hooks -------------------------------------------------------------------------------
+
+    def inject(self, servo_id: int, fault: str, count: int = 1, bits: int = 0x20) -> None:
+        """Corrupt the next `count` replies of `servo_id`: no_reply, bad_checksum, truncated, noise
+        (garbage before the header), error (status error byte = `bits`), wrong_id (reply from id+1)."""
+        if fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; choose from {', '.join(FAULTS)}")
+        with self._lock:
+            self._faults[servo_id].append([fault, count, bits])
+
+    def send_raw(self, data: bytes) -> None:
+        """Put bytes on the wire unasked, e.g. a stale reply that arrived after its timeout."""
+        self._send(bytes(data))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            for queue in self._faults.values():
+                queue.clear()
+
+    def _with_state(self, servo_id: int):
+        self._advance()
+        return self.servos[servo_id]
+
+    def registers(self, servo_id: int) -> bytes:
+        with self._lock:
+            return bytes(self._with_state(servo_id).registers)
+
+    def register(self, servo_id: int, name: str) -> int:
+        with self._lock:
+            return self._with_state(servo_id).get(name)
+
+    def set_register(self, servo_id: int, name: str, value: int) -> None:
+        """Set a register directly (ignores Lock): to set up a scenario in a test."""
+        with self._lock:
+            self._with_state(servo_id).set(name, value)
+            self._drive_physics()
+
+    def position(self, servo_id: int) -> int:
+        """Present_Position in steps (after the homing offset)."""
+        with self._lock:
+            return self._with_state(servo_id).present()
+
+    def set_position(self, servo_id: int, present: float) -> None:
+        """Move the shaft by hand so that Present_Position reads `present`."""
+        if self.scene is not None:
+            raise RuntimeError("with a scene, move the joints in the physics (scene.data.qpos)")
+        with self._lock:
+            servo = self._with_state(servo_id)
+            servo.set_present(present)
+            servo.advance(0.0, self.speed)
+
+    def torque_enabled(self, servo_id: int) -> bool:
+        return bool(self.register(servo_id, "Torque_Enable"))
+
+    # -- the servos' shafts: a fixed-speed motor, or the physics ----------------------------------
+
+    def _advance(self) -> None:
+        if self.scene is not None:
+            self._read_physics()
+            return
+        now = time.monotonic()
+        dt, self._last_advance = now - self._last_advance, now
+        for servo in self.servos.values():
+            servo.advance(dt, self.speed)
+
+    def _read_physics(self) -> None:
+        angles = self.scene.joint_angles()
+        for j, name in enumerate(JOINTS):
+            servo = self.servos.get(so100.MOTOR_IDS[name])
+            if servo is not None:
+                servo.actual = (radians_to_ticks(angles[j]) + servo.get("Homing_Offset")) % so100.STEPS_PER_TURN
+                servo.refresh()
+
+    def _drive_physics(self) -> None:
+        """Goal_Position and Torque_Enable of each servo into the scene's actuators."""
+        if self.scene is None:
+            return
+        with self.scene.lock:
+            for j, name in enumerate(JOINTS):
+                servo = self.servos.get(so100.MOTOR_IDS[name])
+                if servo is None:
+                    continue
+                self.scene.goal[j] = ticks_to_radians(servo.goal())
+                torque = bool(servo.get("Torque_Enable"))
+                if torque != self.scene.torque[j]:
+                    self.scene.set_torque(j, torque)
+
+    # -- serving ----------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        import select
+
+        buffer = bytearray()
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._master], [], [], 0.02)
+            if not ready:
+                buffer.clear()  # a packet left incomplete this long is abandoned, as a servo's timeout does
+                continue
+            with self._lock:
+                self._working = True
+            try:
+                buffer += os.read(self._master, 4096)
+            except OSError:
+                time.sleep(0.01)
+                continue
+            finally:
+                with self._lock:
+                    self._working = False
+            while True:
+                packet = self._take_instruction(buffer)
+                if packet is None:
+                    break
+                with self._lock:
+                    self._working = True
+                    self._advance()
+                    try:
+                        reply = self._handle(*packet)
+                    except (ValueError, IndexError):
+                        reply = b""  # a malformed instruction is ignored, as a servo would
+                    self._drive_physics()
+                    self._working = bool(reply)
+                if reply:
+                    self._send(reply)
+                    with self._lock:
+                        self._working = False
+
+    @staticmethod
+    def _take_instruction(buffer: bytearray) -> tuple[int, int, bytes] | None:
+        while True:
+            start = buffer.find(b"\xff\xff")
+            if start < 0:
+                del buffer[: len(buffer) - 1 if buffer.endswith(b"\xff") else len(buffer)]
+                return None
+            del buffer[:start]
+            if len(buffer) < 4:
+                return None
+            servo_id, length = buffer[2], buffer[3]
+            if servo_id == 0xFF or length < 2:
+                del buffer[:1]
+                continue
+            if len(buffer) < 4 + length:
+                return None
+            packet = bytes(buffer[: 4 + length])
+            if so100.checksum(packet[2:-1]) != packet[-1]:
+                del buffer[:1]
+                continue
+            del buffer[: 4 + length]
+            return servo_id, packet[4], packet[5:-1]
+
+    def _handle(self, servo_id: int, instruction: int, params: bytes) -> bytes:
+        """Apply one instruction packet; return the bytes the bus answers with."""
+        self.log.append((servo_id, instruction))
+        if instruction == so100.SYNC_READ and servo_id == so100.BROADCAST_ID and len(params) >= 2:
+            address, size = params[0], params[1]
+            return b"".join(self._reply(i, bytes(self.servos[i].registers[address:address + size]))
+                            for i in params[2:] if i in self.servos)
+        if instruction == so100.SYNC_WRITE and servo_id == so100.BROADCAST_ID and len(params) >= 2:
+            address, size = params[0], params[1]
+            body = params[2:]
+            for k in range(0, len(body) - size, size + 1):
+                target = body[k]
+                if target in self.servos:
+                    self.servos[target].write(address, body[k + 1:k + 1 + size])
+            return b""
+        servo = self.servos.get(servo_id)
+        if servo is None:
+            return b""
+        if instruction == so100.PING:
+            return self._reply(servo_id, b"")
+        if instruction == so100.READ and len(params) == 2:
+            address, size = params
+            return self._reply(servo_id, bytes(servo.registers[address:address + size]))
+        if instruction == so100.WRITE and len(params) >= 2:
+            servo.write(params[0], params[1:])
+            return self._reply(servo_id, b"")
+        return b""
+
+    def _reply(self, servo_id: int, data: bytes) -> bytes:
+        queue = self._faults[servo_id]
+        if not queue:
+            return so100.status_packet(servo_id, 0, data)
+        entry = queue[0]
+        fault, bits = entry[0], entry[2]
+        entry[1] -= 1
+        if entry[1] <= 0:
+            queue.popleft()
+        packet = so100.status_packet(servo_id, bits if fault == "error" else 0, data)
+        if fault == "no_reply":
+            return b""
+        if fault == "bad_checksum":
+            return packet[:-1] + bytes([packet[-1] ^ 0x5A])
+        if fault == "truncated":
+            return packet[: len(packet) // 2]
+        if fault == "noise":
+            return NOISE + packet
+        if fault == "wrong_id":
+            return so100.status_packet((servo_id % 253) + 1, 0, data)
+        return packet
+
+    def _send(self, data: bytes) -> None:
+        while data:
+            try:
+                written = os.write(self._master, data)
+            except OSError:
+                return
+            data = data[written:]
+
+# ---------------------------------------------------------------------------------------------
+# 4. Cameras, and the simulated robot as infer_async uses it
+# ---------------------------------------------------------------------------------------------
+
+
+class SimCamera:
+    """A scene camera with infer_async.Camera's interface: read() -> uint8 (H, W, 3), rendered now."""
+
+    def __init__(self, scene: Scene, name: str):
+        self.scene, self.name = scene, name
+
+    def read(self) -> np.ndarray:
+        return self.scene.render(self.name)
+
+    def close(self) -> None:
+        pass
+
+
+class SimRobot:
+    """The scene, its servo bus on a pseudo-terminal, the so100.SO100 driver connected to it, the
+    cameras and a clock: `robot`, `cameras` and `clock` plug into infer_async.RobotClient where a
+    real arm's do. `model` and `data` are MuJoCo's."""
+
+    def __init__(self, image_size: tuple[int, int] = IMAGE_SIZE, realtime: bool = False):
+        self.scene = Scene(image_size)
+        self.bus = SimulatedArm(scene=self.scene)
+        self.clock = SimClock(self.scene, self.bus, realtime)
+        self.robot: so100.SO100 | None = None
+        self.cameras = {f"observation.images.{name}": SimCamera(self.scene, name) for name in CAMERAS}
+
+    @property
+    def model(self):
+        return self.scene.model
+
+    @property
+    def data(self):
+        return self.scene.data
+
+    def start(self) -> "SimRobot":
+        self.bus.start()
+        # A generous reply timeout: a busy CPU can delay the bus thread, and simulated time does not
+        # pass meanwhile, so waiting longer than a real arm's 50 ms costs nothing.
+        self.robot = so100.SO100(self.bus.port, calibration=self.bus.calibration, reply_timeout=1.0)
+        self.robot.connect()
+        return self
+
+    def reset(self, seed: int) -> None:
+        """A new episode: the scene from `seed`, the driver holding the new pose (torque on again)."""
+        self.scene.reset(seed)
+        self.bus.settle()
+        self.robot.torque_on()
+
+    def close(self) -> None:
+        if self.robot is not None and self.robot.is_connected:
+            self.robot.disconnect()
+        self.bus.stop()
+        self.scene.close()
+
+    def __enter__(self) -> "SimRobot":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> bool:
+        self.close()
+        return False
+
+    def units(self, angles: np.ndarray) -> np.ndarray:
+        """Joint angles (radians) in the robot's units (degrees, gripper percent), as the driver
+        would report them."""
+        calibration = self.bus.calibration
+        return so100.ticks_to_units([radians_to_ticks(a) for a in angles], calibration)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The scripted expert
+# ---------------------------------------------------------------------------------------------
+# Waypoints for the point between the jaw pads ("grasp" site), the gripper pointing straight
+# down with its jaws closing across two faces of the cube: above the cube, down, close, lift,
+# over the box, down, open, up. Each waypoint becomes joint angles by damped least squares on
+# MuJoCo's site Jacobian; between waypoints the joints follow a smooth (minimum-jerk) profile.
+# The cube does not move until it is grasped, so the plan is made once, from the first state.
+
+GRASP_HEIGHT = CUBE_HALF + 0.006  # the site a little above the cube's centre: pad tips clear the table
+OPEN, CLOSED = 0.95, -0.15  # gripper radians: wide open (6 cm at the pads), squeezing (the cube stops it)
+
+
+def down_orientation(yaw: float) -> np.ndarray:
+    """Rotation (world from site) with the gripper pointing down (site -y = world -z) and the jaws
+    closing along (cos yaw, sin yaw, 0)."""
+    c, s = math.cos(yaw), math.sin(yaw)
+    return np.array([[c, 0.0, s], [s, 0.0, -c], [0.0, 1.0, 0.0]])
+
+
+def solve_ik(model, scratch, position: np.ndarray, orientation: np.ndarray, q0: np.ndarray,
+             iterations: int = 200, damping: float = 1e-3) -> tuple[np.ndarray, float]:
+    """Joint angles (the five arm joints; gripper kept) putting the grasp site at `position` with
+    `orientation`; returns (angles, position error in m)."""
+    site = model.site("grasp").id
+    arm = np.arange(5)
+    q = q0.copy()
+    jac_p, jac_r = np.zeros((3, model.nv)), np.zeros((3, model.nv))
+    target_quat, site_quat, error_rot = np.zeros(4), np.zeros(4), np.zeros(3)
+    mujoco.mju_mat2Quat(target_quat, orientation.flatten())
+    low = np.array([JOINT_RANGES[j][0] for j in JOINTS])
+    high = np.array([JOINT_RANGES[j][1] for j in JOINTS])
+    for _ in range(iterations):
+        scratch.qpos[:len(JOINTS)] = q
+        mujoco.mj_kinematics(model, scratch)
+        mujoco.mj_comPos(model, scratch)
+        error_pos = position - scratch.site_xpos[site]
+        mujoco.mju_mat2Quat(site_quat, scratch.site_xmat[site])
+        mujoco.mju_subQuat(error_rot, target_quat, site_quat)
+        error_rot_world = scratch.site_xmat[site].reshape(3, 3) @ error_rot
+        if np.linalg.norm(error_pos) < 1e-4 and np.linalg.norm(error_rot_world) < 1e-3:
+            break
+        mujoco.mj_jacSite(model, scratch, jac_p, jac_r, site)
+        jac = np.vstack([jac_p[:, arm], 0.1 * jac_r[:, arm]])  # metres weigh more than radians
+        error = np.concatenate([error_pos, 0.1 * error_rot_world])
+        step = jac.T @ np.linalg.solve(jac @ jac.T + damping * np.eye(6), error)
+        q[arm] = np.clip(q[arm] + step, low[arm], high[arm])
+    scratch.qpos[:len(JOINTS)] = q
+    mujoco.mj_kinematics(model, scratch)
+    return q, float(np.linalg.norm(position - scratch.site_xpos[site]))
+
+
+def min_jerk(s: float) -> float:
+    s = min(max(s, 0.0), 1.0)
+    return s * s * s * (10 - 15 * s + 6 * s * s)
+
+
+@dataclass
+class Segment:
+    duration: float
+    goal: np.ndarray  # joint angles at the end (radians)
+
+
+class ScriptedExpert:
+    """A pick-and-place plan for the scene's current state, varied by `rng` (speed, approach height,
+    grasp point, release height). `goal(t)` gives the joint goals (radians) t seconds after start."""
+
+    def __init__(self, scene: Scene, rng: np.random.Generator):
+        model = scene.model
+        scratch = mujoco.MjData(model)
+        cube, cube_yaw = scene.cube_position(), scene.cube_yaw()
+        q = scene.joint_angles()
+        # Of the four ways to grip a cube (every quarter turn), the one needing the least wrist roll.
+        best = None
+        for k in range(-2, 3):
+            yaw = cube_yaw + k * math.pi / 2
+            above = cube + [0.0, 0.0, 0.08]
+            solution, err = solve_ik(model, scratch, above, down_orientation(yaw), q)
+            score = abs(solution[4]) + 10 * err
+            if best is None or score < best[0]:
+                best = (score, yaw)
+        yaw = best[1]
+        speed = rng.uniform(0.8, 1.25)
+        hover = rng.uniform(0.06, 0.10)
+        lift = rng.uniform(0.09, 0.13)
+        grasp_at = cube + [*rng.normal(0.0, 0.002, 2), 0.0]
+        grasp_at[2] = GRASP_HEIGHT
+        box = np.array([BOX_CENTRE[0], BOX_CENTRE[1], 0.0]) + [*rng.uniform(-0.01, 0.01, 2), 0.0]
+        release = rng.uniform(0.05, 0.07)
+        box_yaw = math.atan2(box[1], box[0]) - math.atan2(cube[1], cube[0]) + yaw  # carried without roll
+
+        def pose(position, yaw_, gripper):
+            nonlocal q
+            q, _ = solve_ik(model, scratch, np.asarray(position, float), down_orientation(yaw_), q)
+            q = q.copy()
+            q[5] = gripper
+            return q
+
+        plan = [  # (seconds at speed 1, where)
+            (1.6, pose(cube + [0, 0, hover], yaw, OPEN)),
+            (1.0, pose(grasp_at, yaw, OPEN)),
+            (0.6, pose(grasp_at, yaw, CLOSED)),
+            (0.8, pose(grasp_at + [0, 0, lift], yaw, CLOSED)),
+            (1.4, pose(box + [0, 0, lift], box_yaw, CLOSED)),
+            (0.8, pose(box + [0, 0, release], box_yaw, CLOSED)),
+            (0.5, pose(box + [0, 0, release], box_yaw, OPEN)),
+            (1.0, pose(box + [0, 0, release + 0.08], box_yaw, OPEN)),
+        ]
+        self.start = scene.joint_angles()
+        self.segments = [Segment(seconds / speed, goal) for seconds, goal in plan]
+        self.duration = sum(s.duration for s in self.segments)
+
+    def goal(self, t: float) -> np.ndarray:
+        previous = self.start
+        for segment in self.segments:
+            if t < segment.duration:
+                return previous + (segment.goal - previous) * min_jerk(t / segment.duration)
+            t -= segment.duration
+            previous = segment.goal
+        return previous.copy()
+
+# ---------------------------------------------------------------------------------------------
+# 6. Recording demonstrations, closed-loop evaluation, video
+# ---------------------------------------------------------------------------------------------
+
+
+def expert_episode(sim_robot: SimRobot, seed: int, fps: int, tail_s: float = 1.0) -> dict | None:
+    """One scripted demonstration from `seed`, recorded as LeRobot records a real arm: each tick the
+    observation (state, both cameras), then the action sent. None if the expert failed."""
+    sim_robot.reset(seed)
+    expert = ScriptedExpert(sim_robot.scene, np.random.default_rng(seed))
+    robot, clock = sim_robot.robot, sim_robot.clock
+    episode: dict = {"task": TASK, "observation.state": [], "action": []}
+    episode.update({key: [] for key in sim_robot.cameras})
+    for k in range(int(round((expert.duration + tail_s) * fps))):
+        episode["observation.state"].append(robot.read())
+        for key, camera in sim_robot.cameras.items():
+            episode[key].append(camera.read())
+        episode["action"].append(robot.write(sim_robot.units(expert.goal(k / fps))))
+        clock.sleep(1.0 / fps)
+    if not sim_robot.scene.success():
+        return None
+    episode["observation.state"] = np.stack(episode["observation.state"])
+    episode["action"] = np.stack(episode["action"])
+    return episode
+
+
+def record(out: str | Path, episodes: int, seed: int = 0, fps: int = FPS,
+           image_size: tuple[int, int] = IMAGE_SIZE, log: Callable[[str], None] = print) -> dict:
+    """A LeRobot v3.0 dataset of `episodes` successful demonstrations at `out`, from seeds
+    seed, seed+1, ... (a seed where the expert fails is skipped). Returns what was recorded."""
+    import data
+
+    used, failed = [], []
+
+    def demonstrations() -> Iterator[dict]:
+        with SimRobot(image_size) as sim_robot:
+            s, start = seed, time.monotonic()
+            while len(used) < episodes:
+                episode = expert_episode(sim_robot, s, fps)
+                (used if episode is not None else failed).append(s)
+                if episode is not None:
+                    log(f"episode {len(used)}/{episodes} (seed {s}): {len(episode['action'])} frames, "
+                        f"{time.monotonic() - start:.0f} s")
+                    yield episode
+                elif len(failed) > max(10, episodes):
+                    raise SimError(f"the scripted expert failed on {len(failed)} seeds ({failed[:10]} ...)")
+                s += 1
+
+    data.write_dataset(out, demonstrations(), fps=fps, robot_type=ROBOT_TYPE,
+                       state_names=FEATURE_NAMES, action_names=FEATURE_NAMES)
+    return {"dataset": str(out), "episodes": len(used), "seeds": [used[0], used[-1]] if used else [],
+            "expert_failures": failed}
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a success rate (sound at 0 and n successes, unlike p +- 2se)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = 50
+    seed: int = 10_000  # episode i uses seed + i; recording uses small seeds, so these are held out
+    fps: float = FPS
+    time_limit_s: float = 25.0
+    sync: bool = False
+    threshold: float = 0.7  # g
+    n_action_steps: int | None = None  # --sync: actions executed per chunk
+    latency_s: float = 0.0  # added to the measured inference time (a slower model, a remote server)
+    measure_latency: bool = True  # False: the policy costs no time (only latency_s), fully repeatable
+    video: str | None = None
+    video_episodes: int = 4
+
+
+def evaluate(sim_robot: SimRobot, policy_fn: Callable, spec, config: EvalConfig,
+             log: Callable[[str], None] = print) -> dict:
+    """Closed-loop success rate of a policy through infer_async.RobotClient (the queue, threshold g
+    and aggregation a real arm uses). Success: the cube in the box and at rest for SETTLE_S,
+    read from the physics. Completion time: simulated seconds from the start to that moment."""
+    import infer_async
+
+    clock = sim_robot.clock
+    results, frames = [], []
+    for i in range(config.episodes):
+        seed = config.seed + i
+        sim_robot.reset(seed)
+        client = infer_async.RobotClient(
+            sim_robot.robot, sim_robot.cameras,
+            clock.timed(policy_fn, config.latency_s, config.measure_latency), spec, TASK,
+            infer_async.ClientConfig(fps=config.fps, threshold=config.threshold, sync=config.sync,
+                                     n_action_steps=config.n_action_steps),
+            clock=clock.now, sleep=clock.sleep)
+        clock.policy_busy = lambda: client.server.busy
+        start = clock.now()
+        succeeded_at: list[float | None] = [None]
+        film = config.video is not None and i < config.video_episodes
+        episode_frames = []
+
+        def done() -> bool:
+            if film:
+                episode_frames.append(np.concatenate([sim_robot.scene.render(c) for c in CAMERAS], axis=1))
+            if not sim_robot.scene.success():
+                succeeded_at[0] = None
+                return False
+            if succeeded_at[0] is None:
+                succeeded_at[0] = clock.now() - start
+            return clock.now() - start - succeeded_at[0] >= SETTLE_S
+
+        metrics = client.run(duration=config.time_limit_s, until=done)
+        clock.policy_busy = lambda: False
+        success = succeeded_at[0] is not None and sim_robot.scene.success()
+        latencies = [latency for _, latency in metrics.latencies]
+        results.append({"seed": seed, "success": success, "completion_s": succeeded_at[0] if success else None,
+                        "idle_ticks": metrics.idle_ticks, "ticks": metrics.ticks, "latencies": latencies})
+        if film:
+            label = f"seed {seed}: " + (f"success at {succeeded_at[0]:.1f} s" if success else "failure")
+            frames.extend(annotate(f, label, success) for f in episode_frames)
+        log(f"episode {i + 1}/{config.episodes} (seed {seed}): "
+            + (f"success at {succeeded_at[0]:.1f} s" if success else "failure")
+            + f", idle ticks {metrics.idle_ticks}")
+    if config.video is not None:
+        write_video(config.video, frames, config.fps)
+    return summarise(results, config)
+
+
+def summarise(results: list[dict], config: EvalConfig) -> dict:
+    successes = sum(r["success"] for r in results)
+    times = [r["completion_s"] for r in results if r["success"]]
+    latencies = np.array([x for r in results for x in r["latencies"]] or [np.nan])
+    return {
+        "success_rate": successes / len(results), "episodes": len(results), "successes": successes,
+        "ci95": [round(x, 4) for x in wilson_interval(successes, len(results))],
+        "mean_completion_s": round(float(np.mean(times)), 3) if times else None,
+        "idle_ticks": int(sum(r["idle_ticks"] for r in results)),
+        "ticks": int(sum(r["ticks"] for r in results)),
+        "latency_ms_mean": round(float(np.nanmean(latencies)) * 1000, 1),
+        "latency_ms_p95": round(float(np.nanpercentile(latencies, 95)) * 1000, 1),
+        "control_period_ms": round(1000 / config.fps, 1),
+        "mode": "sync" if config.sync else "async", "threshold": 0.0 if config.sync else config.threshold,
+        "added_latency_s": config.latency_s, "seeds": [config.seed, config.seed + len(results) - 1],
+    }
+
+
+def annotate(frame: np.ndarray, label: str, success: bool, scale: int = 2) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    image = Image.fromarray(frame).resize((frame.shape[1] * scale, frame.shape[0] * scale), Image.NEAREST)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([0, 0, image.width, 14], fill=(0, 0, 0))
+    draw.text((4, 2), label, fill=(80, 230, 80) if success else (240, 80, 80))
+    return np.asarray(image)
+
+
+def write_video(path: str | Path, frames: list[np.ndarray], fps: float) -> None:
+    """H.264 mp4 of the frames (PyAV)."""
+    import av
+
+    if not frames:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    height, width = frames[0].shape[:2]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=int(round(fps)))
+        stream.width, stream.height, stream.pix_fmt = width - width % 2, height - height % 2, "yuv420p"
+        for frame in frames:
+            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:stream.height, :stream.width]),
+                                                 format="rgb24")
+            for packet in stream.encode(picture):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def expert_policy(sim_robot: SimRobot, fps: float, chunk_size: int = 30):
+    """The scripted expert as a policy (observation -> chunk), and its infer_async.PolicySpec: a
+    check that evaluation scores a perfect policy as perfect. It plans from the scene (it is an
+    oracle) on the first observation of each episode."""
+    import infer_async
+
+    plan: dict = {}
+
+    def run(observation) -> np.ndarray:
+        if observation.timestep == 0 or "expert" not in plan:
+            plan["expert"] = ScriptedExpert(sim_robot.scene, np.random.default_rng(0))
+        expert = plan["expert"]
+        return np.stack([sim_robot.units(expert.goal((observation.timestep + i) / fps)) for i in range(chunk_size)])
+
+    cameras = {key: sim_robot.scene.image_size for key in sim_robot.cameras}
+    return run, infer_async.PolicySpec(cameras, len(JOINTS), len(JOINTS), chunk_size, chunk_size)
+
+
+def random_policy(sim_robot: SimRobot, chunk_size: int = 30, seed: int = 0):
+    """Uniformly random goals within the joint ranges: what a policy that learnt nothing scores."""
+    import infer_async
+
+    rng = np.random.default_rng(seed)
+    low, high = so100.unit_limits(sim_robot.bus.calibration)
+
+    def run(observation) -> np.ndarray:
+        return rng.uniform(low, high, size=(chunk_size, len(JOINTS)))
+
+    cameras = {key: sim_robot.scene.image_size for key in sim_robot.cameras}
+    return run, infer_async.PolicySpec(cameras, len(JOINTS), len(JOINTS), chunk_size, chunk_size)
+
+# ---------------------------------------------------------------------------------------------
+# 7. Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def image_size(text: str) -> tuple[int, int]:
+    height, sep, width = text.lower().partition("x")
+    try:
+        size = (int(height), int(width))
+    except ValueError:
+        size = (0, 0)
+    if not sep or min(size) < 16 or max(size) > 1080:
+        raise argparse.ArgumentTypeError(f"expects HEIGHTxWIDTH between 16 and 1080, e.g. 96x128; got {text!r}")
+    return size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="An SO-100 in MuJoCo: scripted demonstrations and closed-loop "
+                                            "evaluation of a policy on pick-and-place.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("record", help="record scripted demonstrations as a LeRobot v3.0 dataset")
+    r.add_argument("--episodes", type=positive_int, default=50, help="successful episodes to record (default 50)")
+    r.add_argument("--out", required=True, help="dataset directory (must not exist)")
+    r.add_argument("--seed", type=non_negative_int, default=0, help="first scene seed; episode i uses seed + i")
+    r.add_argument("--fps", type=positive_int, default=FPS, help=f"frames per second (default {FPS})")
+    r.add_argument("--size", type=image_size, default=IMAGE_SIZE, help="camera HEIGHTxWIDTH (default 96x128)")
+    e = sub.add_parser("eval", help="closed-loop success rate of a policy (JSON summary on the last line)")
+    who = e.add_mutually_exclusive_group(required=True)
+    who.add_argument("--policy", help="policy directory or Hub id (a checkpoint's pretrained_model)")
+    who.add_argument("--expert", action="store_true", help="the scripted expert as the policy (should score 1.0)")
+    who.add_argument("--random", action="store_true", help="random goals (should score about 0)")
+    e.add_argument("--vlm", default=None, help="where the policy's VLM config/tokenizer are (default: its config)")
+    e.add_argument("--episodes", type=positive_int, default=50, help="episodes (default 50)")
+    e.add_argument("--seed", type=non_negative_int, default=10_000,
+                   help="first scene seed (default 10000: never used for recording by the demo)")
+    e.add_argument("--fps", type=positive_float, default=None,
+                   help="control rate; default: the policy's training dataset's, else 30")
+    e.add_argument("--sync", action="store_true", help="synchronous: infer, execute the chunk, repeat")
+    e.add_argument("--threshold", type=unit_interval, default=0.7, help="g of asynchronous inference (default 0.7)")
+    e.add_argument("--n-action-steps", type=positive_int, default=None, help="--sync: actions per chunk")
+    e.add_argument("--latency", type=non_negative_float, default=0.0,
+                   help="seconds added to each measured inference (a slower model or a remote server)")
+    e.add_argument("--time-limit", type=positive_float, default=25.0, help="seconds per episode (default 25)")
+    e.add_argument("--video", default=None, help="mp4 of the first episodes, both cameras, success written on them")
+    e.add_argument("--video-episodes", type=positive_int, default=4, help="episodes in the video (default 4)")
+    e.add_argument("--json", default=None, help="also write the summary to this file")
+    e.add_argument("--device", default=None, help="torch device for the policy (default: cuda if available)")
+    v = sub.add_parser("view", help="render both cameras of one scene to a PNG")
+    v.add_argument("--seed", type=non_negative_int, default=0)
+    v.add_argument("--out", default="sim_view.png")
+    v.add_argument("--size", type=image_size, default=(240, 320), help="camera HEIGHTxWIDTH (default 240x320)")
+    return p
+
+
+def dataset_fps(policy_dir: str) -> float | None:
+    """The frame rate of the dataset a policy was trained on, if train.py saved it beside the policy."""
+    try:
+        return float(json.loads((Path(policy_dir) / "train_dataset.json").read_text())["fps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "record":
+            summary = record(args.out, args.episodes, args.seed, args.fps, args.size)
+            print(json.dumps(summary))
+            return 0
+        if args.command == "view":
+            scene = Scene(args.size)
+            scene.reset(args.seed)
+            from PIL import Image
+
+            Image.fromarray(np.concatenate([scene.render(c) for c in CAMERAS], axis=1)).save(args.out)
+            print(f"wrote {args.out}")
+            return 0
+        return eval_main(args)
+    except (SimError, so100.FeetechError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    import infer_async
+
+    fps = args.fps or (dataset_fps(args.policy) if args.policy else None) or FPS
+    config = EvalConfig(episodes=args.episodes, seed=args.seed, fps=fps, time_limit_s=args.time_limit,
+                        sync=args.sync, threshold=args.threshold, n_action_steps=args.n_action_steps,
+                        latency_s=args.latency, video=args.video, video_episodes=args.video_episodes)
+    with SimRobot() as sim_robot:
+        if args.expert:
+            policy_fn, spec = expert_policy(sim_robot, fps)
+        elif args.random:
+            policy_fn, spec = random_policy(sim_robot)
+        else:
+            try:
+                policy = infer_async.load_policy(args.policy, args.vlm, args.device)
+            except infer_async.InferError as err:
+                raise SimError(str(err)) from err
+            spec = infer_async.policy_spec(policy)
+            missing = sorted(set(spec.cameras) - set(sim_robot.cameras))
+            if missing:
+                raise SimError(f"the policy expects camera(s) {missing}; the simulator has {sorted(sim_robot.cameras)}")
+            policy_fn = infer_async.make_policy_fn(policy)
+            infer_async.warm_up(policy_fn, spec)
+        print(f"evaluating on seeds {config.seed}..{config.seed + config.episodes - 1} at {fps:g} fps, "
+              f"{'sync' if config.sync else f'async (g={config.threshold})'}", file=sys.stderr)
+        summary = evaluate(sim_robot, policy_fn, spec, config, log=lambda m: print(m, file=sys.stderr))
+    if args.video:
+        print(f"video: {args.video}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

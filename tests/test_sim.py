@@ -1,0 +1,174 @@
+"""The MuJoCo SO-100 (sim.py): the scene renders, the expert succeeds, the judge reads physics,
+datasets read back through data.py, and evaluation scores a perfect policy 1 and a random one 0."""
+
+import math
+
+import numpy as np
+import pytest
+
+sim = pytest.importorskip("sim")
+import data  # noqa: E402
+import so100  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sim_robot():
+    with sim.SimRobot() as robot:
+        yield robot
+
+
+def cube_pixels(scene, camera: str, where) -> int:
+    """Pixels that turn red when the cube is put at `where` (against the cube far out of view)."""
+    scene.set_cube(where)
+    with_cube = scene.render(camera).astype(int)
+    scene.set_cube((0.5, 0.5, sim.CUBE_HALF))
+    without = scene.render(camera).astype(int)
+    changed = np.abs(with_cube - without).sum(-1) > 30
+    red = (with_cube[..., 0] > with_cube[..., 1] + 50) & (with_cube[..., 0] > with_cube[..., 2] + 50)
+    return int(np.sum(changed & red))
+
+
+def test_scene_renders_both_cameras_and_the_cube_is_seen():
+    scene = sim.Scene()
+    scene.reset(3)
+    top, wrist = scene.render("top"), scene.render("wrist")
+    assert top.shape == wrist.shape == (*sim.IMAGE_SIZE, 3) and top.dtype == np.uint8
+    assert top.std() > 10 and wrist.std() > 10
+    assert cube_pixels(scene, "top", scene.cube_position()) > 5  # the red cube where it was placed
+    x, y, _ = scene.data.site("grasp").xpos
+    assert cube_pixels(scene, "wrist", (x, y, sim.CUBE_HALF)) > 20  # right below the jaws
+    scene.close()
+
+
+def test_kinematics_reach_matches_the_arm():
+    """Arm straight out (all joints 0): the grasp point lies ~0.40 m in front of the shoulder, the
+    sum of the SO-100's link lengths (0.11 + 0.135 + 0.06 + 0.08 m), at shoulder height."""
+    scene = sim.Scene()
+    scene.data.qpos[scene.joint_qpos] = 0.0
+    import mujoco
+
+    mujoco.mj_kinematics(scene.model, scene.data)
+    grasp, shoulder = scene.data.site("grasp").xpos, scene.data.body("upper_arm").xpos
+    assert abs(grasp[2] - shoulder[2]) < 0.03
+    assert 0.38 < shoulder[1] - grasp[1] < 0.42
+
+
+def test_driver_reads_joint_angles_in_degrees(sim_robot):
+    """Through the servo bus and so100.SO100: a joint at 0.5 rad from the middle of its range reads
+    0.5 rad in degrees (28.65), to the encoder's resolution (360/4096 degrees)."""
+    scene = sim_robot.scene
+    sim_robot.reset(0)
+    low, high = sim.JOINT_RANGES["shoulder_pan"]
+    with scene.lock:
+        scene.data.qpos[scene.joint_qpos[0]] = (low + high) / 2 + 0.5
+        scene.data.qpos[scene.joint_qpos[5]] = sim.JOINT_RANGES["gripper"][1]  # fully open: 100 %
+    state = sim_robot.robot.read()
+    assert state[0] == pytest.approx(math.degrees(0.5), abs=2 * 360 / 4096)
+    assert state[5] == pytest.approx(100.0, abs=0.2)
+
+
+def test_servo_speed_is_the_sts3215s(sim_robot):
+    """A 90-degree goal step takes about 0.33 s (0.22 s per 60 degrees), not one tick."""
+    sim_robot.reset(1)
+    robot, clock = sim_robot.robot, sim_robot.clock
+    start = robot.read()
+    for _ in range(40):  # past the driver's start-up ramp
+        robot.write(start)
+        clock.sleep(0.01)
+    goal = start.copy()
+    goal[0] += 90.0
+    robot.write(goal)
+    clock.sleep(0.2)
+    assert 40 < robot.read()[0] - start[0] < 70  # ~55 degrees after 0.2 s
+    clock.sleep(0.3)
+    assert robot.read()[0] - start[0] == pytest.approx(90.0, abs=2.0)
+
+
+def test_expert_succeeds_on_fixed_seeds():
+    scene = sim.Scene()
+    for seed in (0, 7, 21):
+        scene.reset(seed)
+        expert = sim.ScriptedExpert(scene, np.random.default_rng(seed))
+        t = 0.0
+        while t < expert.duration + 1.0:
+            scene.goal = expert.goal(t)
+            scene.step(0.05)
+            t += 0.05
+        assert scene.success(), f"seed {seed}: cube at {scene.cube_position()}"
+
+
+def test_judge_reads_the_physics_only():
+    scene = sim.Scene()
+    scene.reset(5)
+    assert not scene.success()  # the cube starts on the table, outside the box
+    scene.set_cube((sim.BOX_CENTRE[0], sim.BOX_CENTRE[1], sim.CUBE_HALF + 0.002))
+    scene.step(0.3)
+    assert scene.success()
+    with scene.lock:  # in the box but sliding: not at rest
+        scene.data.qvel[scene.cube_dof] = 0.2
+    assert not scene.success()
+    scene.set_cube((sim.BOX_CENTRE[0], sim.BOX_CENTRE[1], 0.2))  # above the box, not in it
+    assert not scene.success()
+    scene.set_cube((sim.BOX_CENTRE[0] + sim.BOX_INNER_HALF + 0.03, sim.BOX_CENTRE[1], sim.CUBE_HALF))
+    scene.step(0.3)
+    assert not scene.success()  # beside the box
+
+
+def test_recorded_dataset_reads_back_through_data_py(tmp_path):
+    summary = sim.record(tmp_path / "ds", episodes=2, seed=0, fps=10, log=lambda m: None)
+    assert summary["episodes"] == 2
+    ds = data.LeRobotDataset(tmp_path / "ds", chunk_size=5)
+    assert ds.fps == 10
+    assert sorted(ds.camera_keys) == ["observation.images.top", "observation.images.wrist"]
+    item = ds[0]
+    assert item["task"] == "Pick up the cube and place it in the box."
+    assert item["observation.images.top"].shape == (3, *sim.IMAGE_SIZE)
+    assert item["observation.state"].shape == (6,) and item["action"].shape == (5, 6)
+    info = data.read_json(tmp_path / "ds" / "meta" / "info.json")
+    assert info["robot_type"] == "so100_follower"
+    assert info["features"]["observation.state"]["names"][0] == "shoulder_pan.pos"
+    states = np.stack([ds[i]["observation.state"].numpy() for i in range(len(ds))])
+    assert 0.0 <= states[:, 5].min() and states[:, 5].max() <= 100.0  # gripper in percent
+    assert states[:, 0].max() - states[:, 0].min() > 20  # the arm really moved (degrees)
+
+
+def test_evaluation_scores_the_expert_one_and_random_goals_zero(sim_robot):
+    config = sim.EvalConfig(episodes=2, seed=500, fps=30, time_limit_s=12, measure_latency=False)
+    policy, spec = sim.expert_policy(sim_robot, config.fps)
+    expert = sim.evaluate(sim_robot, policy, spec, config, log=lambda m: None)
+    assert expert["success_rate"] == 1.0 and expert["idle_ticks"] == 0
+    assert 3.0 < expert["mean_completion_s"] < 12.0
+    policy, spec = sim.random_policy(sim_robot)
+    random = sim.evaluate(sim_robot, policy, spec, sim.EvalConfig(episodes=2, seed=500, fps=30, time_limit_s=6),
+                          log=lambda m: None)
+    assert random["success_rate"] == 0.0
+    assert random["ci95"][1] == pytest.approx(0.6576, abs=1e-3)  # Wilson, 0 of 2: 3.84 / 5.84
+
+
+def test_latency_passes_in_simulated_time(sim_robot):
+    """A policy that costs 0.3 s: each chunk arrives 0.3 s of simulated time after its observation,
+    whatever the wall clock did. Synchronous at 30 fps with 30-action chunks, every chunk but the
+    first leaves the arm idle for 0.3 s = 9 ticks; asynchronous with g = 0.5 >= 0.3 / (30 / 30)
+    never idles after the first chunk."""
+    base, spec = sim.expert_policy(sim_robot, 30)
+    config = sim.EvalConfig(episodes=1, seed=600, fps=30, time_limit_s=4, sync=True, latency_s=0.3,
+                            measure_latency=False)
+    sync = sim.evaluate(sim_robot, base, spec, config, log=lambda m: None)
+    assert sync["latency_ms_mean"] == pytest.approx(300.0, abs=1.0)
+    chunks_after_first = math.ceil(sync["ticks"] / (30 + 9)) - 1
+    assert sync["idle_ticks"] >= 9 * chunks_after_first - 9
+    config.sync, config.threshold = False, 0.5
+    asynchronous = sim.evaluate(sim_robot, base, spec, config, log=lambda m: None)
+    assert asynchronous["idle_ticks"] == 0
+
+
+def test_wilson_interval_by_hand():
+    low, high = sim.wilson_interval(8, 10)  # p = 0.8, n = 10, z = 1.96
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    assert sim.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_bus_calibration_is_a_valid_lerobot_file():
+    with sim.SimulatedArm(scene=sim.Scene()) as bus:
+        calibration = so100.validate_calibration(bus.calibration, "sim")
+        assert calibration["gripper"]["range_min"] < calibration["gripper"]["range_max"]
