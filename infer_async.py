@@ -28,13 +28,14 @@ import hmac
 import json
 import math
 import os
+import signal
 import socket
 import socketserver
 import struct
 import sys
 import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -69,24 +70,45 @@ class Observation:
 
 @dataclass
 class PolicySpec:
-    """What the robot side needs to know about a policy (sent by the server in remote mode)."""
+    """What the robot side needs to know about a policy (sent by the server in remote mode).
+
+    The names and means describe the policy's training data, for checking that it fits the arm:
+    names only when the checkpoint records them ("names" of its state/action features; LeRobot's
+    checkpoints do not), means when it carries normalisation stats."""
     cameras: dict[str, tuple[int, int]]  # camera key -> (height, width) the policy was trained on
     state_dim: int
     action_dim: int
     chunk_size: int
     n_action_steps: int
+    state_names: list[str] | None = None
+    action_names: list[str] | None = None
+    state_mean: list[float] | None = None  # robot units
+    action_mean: list[float] | None = None
 
     def to_json(self) -> dict:
         return {"cameras": {k: list(v) for k, v in self.cameras.items()}, "state_dim": self.state_dim,
-                "action_dim": self.action_dim, "chunk_size": self.chunk_size, "n_action_steps": self.n_action_steps}
+                "action_dim": self.action_dim, "chunk_size": self.chunk_size, "n_action_steps": self.n_action_steps,
+                "state_names": self.state_names, "action_names": self.action_names,
+                "state_mean": self.state_mean, "action_mean": self.action_mean}
 
     @classmethod
     def from_json(cls, raw: dict) -> "PolicySpec":
         try:
             cameras = {str(k): (int(h), int(w)) for k, (h, w) in raw["cameras"].items()}
-            return cls(cameras, int(raw["state_dim"]), int(raw["action_dim"]), int(raw["chunk_size"]),
+            spec = cls(cameras, int(raw["state_dim"]), int(raw["action_dim"]), int(raw["chunk_size"]),
                        int(raw["n_action_steps"]))
-        except (KeyError, TypeError, ValueError) as err:
+            for key, dim in (("state", spec.state_dim), ("action", spec.action_dim)):
+                names, mean = raw.get(f"{key}_names"), raw.get(f"{key}_mean")  # absent from older servers
+                if names is not None:
+                    if not isinstance(names, list) or len(names) != dim or not all(isinstance(n, str) for n in names):
+                        raise ValueError(f"{key}_names must be {dim} strings")
+                    setattr(spec, f"{key}_names", list(names))
+                if mean is not None:
+                    if not isinstance(mean, list) or len(mean) != dim or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in mean):
+                        raise ValueError(f"{key}_mean must be {dim} finite numbers")
+                    setattr(spec, f"{key}_mean", [float(v) for v in mean])
+            return spec
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise WireError(f"malformed policy description from the server: {err}") from err
 
 
@@ -393,15 +415,28 @@ def warm_up(policy_fn: Callable[[Observation], np.ndarray], spec: PolicySpec) ->
     policy_fn(Observation(0, np.zeros(spec.state_dim, np.float32), images, ""))
 
 
+def feature_names(feature: dict) -> list[str] | None:
+    """The "names" of a state/action feature: a list, or LeRobot v2's {"motors": [...]}; None if absent."""
+    names = feature.get("names")
+    if isinstance(names, dict) and len(names) == 1:
+        names = next(iter(names.values()))
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
 def policy_spec(policy) -> PolicySpec:
     """Camera keys as the robot names them: a policy whose preprocessor renames data cameras onto
     its slots (e.g. top -> camera1) expects the data names."""
     data_name = {slot: name for name, slot in getattr(policy, "rename_map", {}).items()}
-    features = policy.config.input_features
+    features, action = policy.config.input_features, policy.config.output_features["action"]
     cameras = {data_name.get(k, k): tuple(int(s) for s in features[k]["shape"][1:]) for k in policy.camera_keys}
-    return PolicySpec(cameras, int(features[STATE]["shape"][0]),
-                      int(policy.config.output_features["action"]["shape"][0]),
-                      int(policy.config.chunk_size), int(policy.config.n_action_steps))
+    stats = policy.normalizer.stats
+
+    def mean(key: str) -> list[float] | None:
+        return [float(v) for v in stats[key]["mean"].flatten()] if "mean" in stats.get(key, {}) else None
+
+    return PolicySpec(cameras, int(features[STATE]["shape"][0]), int(action["shape"][0]),
+                      int(policy.config.chunk_size), int(policy.config.n_action_steps),
+                      feature_names(features[STATE]), feature_names(action), mean(STATE), mean("action"))
 
 
 def make_policy_fn(policy) -> Callable[[Observation], np.ndarray]:
@@ -625,8 +660,9 @@ class Camera:
     """
 
     def __init__(self, key: str, device: str, size: tuple[int, int], input_format: str | None = None,
-                 options: dict[str, str] | None = None, timeout: float = 1.0):
-        self.key, self.device, self.size = key, device, size  # size: (height, width)
+                 options: dict[str, str] | None = None, timeout: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.key, self.device, self.size, self.clock = key, device, size, clock  # size: (height, width)
         self.input_format = input_format if input_format is not None else default_camera_format()
         self.options = dict(options or {})
         if self.input_format == "avfoundation":  # it refuses the default 29.97 on most webcams
@@ -662,7 +698,7 @@ class Camera:
             for frame in self._container.decode(video=0):
                 image = frame.to_ndarray(width=width, height=height, format="rgb24")
                 with self._lock:
-                    self._frame, self._frame_time = image, time.monotonic()
+                    self._frame, self._frame_time = image, self.clock()
                 self._first.set()
                 if self._stop.is_set():
                     return
@@ -677,7 +713,7 @@ class Camera:
             frame, frame_time, error = self._frame, self._frame_time, self._error
         if error is not None and not self._stop.is_set():
             raise CameraError(f"camera {self.key} ({self.device}) stopped: {error}")
-        age = time.monotonic() - frame_time
+        age = self.clock() - frame_time
         if frame is None or age > self.timeout:
             raise CameraError(f"camera {self.key} ({self.device}) delivered no frame for {age:.1f} s "
                               f"(timeout {self.timeout:g} s)")
@@ -726,6 +762,70 @@ def parse_camera(text: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------
 # 8. The robot client
 # ---------------------------------------------------------------------------------------------
+
+
+def joint_of(name: str) -> tuple[str, bool]:
+    """A dataset's name for an SO-100 value -> (joint, legacy units?). LeRobot 0.3 and later name
+    them `shoulder_pan.pos`; this project's demo `shoulder_pan`; datasets recorded before mid-2025
+    `main_shoulder_pan`, in the legacy units (so100.to_legacy)."""
+    legacy = name.startswith("main_")
+    return name.removeprefix("main_").removesuffix(".pos"), legacy
+
+
+def unit_bounds(legacy: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The widest values an SO-100 joint can report: degrees within half a turn of the middle of
+    its calibrated range, the gripper in 0..100 percent; in legacy units, shifted accordingly."""
+    low = np.array([-180.0] * 5 + [0.0])
+    high = np.array([180.0] * 5 + [100.0])
+    if not legacy:
+        return low, high
+    ends = np.stack([so100.to_legacy(low), so100.to_legacy(high)])  # 90 - lift flips that joint's ends
+    return ends.min(0), ends.max(0)
+
+
+def check_policy_fits_arm(spec: PolicySpec, legacy: bool) -> list[str]:
+    """Raises InferError if the policy cannot have been trained on this arm in these units (legacy:
+    the arm reads and writes in the old `main_*` units); returns what could not be checked.
+
+    Checked: 6 state and 6 action values; their names, where the checkpoint records them: the SO-100's
+    joints in order, `main_*` names only with --legacy; the state and action means of the
+    normalisation stats within what a joint can report in these units (raw servo steps, 0..4095,
+    fail it). Not checkable from a checkpoint: LeRobot's RANGE_M100_100 joint units (-100..100 over
+    the calibrated range, the default of its SO-100 driver) against degrees."""
+    joints, units = list(so100.JOINT_NAMES), ("legacy `main_*` degrees" if legacy else "degrees")
+    for key, dim in ((STATE, spec.state_dim), ("action", spec.action_dim)):
+        if dim != len(joints):
+            raise InferError(f"the policy's {key} has {dim} values; the SO-100 has {len(joints)} "
+                             f"({', '.join(joints)}): the policy was trained for another robot")
+    unchecked = []
+    for key, names, mean in ((STATE, spec.state_names, spec.state_mean), ("action", spec.action_names, spec.action_mean)):
+        if names is None:
+            unchecked.append(f"{key} names")
+        else:
+            found = [joint_of(n) for n in names]
+            if [joint for joint, _ in found] != joints:
+                raise InferError(f"the policy's {key} names {names} are not the SO-100's joints in its order "
+                                 f"({', '.join(joints)})")
+            legacy_names = [old for _, old in found]
+            if any(legacy_names) and not all(legacy_names):
+                raise InferError(f"the policy's {key} names {names} mix legacy `main_*` and current names")
+            if all(legacy_names) and not legacy:
+                raise InferError(f"the policy's {key} names ({names[0]}, ...) are `main_*`: it was trained in "
+                                 "legacy SO-100 units; add --legacy")
+            if not any(legacy_names) and legacy:
+                raise InferError(f"the policy's {key} names ({names[0]}, ...) are in current LeRobot units, "
+                                 "not legacy `main_*` ones: drop --legacy")
+        if mean is None:
+            unchecked.append(f"{key} units")
+            continue
+        low, high = unit_bounds(legacy)
+        for joint, value, lo, hi in zip(joints, mean, low, high):
+            if not lo <= value <= hi:
+                raise InferError(
+                    f"the policy's {key} mean for {joint} is {value:.1f}, outside the {lo:g}..{hi:g} that joint "
+                    f"can report in {units}: the policy was trained in other units (raw servo steps?) or for "
+                    "another robot")
+    return unchecked
 
 
 @dataclass
@@ -855,15 +955,42 @@ def safe_stop(robot, hold_seconds: float = 0.3) -> list[str]:
     return problems
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (from a service manager, `timeout` or `kill`), raised where Ctrl-C would be."""
+
+
+@contextmanager
+def sigterm_as_ctrl_c():
+    """While active, SIGTERM takes Ctrl-C's way out: the arm holds its pose, torque goes off, the
+    summary is printed. Only the first one: a second SIGTERM during that stop is ignored rather than
+    cutting it short. (Python's default for SIGTERM ends the process at once, torque on.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+    fired = False
+
+    def handle(signum, frame):
+        nonlocal fired
+        if not fired:
+            fired = True
+            raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def drive(client: RobotClient, duration: float | None = None, max_actions: int | None = None,
           live: bool = False) -> int:
-    """Runs the client; every way out (the end, Ctrl-C, a policy or camera failure) stops the arm
-    holding its pose and turns torque off. Returns the exit status (0, or 1 after a failure)."""
+    """Runs the client; every way out (the end, Ctrl-C or SIGTERM, a policy or camera failure) stops
+    the arm holding its pose and turns torque off. Returns the exit status (0, or 1 after a failure)."""
     status, reason = 0, "done"
     try:
         client.run(duration, max_actions, live)
-    except KeyboardInterrupt:
-        reason = "interrupted (Ctrl-C)"
+    except KeyboardInterrupt as err:
+        reason = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
     except (InferError, so100.FeetechError) as err:
         status, reason = 1, f"error: {err}"
     finally:
@@ -879,6 +1006,40 @@ def drive(client: RobotClient, duration: float | None = None, max_actions: int |
 # ---------------------------------------------------------------------------------------------
 
 
+class Parser(argparse.ArgumentParser):
+    """A mistake on the command line is one line (the flag, what it allows, what was given) and exit
+    status 2, without the long usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def number(kind: type, low: float | None = None, high: float | None = None, above: float | None = None):
+    """An argparse type: a finite int or float in [low, high], or greater than `above`."""
+    noun = "an integer" if kind is int else "a number"
+    if above is not None:
+        allowed = f"{noun} > {above:g}"
+    elif high is None:
+        allowed = f"{noun} >= {low:g}"
+    else:
+        allowed = f"{noun} in [{low:g}, {high:g}]"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+        if (not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high)
+                or (above is not None and value <= above)):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = number(float, above=0), number(float, low=0)
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Appends a flag's default unless it is empty or the help already speaks of it (which also
     keeps a token taken from the environment out of --help)."""
@@ -891,12 +1052,13 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         description="Run a SmolVLA policy on an SO-100 arm with asynchronous inference "
                     "(`python infer_async.py serve --help` for the remote policy server).",
         formatter_class=HelpFormatter)
     g = p.add_argument_group("policy")
-    g.add_argument("--policy", help=f"Hub id or directory (default with --sim: {DEMO_POLICY})")
+    g.add_argument("--policy", help=f"Hub id or directory; required with --port unless --server is given "
+                                    f"(default with --sim: {DEMO_POLICY})")
     g.add_argument("--vlm", help="VLM config/tokenizer (dir or Hub id) if not the policy's vlm_model_name")
     g.add_argument("--device", help="cuda, cpu, mps (default: cuda if available)")
     g.add_argument("--fast", action="store_true",
@@ -911,7 +1073,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--robot-id", help="the calibration's id in LeRobot's calibration directory")
     g.add_argument("--legacy", action="store_true",
                    help="old joint units of `main_*` datasets such as lerobot/svla_so100_pickplace")
-    g.add_argument("--max-relative-target", type=float,
+    g.add_argument("--max-relative-target", type=POSITIVE,
                    help="degrees: clamp each goal to present position +- this")
     g.add_argument("--sim", action="store_true", help="simulated arm and synthetic camera frames")
     g = p.add_argument_group("cameras")
@@ -921,23 +1083,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FFmpeg capture option for every camera, e.g. video_size=640x480, framerate=30, "
                         "input_format=mjpeg")
     g.add_argument("--camera-format", help="FFmpeg input format (default: v4l2 on Linux, avfoundation on macOS)")
-    g.add_argument("--camera-timeout", type=float, default=1.0,
+    g.add_argument("--camera-timeout", type=POSITIVE, default=1.0,
                    help="seconds: a camera whose newest frame is older than this stops the run")
     g = p.add_argument_group("control")
-    g.add_argument("--fps", type=float, help=f"control ticks per second, one action each: use the training "
+    g.add_argument("--fps", type=POSITIVE, help=f"control ticks per second, one action each: use the training "
                    f"data's frame rate (default {DEFAULT_FPS:g}; {DEMO_FPS:g} for the demo policy)")
-    g.add_argument("--threshold", type=float, default=0.7,
+    g.add_argument("--threshold", type=number(float, 0, 1), default=0.7,
                    help="g: send an observation when queue size / chunk size <= g")
     g.add_argument("--aggregate", choices=sorted(AGGREGATES), default="weighted",
                    help="overlapping actions: weighted = 0.3 old + 0.7 new, latest = new, average = 0.5 each")
-    g.add_argument("--ease-in", type=int, default=3, help="ticks of crossfade into each new chunk (0: off)")
-    g.add_argument("--similarity", type=float, default=1.0,
+    g.add_argument("--ease-in", type=number(int, low=0), default=3, help="ticks of crossfade into each new chunk (0: off)")
+    g.add_argument("--similarity", type=NON_NEGATIVE, default=1.0,
                    help="skip an observation whose joints all lie within this many degrees (gripper: "
                         "percent) of the last one processed; 0 disables")
     g.add_argument("--sync", action="store_true", help="synchronous loop: infer, execute, repeat")
-    g.add_argument("--n-action-steps", type=int, help="--sync: actions executed per chunk (default: the policy's)")
+    g.add_argument("--n-action-steps", type=number(int, low=1), help="--sync: actions executed per chunk (default: the policy's)")
     g = p.add_argument_group("run")
-    g.add_argument("--duration", type=float, help="seconds, then the same safe stop as Ctrl-C")
+    g.add_argument("--duration", type=POSITIVE, help="seconds, then the same safe stop as Ctrl-C")
     g.add_argument("--metrics-json", help="write the metrics here at exit")
     g.add_argument("--plot", help="PNG of queue size and latency over time, written at exit")
     g.add_argument("--quiet", action="store_true", help="no live status line")
@@ -945,7 +1107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_serve_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infer_async.py serve", formatter_class=HelpFormatter,
+    p = Parser(prog="infer_async.py serve", formatter_class=HelpFormatter,
                                 description="Serve one policy over TCP for `infer_async.py --server HOST:PORT`.")
     p.add_argument("--policy", required=True, help="Hub id or directory, fixed for the server's lifetime")
     p.add_argument("--vlm", help="VLM config/tokenizer (dir or Hub id) if not the policy's vlm_model_name")
@@ -953,36 +1115,37 @@ def build_serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="real-time CPU mode: int8 linear layers (CPU only)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind; keep 127.0.0.1 and reach it through an SSH tunnel")
-    p.add_argument("--listen", type=int, default=8765, help="TCP port")
+    p.add_argument("--listen", type=number(int, 0, 65535), default=8765, help="TCP port (0: any free one)")
     p.add_argument("--token", default=os.environ.get("INFER_ASYNC_TOKEN"),
                    help="clients must present this token (default: $INFER_ASYNC_TOKEN)")
-    p.add_argument("--max-message-mb", type=float, default=DEFAULT_MAX_MESSAGE_BYTES / 2**20,
+    p.add_argument("--max-message-mb", type=POSITIVE, default=DEFAULT_MAX_MESSAGE_BYTES / 2**20,
                    help="larger messages are refused before they are read")
     return p
 
 
 def check_client_args(args: argparse.Namespace) -> None:
+    """What the flags' types cannot check (each numeric flag checks its own range)."""
     if not args.sim and not args.port:
         raise InferError("give the arm's serial port with --port (or --sim for the simulated arm)")
     if args.sim and args.port:
         raise InferError("--sim and --port exclude each other")
     if args.server and args.policy:
         raise InferError("--server and --policy exclude each other: the server's policy is fixed when it starts")
+    if args.server:
+        host, sep, port = args.server.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise InferError(f"--server expects HOST:PORT with a port in [0, 65535], got {args.server!r}")
+    if args.port and not (args.policy or args.server):
+        # The demo checkpoint is a toy trained on synthetic frames: it must never drive a real arm by default.
+        raise InferError("a real arm (--port) needs the policy to run: give --policy (or --server); "
+                         "the demo policy runs only with --sim")
     if args.task is None and not (args.sim and not args.policy and not args.server):
         raise InferError("give the instruction with --task \"...\"")
-    if not 0 <= args.threshold <= 1:
-        raise InferError(f"--threshold must lie in [0, 1], got {args.threshold}")
-    if (args.fps is not None and args.fps <= 0) or args.ease_in < 0 or args.similarity < 0:
-        raise InferError("--fps must be positive; --ease-in and --similarity must not be negative")
-    if args.n_action_steps is not None and args.n_action_steps < 1:
-        raise InferError(f"--n-action-steps must be at least 1, got {args.n_action_steps}")
 
 
 def open_policy(args: argparse.Namespace, stack: ExitStack) -> tuple[Callable[[Observation], np.ndarray], PolicySpec]:
     if args.server:
-        host, sep, port = args.server.rpartition(":")
-        if not sep or not port.isdigit():
-            raise InferError(f"--server expects HOST:PORT, got {args.server!r}")
+        host, _, port = args.server.rpartition(":")
         remote = RemotePolicy(host.strip("[]"), int(port), args.token)
         stack.callback(remote.close)
         spec = remote.connect()
@@ -1034,25 +1197,41 @@ def report(metrics: Metrics, args: argparse.Namespace) -> None:
         print(f"queue and latency plot written to {args.plot}", file=sys.stderr)
 
 
+def open_arm(args: argparse.Namespace, stack: ExitStack) -> so100.SO100:
+    """The arm comes first, before the slow policy load: the port and the six servos, then the
+    calibration (compared with the servos' registers). Connected with torque off until the run."""
+    if args.sim:
+        sim = stack.enter_context(so100.SimulatedArm())
+        port, calibration = sim.port, sim.calibration
+    else:
+        port, calibration = args.port, args.calibration
+    so100.check_arm(port)  # a wrong port or an unpowered arm is reported before a missing calibration
+    robot = so100.SO100(port, calibration=calibration, legacy=args.legacy,
+                        max_relative_target=args.max_relative_target, robot_id=args.robot_id)
+    stack.callback(robot.disconnect)  # torque off and the port closed, whatever happens
+    robot.connect(torque=False)
+    print(f"arm on {port}: six servos answer, calibration {robot.calibration_source}", file=sys.stderr)
+    return robot
+
+
 def client_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     with ExitStack() as stack:
         try:
             check_client_args(args)
+            robot = open_arm(args, stack)
             policy_fn, spec = open_policy(args, stack)
+            unchecked = check_policy_fits_arm(spec, robot.legacy)
+            if unchecked:
+                print(f"warning: the policy records no {' or '.join(unchecked)}, so they could not be checked "
+                      "against the arm: make sure it was trained on SO-100 data in degrees (`main_*` datasets "
+                      "such as lerobot/svla_so100_pickplace need --legacy)", file=sys.stderr)
             args.fps = args.fps or DEFAULT_FPS
             cameras = open_cameras(args, spec, stack)
-            if args.sim:
-                sim = stack.enter_context(so100.SimulatedArm())
-                robot = so100.SO100(sim.port, calibration=sim.calibration, legacy=args.legacy,
-                                    max_relative_target=args.max_relative_target)
-            else:
-                robot = so100.SO100(args.port, calibration=args.calibration, legacy=args.legacy,
-                                    max_relative_target=args.max_relative_target, robot_id=args.robot_id)
             config = ClientConfig(args.fps, args.threshold, args.aggregate, args.ease_in, args.similarity,
                                   args.sync, args.n_action_steps)
             client = RobotClient(robot, cameras, policy_fn, spec, args.task, config)
-            stack.enter_context(robot)  # connect, torque on; disconnect turns torque off whatever happens
+            robot.torque_on()  # holds the present pose; the first moves ramp from it
         except (InferError, so100.FeetechError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -1076,11 +1255,15 @@ def serve_main(argv: list[str]) -> int:
     spec, policy_fn = policy_spec(policy), make_policy_fn(policy)
     warm_up(policy_fn, spec)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    server = PolicyTCPServer((args.host, args.listen), policy_fn, spec, args.token,
-                             int(args.max_message_mb * 2**20), log=log)
+    try:
+        server = PolicyTCPServer((args.host, args.listen), policy_fn, spec, args.token,
+                                 int(args.max_message_mb * 2**20), log=log)
+    except OSError as err:  # the port is taken, the address is not this machine's
+        print(f"error: cannot listen on {args.host}:{args.listen} (--host, --listen): {err}", file=sys.stderr)
+        return 2
     host, port = server.server_address[:2]
     log(f"serving {args.policy} on {host}:{port} (chunk {spec.chunk_size}, cameras {sorted(spec.cameras)}"
-        f"{', token required' if args.token else ''}); Ctrl-C stops")
+        f"{', token required' if args.token else ''}); Ctrl-C or SIGTERM stops")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -1093,10 +1276,13 @@ def serve_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        return serve_main(argv[1:]) if argv[:1] == ["serve"] else client_main(argv)
-    except KeyboardInterrupt:  # before the arm was connected: nothing to stop
-        print("interrupted", file=sys.stderr)
-        return 130
+        with sigterm_as_ctrl_c():
+            return serve_main(argv[1:]) if argv[:1] == ["serve"] else client_main(argv)
+    except KeyboardInterrupt as err:  # while loading: the arm, if connected, never had torque on
+        word = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"{word} while loading the policy" if argv[:1] == ["serve"]
+              else f"{word} before the run started; the arm did not move", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.numpy import load_file, save_file
 
 import infer_async as ia
 import so100
@@ -74,8 +76,7 @@ def test_panels_stack_top_to_bottom_each_with_its_own_series(tmp_path):
 
 def test_aggregation_functions_hand_computed():
     old, new = np.array([1.0, 10.0]), np.array([3.0, 20.0])
-    assert np.allclose(ia.aggregate_weighted(old, new), [0.3 * 1 + 0.7 * 3, 0.3 * 10 + 0.7 * 20])  # 2.4, 17
-    assert np.allclose(ia.aggregate_weighted(old, new), [2.4, 17.0])
+    assert np.allclose(ia.aggregate_weighted(old, new), [2.4, 17.0])  # 0.3 old + 0.7 new
     assert np.allclose(ia.aggregate_latest(old, new), [3.0, 20.0])
     assert np.allclose(ia.aggregate_average(old, new), [2.0, 15.0])
 
@@ -89,7 +90,7 @@ def queue_after_five_of_ten_ones(aggregate: str) -> ia.ActionQueue:
 
 
 @pytest.mark.parametrize("aggregate, overlap", [
-    ("weighted", [0.3 + 0.7 * 30, 0.3 + 0.7 * 40, 0.3 + 0.7 * 50, 0.3 + 0.7 * 60, 0.3 + 0.7 * 70]),
+    ("weighted", [21.3, 28.3, 35.3, 42.3, 49.3]),  # 0.3 x 1 (queued) + 0.7 x 30..70 (new)
     ("latest", [30, 40, 50, 60, 70]),
     ("average", [15.5, 20.5, 25.5, 30.5, 35.5]),
 ])
@@ -125,6 +126,25 @@ def test_ease_in_crossfades_from_the_previous_plan_held_at_its_end():
     queue.merge(0, np.full((5, 1), 8.0))
     # k=0: 0.75*0 + 0.25*8; k=1: 0.5*0 + 0.5*8; k=2: beyond the old plan, its last action (0) held
     assert [queue.pop()[1][0] for _ in range(5)] == pytest.approx([2.0, 4.0, 6.0, 8.0, 8.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics (values computed by hand)
+
+
+def test_latency_statistics_and_summary_by_hand():
+    metrics = ia.Metrics(chunk_size=10)
+    metrics.latencies = [(float(t), ms / 1000) for t, ms in enumerate([7, 1, 20, 3, 2, 4, 5, 6, 8, 9, 10, 11, 12,
+                                                                       13, 14, 15, 16, 17, 18, 19])]
+    metrics.queue_sizes = [(0.0, 0), (0.5, 10), (1.0, 8), (1.5, 6)]
+    # 1..20 ms: mean 10.5; p95 with linear interpolation between sorted values: position 0.95 x 19 =
+    # 18.05, i.e. 19 + 0.05 x (20 - 19) = 19.05; max 20.
+    stats = metrics.latency_stats_ms()
+    assert stats == pytest.approx({"mean": 10.5, "p95": 19.05, "max": 20.0})
+    summary = metrics.summary()
+    assert summary["duration_s"] == 1.5 and summary["queue_size_mean"] == 6.0  # (0 + 10 + 8 + 6) / 4
+    assert "mean 10.5 ms" in metrics.report() and "max 20.0 ms" in metrics.report()
+    assert ia.Metrics().latency_stats_ms() == {"mean": None, "p95": None, "max": None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,7 +499,9 @@ def fifo(tmp_path):
 
 
 def test_pyav_camera_keeps_the_newest_frame_and_refuses_a_stale_one(fifo):
-    # A FIFO stands in for the capture device: PyAV decodes raw RGB frames as they are written.
+    # A FIFO stands in for the capture device: PyAV decodes raw RGB frames as they are written. The
+    # camera's clock is ours: a frame's age is what the test says, however loaded the machine is.
+    now = [100.0]
     opened = {}
 
     def device():
@@ -489,21 +511,25 @@ def test_pyav_camera_keeps_the_newest_frame_and_refuses_a_stale_one(fifo):
 
     writer = threading.Thread(target=device)
     writer.start()
-    camera = ia.Camera(TOP, str(fifo), (12, 16), input_format="rawvideo", timeout=0.5,
+    camera = ia.Camera(TOP, str(fifo), (12, 16), input_format="rawvideo", timeout=0.5, clock=lambda: now[0],
                        options={"video_size": "32x24", "pixel_format": "rgb24", "framerate": "30"})
     try:
-        camera.start(first_frame_timeout=10)
+        camera.start(first_frame_timeout=60)
         writer.join()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60
         while camera.read()[0, 0, 0] != 30 and time.monotonic() < deadline:
             time.sleep(0.01)
         frame = camera.read()
         assert frame.shape == (12, 16, 3) and frame.dtype == np.uint8 and np.all(frame == 30)
-        time.sleep(0.7)  # the device stalls: no frame for longer than the timeout
-        with pytest.raises(ia.CameraError, match="no frame for"):
+        now[0] += 0.4  # younger than the timeout: still served
+        assert np.all(camera.read() == 30)
+        now[0] += 0.2  # the device stalled: no frame for 0.6 s, longer than the 0.5 s timeout
+        with pytest.raises(ia.CameraError, match="no frame for 0.6 s"):
             camera.read()
         os.close(opened["fd"])  # the device goes away
-        time.sleep(0.2)
+        deadline = time.monotonic() + 60
+        while camera._error is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         with pytest.raises(ia.CameraError, match="ended"):
             camera.read()
     finally:
@@ -541,10 +567,42 @@ def tiny_policy():
     return ia.load_policy(str(TINY_POLICY), str(TINY_VLM), "cpu")
 
 
+REST_POSE = [0.0, -20.0, 30.0, 10.0, 0.0, 40.0]  # degrees, gripper percent: a pose any SO-100 can take
+
+
+def so100_policy(root: Path, names: list[str] | None = None) -> Path:
+    """A copy of the tiny policy with normalisation means an SO-100 can take (the fixture's random
+    stats put the gripper at -3.3 percent, which the client refuses), and optionally the state and
+    action names recorded in its config, as a dataset's features spell them."""
+    policy = root / "policy"
+    shutil.copytree(TINY_POLICY, policy)
+    for path in policy.glob("*normalizer_processor.safetensors"):
+        tensors = load_file(path)
+        tensors["observation.state.mean"] = tensors["action.mean"] = np.array(REST_POSE, np.float32)
+        save_file(tensors, path)
+    if names is not None:
+        config = json.loads((policy / "config.json").read_text())
+        config["input_features"]["observation.state"]["names"] = names
+        config["output_features"]["action"]["names"] = names
+        (policy / "config.json").write_text(json.dumps(config))
+    return policy
+
+
+@pytest.fixture(scope="module")
+def arm_policy(tmp_path_factory) -> Path:
+    return so100_policy(tmp_path_factory.mktemp("arm_policy"))
+
+
 def test_real_smolvla_drives_the_simulated_arm(sim_arm, tiny_policy):
     arm, sim = sim_arm
     spec = ia.policy_spec(tiny_policy)
-    assert spec == ia.PolicySpec({TOP: (48, 64), WRIST: (48, 64)}, 6, 6, 10, 10)
+    assert (spec.cameras, spec.state_dim, spec.action_dim, spec.chunk_size, spec.n_action_steps) == (
+        {TOP: (48, 64), WRIST: (48, 64)}, 6, 6, 10, 10)
+    # The fixture records no names; its means are those of its normaliser file.
+    stats = load_file(TINY_POLICY / "policy_preprocessor_step_5_normalizer_processor.safetensors")
+    assert spec.state_names is None and spec.action_names is None
+    assert np.allclose(spec.state_mean, stats["observation.state.mean"])
+    assert np.allclose(spec.action_mean, stats["action.mean"])
     cameras = {key: ia.SyntheticCamera(key, size) for key, size in spec.cameras.items()}
     client = ia.RobotClient(arm, cameras, ia.make_policy_fn(tiny_policy), spec, "Pick up the cube.",
                             ia.ClientConfig(fps=30))
@@ -562,23 +620,25 @@ def test_real_smolvla_drives_the_simulated_arm(sim_arm, tiny_policy):
     assert sim_torque(sim) == [0] * 6
 
 
-def test_command_line_sim_run_writes_metrics_and_plot(tmp_path, capsys):
+def test_command_line_sim_run_writes_metrics_and_plot(tmp_path, capsys, arm_policy):
     metrics_path, plot_path = tmp_path / "metrics.json", tmp_path / "queue.png"
-    status = ia.main(["--sim", "--policy", str(TINY_POLICY), "--vlm", str(TINY_VLM), "--device", "cpu",
+    status = ia.main(["--sim", "--policy", str(arm_policy), "--vlm", str(TINY_VLM), "--device", "cpu",
                       "--task", "Pick up the cube.", "--duration", "2", "--quiet",
                       "--metrics-json", str(metrics_path), "--plot", str(plot_path)])
     assert status == 0
     metrics = json.loads(metrics_path.read_text())
     assert metrics["mode"] == "async" and metrics["actions_executed"] > 0 and metrics["chunk_size"] == 10
     assert metrics["ticks"] == len(metrics["queue_size"]) > 0
-    assert metrics["latency_ms"]["mean"] > 0 and metrics["latency_ms"]["p95"] >= metrics["latency_ms"]["mean"] * 0.5
+    assert metrics["chunks_received"] == len(metrics["latency_s"]) > 0
+    latency = metrics["latency_ms"]
+    assert 0 < latency["mean"] <= latency["max"] and latency["p95"] <= latency["max"]
     assert Image.open(plot_path).size == (800, 600)
     err = capsys.readouterr().err
     assert "inference latency" in err and "torque went off" in err
 
 
-def test_command_line_fast_mode_runs_the_int8_policy(tmp_path, capsys):
-    status = ia.main(["--sim", "--policy", str(TINY_POLICY), "--vlm", str(TINY_VLM), "--fast",
+def test_command_line_fast_mode_runs_the_int8_policy(tmp_path, capsys, arm_policy):
+    status = ia.main(["--sim", "--policy", str(arm_policy), "--vlm", str(TINY_VLM), "--fast",
                       "--task", "Pick up the cube.", "--duration", "1", "--quiet",
                       "--metrics-json", str(tmp_path / "m.json")])
     assert status == 0
@@ -607,11 +667,184 @@ def test_sim_without_the_demo_checkpoint_says_to_train_first(tmp_path, monkeypat
     (["--sim", "--policy", "p"], "--task"),
     (["--sim", "--server", "h:1", "--policy", "p", "--task", "t"], "exclude"),
     (["--sim", "--server", "nohostport", "--task", "t"], "HOST:PORT"),
-    (["--sim", "--task", "t", "--threshold", "1.5"], "--threshold"),
 ])
 def test_command_line_errors_are_clear(argv, message, capsys):
     assert ia.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, flag, allowed", [
+    (["--duration", "-1"], "--duration", "> 0"),
+    (["--duration", "0"], "--duration", "> 0"),
+    (["--duration", "nan"], "--duration", "> 0"),
+    (["--fps", "0"], "--fps", "> 0"),
+    (["--threshold", "1.5"], "--threshold", "in [0, 1]"),
+    (["--threshold", "-0.1"], "--threshold", "in [0, 1]"),
+    (["--ease-in", "-1"], "--ease-in", "integer >= 0"),
+    (["--ease-in", "1.5"], "--ease-in", "integer >= 0"),
+    (["--similarity", "-1"], "--similarity", ">= 0"),
+    (["--n-action-steps", "0"], "--n-action-steps", "integer >= 1"),
+    (["--camera-timeout", "0"], "--camera-timeout", "> 0"),
+    (["--max-relative-target", "-5"], "--max-relative-target", "> 0"),
+    (["serve", "--policy", "p", "--listen", "70000"], "--listen", "in [0, 65535]"),
+    (["serve", "--policy", "p", "--max-message-mb", "0"], "--max-message-mb", "> 0"),
+])
+def test_a_numeric_flag_out_of_range_is_one_line_and_exit_2(argv, flag, allowed, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no demo checkpoint here: nothing could run even if the flag passed
+    if argv[0] != "serve":
+        argv = ["--sim", "--task", "t", *argv]
+    with pytest.raises(SystemExit) as exit_:
+        ia.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"argument {flag}: must be" in err and allowed in err and repr(argv[-1]) in err
+
+
+def test_a_real_port_never_falls_back_to_the_demo_policy(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    demo = tmp_path / ia.DEMO_POLICY  # a demo checkpoint that --sim would run
+    shutil.copytree(TINY_POLICY, demo)
+    loaded = []
+    monkeypatch.setattr(ia, "load_policy", lambda *args, **kwargs: loaded.append(args))
+    assert ia.main(["--port", "/dev/ttyACM0", "--task", "pick"]) == 2
+    assert "give --policy (or --server); the demo policy runs only with --sim" in capsys.readouterr().err
+    assert loaded == []
+
+
+SO100_NAMES = ["shoulder_pan.pos", "shoulder_lift.pos", "elbow_flex.pos", "wrist_flex.pos", "wrist_roll.pos",
+               "gripper.pos"]
+LEGACY_NAMES = ["main_shoulder_pan", "main_shoulder_lift", "main_elbow_flex", "main_wrist_flex", "main_wrist_roll",
+                "main_gripper"]
+
+
+def spec_with(**fields) -> ia.PolicySpec:
+    return ia.PolicySpec(**{"cameras": {}, "state_dim": 6, "action_dim": 6, "chunk_size": 10, "n_action_steps": 10,
+                            **fields})
+
+
+@pytest.mark.parametrize("legacy, fields", [
+    (False, dict(state_names=SO100_NAMES, action_names=SO100_NAMES, state_mean=REST_POSE, action_mean=REST_POSE)),
+    (False, dict(state_names=[n.removesuffix(".pos") for n in SO100_NAMES], action_names=SO100_NAMES,
+                 state_mean=[-179.0, 179.0, 0, 0, 0, 100.0], action_mean=[0, 0, 0, 0, 0, 0.0])),
+    # svla_so100_pickplace's legacy means; legacy shoulder_lift = 90 - lift reaches 90 + 180 = 270
+    (True, dict(state_names=LEGACY_NAMES, action_names=LEGACY_NAMES,
+                state_mean=[14.47, -55.77, 54.39, 63.23, 85.84, 9.35], action_mean=[0, 265.0, 265.0, 0, 0, 0])),
+])
+def test_a_policy_that_fits_the_arm_passes(legacy, fields):
+    assert ia.check_policy_fits_arm(spec_with(**fields), legacy) == []
+
+
+@pytest.mark.parametrize("legacy, fields, message", [
+    (False, dict(state_dim=7), "observation.state has 7 values; the SO-100 has 6"),
+    (False, dict(action_dim=14), "action has 14 values"),
+    (False, dict(state_names=LEGACY_NAMES), "are `main_*`: it was trained in legacy SO-100 units; add --legacy"),
+    (True, dict(action_names=SO100_NAMES), "not legacy `main_*` ones: drop --legacy"),
+    (False, dict(state_names=SO100_NAMES[1:] + SO100_NAMES[:1]), "not the SO-100's joints in its order"),
+    (False, dict(action_names=["x", "y", "z", "roll", "pitch", "yaw"]), "not the SO-100's joints"),
+    (False, dict(state_names=LEGACY_NAMES[:3] + SO100_NAMES[3:]), "mix legacy"),
+    (False, dict(state_mean=[2047.5] * 6), "mean for shoulder_pan is 2047.5, outside the -180..180"),  # raw steps
+    (False, dict(action_mean=REST_POSE[:5] + [-3.3]), "mean for gripper is -3.3, outside the 0..100"),
+    (True, dict(state_mean=[0.0, -95.0, 90, 0, 0, 50]), "mean for shoulder_lift is -95.0, outside the -90..270"),
+])
+def test_a_policy_that_does_not_fit_the_arm_is_refused(legacy, fields, message):
+    with pytest.raises(ia.InferError, match=re.escape(message)):
+        ia.check_policy_fits_arm(spec_with(**fields), legacy)
+
+
+def test_what_a_checkpoint_does_not_record_is_reported_unchecked():
+    assert ia.check_policy_fits_arm(spec_with(state_mean=REST_POSE, action_mean=REST_POSE), False) == [
+        "observation.state names", "action names"]
+    assert ia.check_policy_fits_arm(spec_with(), False) == [
+        "observation.state names", "observation.state units", "action names", "action units"]
+
+
+def test_the_spec_carries_names_and_means_over_the_wire():
+    spec = spec_with(state_names=SO100_NAMES, action_names=LEGACY_NAMES, state_mean=REST_POSE, action_mean=REST_POSE)
+    assert ia.PolicySpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    older_server = {k: v for k, v in spec.to_json().items() if "names" not in k and "mean" not in k}
+    assert ia.PolicySpec.from_json(older_server) == spec_with()
+    with pytest.raises(ia.WireError, match="state_names must be 6 strings"):
+        ia.PolicySpec.from_json({**spec.to_json(), "state_names": "abcdef"})
+
+
+# ---------------------------------------------------------------------------------------------
+# The order of the start: the arm (port, servos, calibration) before the slow policy load, the
+# policy checked against the arm before torque goes on
+
+
+@pytest.fixture
+def no_calibration(tmp_path, monkeypatch):
+    """LeRobot's calibration directory, empty."""
+    for var in ("HF_LEROBOT_HOME", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_LEROBOT_CALIBRATION", str(tmp_path / "calibration"))
+
+
+@pytest.fixture
+def policy_loads(monkeypatch):
+    """Records each load_policy call (then loads as usual) and every torque_on of an arm."""
+    calls = {"load": [], "torque_on": 0}
+    load, torque_on = ia.load_policy, so100.SO100.torque_on
+
+    def recording_load(*args, **kwargs):
+        calls["load"].append(args)
+        if "on_load" in calls:
+            calls.setdefault("arm_at_load", []).append(calls["on_load"]())
+        return load(*args, **kwargs)
+
+    def recording_torque_on(self):
+        calls["torque_on"] += 1
+        return torque_on(self)
+
+    monkeypatch.setattr(ia, "load_policy", recording_load)
+    monkeypatch.setattr(so100.SO100, "torque_on", recording_torque_on)
+    return calls
+
+
+def test_a_wrong_port_is_reported_before_the_calibration_and_the_policy(no_calibration, policy_loads, capsys):
+    argv = ["--port", "/nonexistent/ttyACM9", "--policy", str(TINY_POLICY), "--vlm", str(TINY_VLM), "--task", "t"]
+    assert ia.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot open serial port /nonexistent/ttyACM9" in err and "calibration" not in err
+    assert policy_loads["load"] == []
+
+
+def test_a_missing_calibration_is_reported_before_the_policy_loads(no_calibration, policy_loads, capsys):
+    with so100.SimulatedArm() as sim:
+        argv = ["--port", sim.port, "--policy", str(TINY_POLICY), "--vlm", str(TINY_VLM), "--task", "t"]
+        assert ia.main(argv) == 2
+    assert "no SO-100 calibration found" in capsys.readouterr().err
+    assert policy_loads["load"] == []
+
+
+def test_the_arm_is_configured_before_the_policy_loads_and_a_misfit_refused_before_torque(tmp_path, policy_loads,
+                                                                                           capsys):
+    policy = so100_policy(tmp_path, names=LEGACY_NAMES)  # trained on `main_*` data; the arm runs without --legacy
+    with so100.SimulatedArm() as sim:
+        calibration = tmp_path / "arm.json"
+        calibration.write_text(json.dumps(sim.calibration))
+        # Connecting writes Return_Delay 0 over the factory 250, with torque off.
+        policy_loads["on_load"] = lambda: ([sim.register(i, "Return_Delay") for i in range(1, 7)],
+                                           [sim.torque_enabled(i) for i in range(1, 7)])
+        argv = ["--port", sim.port, "--calibration", str(calibration), "--policy", str(policy), "--vlm", str(TINY_VLM),
+                "--device", "cpu", "--task", "t", "--duration", "1", "--quiet"]
+        assert ia.main(argv) == 2
+        assert policy_loads["arm_at_load"] == [([0] * 6, [False] * 6)]
+        assert not any(sim.torque_enabled(i) for i in range(1, 7))
+    err = capsys.readouterr().err
+    assert "error: the policy's observation.state names (main_shoulder_pan, ...) are `main_*`" in err
+    assert "add --legacy" in err
+    assert policy_loads["torque_on"] == 0
+
+
+def test_a_policy_that_fits_runs_on_the_arm_once_torque_is_on(tmp_path, policy_loads, capsys):
+    policy = so100_policy(tmp_path, names=LEGACY_NAMES)
+    argv = ["--sim", "--legacy", "--policy", str(policy), "--vlm", str(TINY_VLM), "--device", "cpu", "--task", "t",
+            "--duration", "1", "--quiet"]
+    assert ia.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "warning" not in err and "torque went off" in err
+    assert policy_loads["torque_on"] == 1
 
 
 def test_ctrl_c_stops_the_loop_with_the_safe_stop(sim_arm, capsys):
@@ -640,7 +873,8 @@ class Process:
         self.popen = subprocess.Popen([sys.executable, str(ROOT / "infer_async.py"), *argv], cwd=ROOT,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(self.popen.stderr), daemon=True).start()
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.popen.stderr), daemon=True)
+        self.reader.start()
 
     def wait_for(self, pattern: str, timeout: float = 120) -> re.Match:
         deadline = time.monotonic() + timeout
@@ -654,15 +888,18 @@ class Process:
                 raise AssertionError(f"exited with {self.popen.returncode}:\n{''.join(self.lines)}")
         raise AssertionError(f"no {pattern!r} within {timeout} s in:\n{''.join(self.lines)}")
 
-    def interrupt(self) -> int:
-        self.popen.send_signal(signal.SIGINT)
-        return self.popen.wait(timeout=60)
+    def interrupt(self, sig: int = signal.SIGINT) -> int:
+        """Sends `sig` (Ctrl-C by default), waits for the exit and for the last lines; the exit status."""
+        self.popen.send_signal(sig)
+        status = self.popen.wait(timeout=60)
+        self.reader.join(timeout=10)
+        return status
 
 
-def test_serve_and_client_processes_with_ctrl_c(tmp_path):
+def test_serve_and_client_processes_with_ctrl_c(tmp_path, arm_policy):
     """The remote-GPU setup as users run it: `serve` in one process, the robot client (simulated arm)
     in another, Ctrl-C to each."""
-    server = Process(["serve", "--policy", str(TINY_POLICY), "--vlm", str(TINY_VLM), "--device", "cpu",
+    server = Process(["serve", "--policy", str(arm_policy), "--vlm", str(TINY_VLM), "--device", "cpu",
                       "--listen", "0", "--token", "s3cret"])
     try:
         port = server.wait_for(r"serving .* on 127\.0\.0\.1:(\d+)").group(1)
@@ -679,4 +916,22 @@ def test_serve_and_client_processes_with_ctrl_c(tmp_path):
         assert json.loads(metrics_path.read_text())["chunks_received"] > 0
         assert server.wait_for(r"connected")
     finally:
-        assert server.interrupt() == 0
+        assert server.interrupt(signal.SIGTERM) == 0  # as a service manager stops it
+    assert server.lines[-1] == "stopped\n"
+
+
+def test_sigterm_stops_the_run_like_ctrl_c(tmp_path, arm_policy):
+    """What a service manager or `timeout` sends: the arm holds its pose, torque goes off, the summary
+    and the metrics are written (Python's default would end the process at once, torque on)."""
+    metrics_path = tmp_path / "metrics.json"
+    client = Process(["--sim", "--policy", str(arm_policy), "--vlm", str(TINY_VLM), "--device", "cpu",
+                      "--task", "Pick up the cube.", "--metrics-json", str(metrics_path)])
+    try:
+        client.wait_for(r"actions [1-9]")
+    finally:
+        status = client.interrupt(signal.SIGTERM)
+    output = "".join(client.lines)
+    assert status == 0, output
+    assert "terminated (SIGTERM): the arm held its pose, then torque went off" in output
+    assert "inference latency" in output
+    assert json.loads(metrics_path.read_text())["actions_executed"] > 0
