@@ -901,8 +901,10 @@ class RobotClient:
             self.server.submit(self.capture(must_go=size == 0))
             m.observations_sent += 1
 
-    def run(self, duration: float | None = None, max_actions: int | None = None, live: bool = False) -> Metrics:
-        """Ticks at fps until `duration` seconds or `max_actions` actions (or an exception)."""
+    def run(self, duration: float | None = None, max_actions: int | None = None, live: bool = False,
+            until: Callable[[], bool] | None = None) -> Metrics:
+        """Ticks at fps until `duration` seconds, `max_actions` actions or `until()` is true after a
+        tick (a task judged done; sim.py's evaluation), or an exception."""
         self.queue.hold(self.robot.read())
         self.metrics.start = next_tick = self.clock()
         last_print, print_every = 0.0, (0.25 if sys.stderr.isatty() else 5.0)
@@ -914,6 +916,8 @@ class RobotClient:
                 if max_actions is not None and self.metrics.actions_executed >= max_actions:
                     break
                 self.tick()
+                if until is not None and until():
+                    break
                 if live and self.clock() - last_print >= print_every:
                     last_print = self.clock()
                     print_live(self.metrics.live_line())
