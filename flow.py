@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ class SmolVLAConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> "SmolVLAConfig":
         if raw.get("type", "smolvla") != "smolvla":
-            raise ValueError(f"config.json describes a {raw.get('type')!r} policy, not smolvla")
+            raise ValueError(f"this is the config of a {raw.get('type')!r} policy, not of a smolvla one")
         names = {f.name for f in fields(cls)} - {"extra"}
         known = {k: v for k, v in raw.items() if k in names}
         if "resize_imgs_with_padding" in known and known["resize_imgs_with_padding"] is not None:
@@ -165,23 +166,57 @@ def vlm_configs(vlm_config: dict, cfg: SmolVLAConfig) -> tuple[VisionConfig, LMC
 # Locating checkpoints
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """'owner/name' and not a local path (absolute, ./, ~, or an existing directory)."""
+    return (name.count("/") == 1 and not name.startswith((".", "/", "~"))
+            and not Path(name).expanduser().is_dir())
+
+
 def resolve_dir(repo_id_or_dir: str | Path, what: str, allow_patterns: list[str] | None = None,
                 revision: str | None = None) -> Path:
     """A local directory as is, or a Hugging Face Hub model id downloaded into the local cache."""
     path = Path(repo_id_or_dir).expanduser()
     if path.is_dir():
         return path
+    if path.exists():
+        raise FileNotFoundError(f"{what}: {path} is a file, not a directory")
     text = str(repo_id_or_dir)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise FileNotFoundError(f"{what}: {text!r} is neither a directory nor a Hub id of the form 'owner/name'")
+    missing = f"{what}: no such local directory: {path.absolute()}{similar_directories(path)}"
+    if not looks_like_hub_id(text):
+        raise FileNotFoundError(f"{missing} (and {text!r} is not a Hub id of the form 'owner/name')")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(text, allow_patterns=allow_patterns, revision=revision))
     except Exception as err:  # network, auth, unknown repo: all mean "not available here"
+        reason = " ".join(str(err).split())  # the Hub client's messages run over several lines
         raise FileNotFoundError(
-            f"{what}: could not get {text!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
-            "Check the id, your network, or pass a local directory instead.") from err
+            f"{missing}; and the Hugging Face Hub could not provide {text!r} (revision {revision or 'main'}): "
+            f"{type(err).__name__}: {reason}") from err
+
+
+def similar_directories(path: Path) -> str:
+    """' (did you mean outputs/demo?)' for a missing path whose parent holds a directory of a similar
+    name: a mistyped 'outputs/demo_datset' has the shape of a Hub id and would otherwise only fail there."""
+    import difflib
+
+    try:
+        siblings = [child.name for child in path.parent.iterdir() if child.is_dir()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, siblings, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(str(path.parent / name) for name in close)}?)" if close else ""
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object; errors name the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,7 +237,7 @@ class Tokenizer:
         pad_token = "<|im_end|>"
         config_path = vlm_dir / "tokenizer_config.json"
         if config_path.is_file():
-            pad_token = json.loads(config_path.read_text()).get("pad_token") or pad_token
+            pad_token = read_json_object(config_path).get("pad_token") or pad_token
         pad_token = pad_token["content"] if isinstance(pad_token, dict) else pad_token
         self.pad_id = self.tokenizer.token_to_id(pad_token)
         if self.pad_id is None:
@@ -361,6 +396,8 @@ class SmolVLA(nn.Module):
         self.normalizer = stats or Normalizer(None, [])
         self.rename_map: dict[str, str] = {}  # data key -> policy key (cameras named differently)
         self.quantized = False
+        # The local directory the VLM config and tokenizer were read from (None: the Hub, or unknown).
+        self.vlm_dir: Path | None = None
 
     # -- conveniences used across the project ---------------------------------------------------
 
@@ -620,9 +657,23 @@ class SmolVLA(nn.Module):
         policy_dir = resolve_dir(repo_id_or_dir, "policy", revision=revision)
         config_path = policy_dir / "config.json"
         if not config_path.is_file():
-            raise FileNotFoundError(f"no config.json in the policy directory {policy_dir}")
-        cfg = SmolVLAConfig.from_dict(json.loads(config_path.read_text()))
-        vlm_dir, vlm_config, tokenizer = load_vlm_files(vlm or cfg.vlm_model_name, cfg, weights=False)
+            below = [policy_dir / sub for sub in ("pretrained_model", "checkpoints/last/pretrained_model")
+                     if (policy_dir / sub / "config.json").is_file()]
+            hint = f": the policy is in {below[0]} (add '{below[0].relative_to(policy_dir)}')" if below else ""
+            raise FileNotFoundError(f"no config.json in the policy directory {policy_dir}{hint}")
+        raw_config = read_json_object(config_path)
+        try:
+            cfg = SmolVLAConfig.from_dict(raw_config)
+        except (TypeError, ValueError) as err:  # another policy type, a field of the wrong type
+            raise ValueError(f"{config_path}: {err}") from err
+        try:
+            vlm_dir, vlm_config, tokenizer = load_vlm_files(vlm or vlm_location(policy_dir, cfg.vlm_model_name), cfg,
+                                                            weights=False)
+        except FileNotFoundError as err:
+            if vlm is not None:
+                raise
+            raise FileNotFoundError(f"{err} (the VLM named by vlm_model_name in {config_path}; pass where it "
+                                    "is: vlm=<directory or Hub id>, --vlm on the command line)") from err
 
         weights_path = policy_dir / "model.safetensors"
         if not weights_path.is_file():
@@ -639,7 +690,7 @@ class SmolVLA(nn.Module):
             path = policy_dir / name
             sources.append(str(path))
             if path.is_file():
-                for step in json.loads(path.read_text()).get("steps", []):
+                for step in read_json_object(path).get("steps", []):
                     if step.get("state_file"):
                         state_path = policy_dir / step["state_file"]
                         if not state_path.is_file():
@@ -648,6 +699,7 @@ class SmolVLA(nn.Module):
                     if step.get("registry_name") == "rename_observations_processor":
                         model.rename_map.update(step.get("config", {}).get("rename_map", {}))
         model.normalizer = Normalizer(parse_stats(flat), sources)
+        model.vlm_dir = vlm_dir
         if stats is not None:
             model.set_stats(stats)
         model.rename_map.update(rename or {})
@@ -663,6 +715,7 @@ class SmolVLA(nn.Module):
         cfg.vlm_model_name = str(vlm)
         vlm_dir, vlm_config, tokenizer = load_vlm_files(vlm, cfg, weights=True)
         model = cls(cfg, vlm_config, tokenizer)
+        model.vlm_dir = vlm_dir
         model.init_expert()
         expected = {to_official(n): p for n, p in model.state_dict().items()
                     if n.startswith(("vision.", "connector.", "lm.", "lm_head."))}
@@ -725,7 +778,9 @@ class SmolVLA(nn.Module):
             raise RuntimeError("an int8-quantised policy cannot be saved; save the float policy instead")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=4))
+        config = self.cfg.to_dict()
+        vlm_name = config["vlm_model_name"] = self.save_vlm_files(out)
+        (out / "config.json").write_text(json.dumps(config, indent=4))
         tensors = {to_official(n): t.detach().cpu().contiguous() for n, t in self.state_dict().items()}
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
@@ -745,7 +800,7 @@ class SmolVLA(nn.Module):
             {"registry_name": "tokenizer_processor", "config": {
                 "max_length": self.cfg.tokenizer_max_length, "task_key": "task", "padding_side": "right",
                 "padding": "max_length" if self.cfg.pad_language_to == "max_length" else "longest",
-                "truncation": True, "tokenizer_name": self.cfg.vlm_model_name}},
+                "truncation": True, "tokenizer_name": vlm_name}},
             device,
             {"registry_name": "normalizer_processor", "config": norm_config, "state_file": pre_state},
         ]}
@@ -756,6 +811,42 @@ class SmolVLA(nn.Module):
         ]}
         (out / "policy_preprocessor.json").write_text(json.dumps(preprocessor, indent=2))
         (out / "policy_postprocessor.json").write_text(json.dumps(postprocessor, indent=2))
+
+
+    def save_vlm_files(self, out: Path) -> str:
+        """The vlm_model_name to record in a checkpoint written to `out`.
+
+        A Hub id is recorded as is. A VLM in a local directory (the demo's, or one passed as a path)
+        has its config and tokenizer copied into `out`/vlm and is recorded as "vlm", relative to the
+        checkpoint, so that a checkpoint moved or copied elsewhere still loads.
+        """
+        name = self.cfg.vlm_model_name
+        if looks_like_hub_id(name):
+            return name
+        source = self.vlm_dir or Path(name).expanduser()
+        if not (source / "config.json").is_file():
+            return name  # nothing to copy: leave the name as it was given
+        target = out / VLM_SUBDIR
+        target.mkdir(exist_ok=True)
+        for file_name in VLM_FILES:
+            source_file, target_file = source / file_name, target / file_name
+            if source_file.is_file() and not (target_file.exists() and target_file.samefile(source_file)):
+                shutil.copyfile(source_file, target_file)
+        return VLM_SUBDIR
+
+
+# What a policy reads from its VLM's directory (without weights): copied beside local-VLM checkpoints.
+VLM_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+VLM_SUBDIR = "vlm"
+
+
+def vlm_location(policy_dir: Path, name: str) -> str | Path:
+    """config.json's vlm_model_name: a directory inside the checkpoint (what save_pretrained records for
+    a local VLM), otherwise a Hub id or a path as given."""
+    beside = policy_dir / name
+    if not Path(name).is_absolute() and (beside / "config.json").is_file():
+        return beside
+    return name
 
 
 def default_device() -> torch.device:
@@ -777,7 +868,7 @@ def load_vlm_files(vlm: str | Path, cfg: SmolVLAConfig, weights: bool) -> tuple[
     config_path = vlm_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in the VLM directory {vlm_dir}")
-    vlm_config = json.loads(config_path.read_text())
+    vlm_config = read_json_object(config_path)
     if "text_config" not in vlm_config:
         raise ValueError(f"{config_path} has no text_config: is it a SmolVLM config?")
     tokenizer = Tokenizer(vlm_dir, cfg.tokenizer_max_length, cfg.pad_language_to == "max_length")

@@ -3,6 +3,7 @@ one test per stage so that a regression names its stage; then checkpoint loading
 
 import itertools
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -257,6 +258,9 @@ def test_save_then_load_round_trip(policy, golden, tmp_path):
         close(stats["action.std"], load_file(str(POLICY / "policy_postprocessor_step_0_unnormalizer_processor.safetensors"))["action.std"])
     config = json.loads((saved / "config.json").read_text())
     assert config["type"] == "smolvla" and config["num_vlm_layers"] == 4 and config["chunk_size"] == 10
+    # A VLM named by Hub id stays so (LeRobot reads it); only a local VLM is copied beside the checkpoint.
+    assert config["vlm_model_name"] == "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
+    assert not (saved / "vlm").exists()
 
 
 def copy_policy(tmp_path, name="policy"):
@@ -356,8 +360,90 @@ def test_key_errors_name_tensors_and_shapes(tmp_path):
 
 
 def test_unknown_local_path_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a directory nor a Hub id"):
+    with pytest.raises(FileNotFoundError, match="policy: no such local directory: .*nope/policy .*not a Hub id"):
         SmolVLA.from_pretrained(tmp_path / "nope" / "policy", vlm=VLM)
+
+
+def test_mistyped_local_path_says_no_such_directory_as_well_as_the_hub_error(monkeypatch, tmp_path):
+    """'outputs/demo_polcy' has the shape of a Hub id 'owner/name': the one-line message says that no such
+    local directory exists (naming the near one) and what the Hub answered."""
+    import huggingface_hub
+
+    def offline(repo_id, **kwargs):
+        raise OSError("Got: ConnectError: [Errno -2] Name or service not known\nAn error happened while trying "
+                      "to locate the files on the Hub.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "demo_policy").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as error:
+        SmolVLA.from_pretrained("outputs/demo_polcy")
+    message = str(error.value)
+    assert f"no such local directory: {tmp_path / 'outputs' / 'demo_polcy'} (did you mean outputs/demo_policy?)" in message
+    assert "Hugging Face Hub could not provide 'outputs/demo_polcy'" in message
+    assert "Name or service not known An error happened" in message and "\n" not in message
+
+
+def test_policy_path_above_pretrained_model_says_where_the_policy_is(tmp_path):
+    """train.py writes <run>/checkpoints/<step>/pretrained_model/; the directories above it are not a policy."""
+    run = tmp_path / "run"
+    shutil.copytree(POLICY, run / "checkpoints" / "last" / "pretrained_model")
+    with pytest.raises(FileNotFoundError, match=r"no config.json .*\(add 'pretrained_model'\)"):
+        SmolVLA.from_pretrained(run / "checkpoints" / "last", vlm=VLM)
+    with pytest.raises(FileNotFoundError, match="add 'checkpoints/last/pretrained_model'"):
+        SmolVLA.from_pretrained(run, vlm=VLM)
+
+
+@pytest.mark.parametrize("broken", ["config.json", "policy_preprocessor.json", "vlm/config.json",
+                                    "vlm/tokenizer_config.json"])
+def test_broken_json_names_the_file(tmp_path, broken):
+    target = copy_policy(tmp_path)
+    vlm = tmp_path / "vlm"
+    shutil.copytree(VLM, vlm)
+    path = tmp_path / broken if broken.startswith("vlm/") else target / broken
+    path.write_text('{"chunk_size": 10,')  # cut short, as by a full disk
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))} is not valid JSON"):
+        SmolVLA.from_pretrained(target, vlm=vlm)
+    path.write_text("[]")
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))} holds a JSON list, not an object"):
+        SmolVLA.from_pretrained(target, vlm=vlm)
+
+
+def test_checkpoint_with_a_local_vlm_survives_a_move(golden, tmp_path):
+    """A policy whose VLM is a local directory (as the demo's is) saves that VLM's config and tokenizer
+    beside itself: moved elsewhere with its VLM directory gone, it loads without vlm=... and acts the same."""
+    vlm_dir = tmp_path / "local_vlm"
+    shutil.copytree(VLM, vlm_dir)
+    target = copy_policy(tmp_path)
+    config = json.loads((target / "config.json").read_text())
+    config["vlm_model_name"] = str(vlm_dir.resolve())
+    (target / "config.json").write_text(json.dumps(config))
+    policy = SmolVLA.from_pretrained(target, device="cpu")
+    expected = policy.predict_chunk(observation(golden), noise=golden["input.noise"])
+
+    policy.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["vlm_model_name"] == "vlm"
+    moved = tmp_path / "elsewhere" / "policy"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "saved", moved)
+    shutil.rmtree(vlm_dir)
+    shutil.rmtree(target)
+    reloaded = SmolVLA.from_pretrained(moved, device="cpu")
+    assert torch.equal(reloaded.predict_chunk(observation(golden), noise=golden["input.noise"]), expected)
+    # Saved again from its new place, and that copy loads too.
+    reloaded.save_pretrained(tmp_path / "copy")
+    again = SmolVLA.from_pretrained(tmp_path / "copy", device="cpu")
+    assert torch.equal(again.predict_chunk(observation(golden), noise=golden["input.noise"]), expected)
+
+
+def test_missing_vlm_names_the_config_and_the_way_out(tmp_path):
+    target = copy_policy(tmp_path)
+    config = json.loads((target / "config.json").read_text())
+    config["vlm_model_name"] = str(tmp_path / "gone" / "vlm")
+    (target / "config.json").write_text(json.dumps(config))
+    gone, config_path = re.escape(str(tmp_path / "gone" / "vlm")), re.escape(str(target / "config.json"))
+    with pytest.raises(FileNotFoundError, match=f"no such local directory: {gone}.*vlm_model_name in {config_path}.*vlm="):
+        SmolVLA.from_pretrained(target, device="cpu")
 
 
 def test_hub_ids_resolve_through_huggingface_hub(monkeypatch, golden):
