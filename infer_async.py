@@ -2,7 +2,7 @@
 
     python infer_async.py --port /dev/ttyACM0 --policy <hub id or dir> --task "Pick up the cube." \\
         --camera top=/dev/video0 --camera wrist=/dev/video2
-    python infer_async.py --sim                                   # simulated arm and cameras
+    python infer_async.py --sim                                   # the MuJoCo arm (sim.py), closed loop
     python infer_async.py serve --policy <id or dir>              # on the GPU machine, then
     python infer_async.py --server 127.0.0.1:8765 --port ... --task ... --camera ...
 
@@ -13,7 +13,7 @@ Read top to bottom:
   4. PolicyServer: a thread running the policy on the newest observation, skipping similar ones
   5. the local policy (flow.SmolVLA) as a function observation -> chunk
   6. the wire format and remote mode (TCP): length-prefixed JSON header + safetensors bytes
-  7. cameras: PyAV capture threads keeping the newest frame; synthetic frames for --sim
+  7. cameras: PyAV capture threads keeping the newest frame
   8. RobotClient: the control loop; drive() with its safe stop
   9. the command line
 
@@ -49,9 +49,8 @@ import so100
 STATE = "observation.state"
 IMAGE_PREFIX = "observation.images."
 DEMO_POLICY = "outputs/demo/checkpoints/last/pretrained_model"  # written by `python train.py`
-DEMO_TASK = "Move the arm to the red target."  # the task the demo policy was trained on
-DEMO_FPS = 10.0  # the demo dataset's frame rate (a checkpoint does not record its dataset's)
-DEFAULT_FPS = 30.0
+DEFAULT_FPS = 30.0  # real SO-100 datasets; a policy trained here records its dataset's beside it
+DATASET_INFO = "train_dataset.json"  # written by train.py beside a policy: its dataset and that dataset's fps
 
 # ---------------------------------------------------------------------------------------------
 # 1. Observations, errors, aggregation
@@ -408,6 +407,15 @@ def load_policy(policy: str, vlm: str | None = None, device: str | None = None, 
         raise InferError(f"cannot load the policy {policy}: {err}") from err
 
 
+def recorded_fps(policy_dir: str | Path) -> float | None:
+    """The frame rate of the dataset a policy was trained on, when train.py recorded it (a policy
+    runs at the rate of its data: each action is one frame's step)."""
+    try:
+        return float(json.loads((Path(policy_dir) / DATASET_INFO).read_text())["fps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def warm_up(policy_fn: Callable[[Observation], np.ndarray], spec: PolicySpec) -> None:
     """One inference on a blank observation: the first call is several times slower (memory
     allocation, kernel selection), and would otherwise stall the start of the run."""
@@ -727,31 +735,6 @@ class Camera:
             self._container.close()  # a thread stuck in a dead device keeps it; it is a daemon
 
 
-class SyntheticCamera:
-    """--sim frames: a red target wandering over a checkered table (the look of train.py's demo)."""
-
-    def __init__(self, key: str, size: tuple[int, int], clock: Callable[[], float] = time.monotonic):
-        self.key, self.size, self.clock = key, size, clock
-        self.phase = sum(map(ord, key)) % 7  # each camera sees the target move differently
-        height, width = size
-        yy, xx = np.mgrid[0:height, 0:width]
-        squares = ((xx * 8 // max(width, 1)) + (yy * 8 // max(height, 1))) % 2
-        self.table = np.stack([90 + 20 * squares, 110 + 10 * squares, 80 + 0 * squares], -1).astype(np.uint8)
-
-    def read(self) -> np.ndarray:
-        height, width = self.size
-        t = self.clock() / 4 + self.phase
-        cx, cy = 0.5 + 0.35 * math.sin(t), 0.5 + 0.35 * math.sin(1.3 * t)
-        half = max(1, min(height, width) // 12)
-        frame = self.table.copy()
-        x, y = int(cx * width), int(cy * height)
-        frame[max(y - half, 0):y + half, max(x - half, 0):x + half] = (220, 40, 40)
-        return frame
-
-    def close(self) -> None:
-        pass
-
-
 def parse_camera(text: str) -> tuple[str, str]:
     """'top=/dev/video0' -> ('observation.images.top', '/dev/video0'); a full key works too."""
     name, sep, device = text.partition("=")
@@ -987,12 +970,12 @@ def sigterm_as_ctrl_c():
 
 
 def drive(client: RobotClient, duration: float | None = None, max_actions: int | None = None,
-          live: bool = False) -> int:
+          live: bool = False, until: Callable[[], bool] | None = None) -> int:
     """Runs the client; every way out (the end, Ctrl-C or SIGTERM, a policy or camera failure) stops
     the arm holding its pose and turns torque off. Returns the exit status (0, or 1 after a failure)."""
     status, reason = 0, "done"
     try:
-        client.run(duration, max_actions, live)
+        client.run(duration, max_actions, live, until)
     except KeyboardInterrupt as err:
         reason = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
     except (InferError, so100.FeetechError) as err:
@@ -1079,7 +1062,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="old joint units of `main_*` datasets such as lerobot/svla_so100_pickplace")
     g.add_argument("--max-relative-target", type=POSITIVE,
                    help="degrees: clamp each goal to present position +- this")
-    g.add_argument("--sim", action="store_true", help="simulated arm and synthetic camera frames")
+    g.add_argument("--sim", action="store_true",
+                   help="the SO-100 in MuJoCo (sim.py): a cube to put in a box, its two cameras, real time")
     g = p.add_argument_group("cameras")
     g.add_argument("--camera", action="append", default=[], metavar="NAME=DEVICE",
                    help="e.g. top=/dev/video0 feeds observation.images.top (macOS: top=0); repeat per camera")
@@ -1091,7 +1075,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds: a camera whose newest frame is older than this stops the run")
     g = p.add_argument_group("control")
     g.add_argument("--fps", type=POSITIVE, help=f"control ticks per second, one action each: use the training "
-                   f"data's frame rate (default {DEFAULT_FPS:g}; {DEMO_FPS:g} for the demo policy)")
+                   f"data's frame rate (default: the one recorded beside the policy by train.py, else "
+                   f"{DEFAULT_FPS:g})")
     g.add_argument("--threshold", type=number(float, 0, 1), default=0.7,
                    help="g: send an observation when queue size / chunk size <= g")
     g.add_argument("--aggregate", choices=sorted(AGGREGATES), default="weighted",
@@ -1159,8 +1144,11 @@ def open_policy(args: argparse.Namespace, stack: ExitStack) -> tuple[Callable[[O
     if path is None:  # --sim without --policy: the demo checkpoint
         if not Path(DEMO_POLICY).exists():
             raise InferError(f"no demo policy at {DEMO_POLICY}: run `python train.py` first "
-                             "(about 2 minutes on a CPU), or pass --policy")
-        path, args.task, args.fps = DEMO_POLICY, args.task or DEMO_TASK, args.fps or DEMO_FPS
+                             "(about 10 minutes on a CPU), or pass --policy")
+        import sim
+
+        path, args.task = DEMO_POLICY, args.task or sim.TASK
+    args.fps = args.fps or recorded_fps(path)
     print(f"loading {path} ...", file=sys.stderr, flush=True)
     policy = load_policy(path, args.vlm, args.device, args.fast)
     spec, policy_fn = policy_spec(policy), make_policy_fn(policy)
@@ -1177,17 +1165,14 @@ def open_cameras(args: argparse.Namespace, spec: PolicySpec, stack: ExitStack) -
         raise InferError(f"camera(s) {unknown} are not inputs of the policy, which expects {sorted(spec.cameras)} "
                          f"(--camera NAME=DEVICE: NAME is the part after {IMAGE_PREFIX})")
     missing = sorted(set(spec.cameras) - set(given))
-    if missing and not args.sim:
+    if missing:
         raise InferError(f"the policy needs the camera(s) {missing}: add --camera NAME=DEVICE for each")
     options = dict(option.partition("=")[::2] for option in args.camera_option)
     cameras = {}
     for key, size in spec.cameras.items():
-        if key in given:
-            camera = Camera(key, given[key], size, args.camera_format, options, args.camera_timeout)
-            stack.callback(camera.close)
-            cameras[key] = camera.start()
-        else:
-            cameras[key] = SyntheticCamera(key, size)
+        camera = Camera(key, given[key], size, args.camera_format, options, args.camera_timeout)
+        stack.callback(camera.close)
+        cameras[key] = camera.start()
     return cameras
 
 
@@ -1201,12 +1186,18 @@ def report(metrics: Metrics, args: argparse.Namespace) -> None:
         print(f"queue and latency plot written to {args.plot}", file=sys.stderr)
 
 
-def open_arm(args: argparse.Namespace, stack: ExitStack) -> so100.SO100:
+def open_arm(args: argparse.Namespace, stack: ExitStack):
     """The arm comes first, before the slow policy load: the port and the six servos, then the
-    calibration (compared with the servos' registers). Connected with torque off until the run."""
+    calibration (compared with the servos' registers). Connected with torque off until the run.
+    Returns (driver, the simulated robot with --sim or None): with --sim the driver talks to the
+    MuJoCo arm's servo bus on a pseudo-terminal exactly as to a real arm."""
+    sim_robot = None
     if args.sim:
-        sim = stack.enter_context(so100.SimulatedArm())
-        port, calibration = sim.port, sim.calibration
+        import sim
+
+        sim_robot = sim.SimRobot(realtime=True).start(connect=False)
+        stack.callback(sim_robot.close)
+        port, calibration = sim_robot.bus.port, sim_robot.bus.calibration
     else:
         port, calibration = args.port, args.calibration
     so100.check_arm(port)  # a wrong port or an unpowered arm is reported before a missing calibration
@@ -1215,7 +1206,7 @@ def open_arm(args: argparse.Namespace, stack: ExitStack) -> so100.SO100:
     stack.callback(robot.disconnect)  # torque off and the port closed, whatever happens
     robot.connect(torque=False)
     print(f"arm on {port}: six servos answer, calibration {robot.calibration_source}", file=sys.stderr)
-    return robot
+    return robot, sim_robot
 
 
 def client_main(argv: list[str]) -> int:
@@ -1223,7 +1214,7 @@ def client_main(argv: list[str]) -> int:
     with ExitStack() as stack:
         try:
             check_client_args(args)
-            robot = open_arm(args, stack)
+            robot, sim_robot = open_arm(args, stack)
             policy_fn, spec = open_policy(args, stack)
             unchecked = check_policy_fits_arm(spec, robot.legacy)
             if unchecked:
@@ -1231,17 +1222,26 @@ def client_main(argv: list[str]) -> int:
                       "against the arm: make sure it was trained on SO-100 data in degrees (`main_*` datasets "
                       "such as lerobot/svla_so100_pickplace need --legacy)", file=sys.stderr)
             args.fps = args.fps or DEFAULT_FPS
-            cameras = open_cameras(args, spec, stack)
             config = ClientConfig(args.fps, args.threshold, args.aggregate, args.ease_in, args.similarity,
                                   args.sync, args.n_action_steps)
-            client = RobotClient(robot, cameras, policy_fn, spec, args.task, config)
+            until = None
+            if sim_robot is None:
+                client = RobotClient(robot, open_cameras(args, spec, stack), policy_fn, spec, args.task, config)
+            else:  # the physics advances in the control loop's sleep, paced to the wall clock
+                client = RobotClient(robot, sim_robot.cameras_for(spec), policy_fn, spec, args.task, config,
+                                     clock=sim_robot.clock.now, sleep=sim_robot.clock.sleep)
+                until = sim_robot.task_done
             robot.torque_on()  # holds the present pose; the first moves ramp from it
         except (InferError, so100.FeetechError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         print(f"running {client.metrics.mode} at {args.fps:g} fps, g = {client.threshold:g}; Ctrl-C stops",
               file=sys.stderr)
-        status = drive(client, args.duration, live=not args.quiet)
+        status = drive(client, args.duration, live=not args.quiet, until=until)
+        if sim_robot is not None:
+            done = sim_robot.completed_at
+            print(f"simulation: the cube is {'in the box after %.1f s' % done if done is not None else 'not in the box'}",
+                  file=sys.stderr)
     report(client.metrics, args)
     return status
 

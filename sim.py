@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -52,6 +52,7 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the machine
     raise SystemExit(f"sim.py needs MuJoCo: pip install mujoco ({err})") from err
 
+import infer_async
 import so100
 
 TASK = "Pick up the cube and place it in the box."
@@ -164,14 +165,14 @@ def scene_xml(image_size: tuple[int, int] = IMAGE_SIZE) -> str:
               <body name="gripper" pos="0 -0.0601 0">
                 <joint name="wrist_roll" axis="0 1 0" range="{r['wrist_roll'][0]} {r['wrist_roll'][1]}"/>
                 <geom type="box" size="0.022 0.022 0.016" pos="-0.004 -0.012 0" rgba="0.95 0.6 0.1 1"/>
-                <geom type="box" size="0.004 0.03 0.009" pos="0.012 -0.058 0" rgba="0.95 0.6 0.1 1"/>
-                <geom name="fixed_pad" class="pad" size="0.002 0.018 0.009" pos="0.007 -0.082 0"/>
-                <site name="grasp" pos="-0.018 -0.082 0" size="0.003" rgba="0 1 0 0"/>
+                <geom type="box" size="0.004 0.03 0.015" pos="0.012 -0.058 0" rgba="0.95 0.6 0.1 1"/>
+                <geom name="fixed_pad" class="pad" size="0.002 0.018 0.015" pos="0.007 -0.082 0"/>
+                <site name="grasp" pos="-0.024 -0.082 0" size="0.003" rgba="0 1 0 0"/>
                 <camera name="wrist" pos="-0.009 -0.04 0.032" xyaxes="-1 0 0 0 -0.58 0.81" fovy="80"/>
                 <body name="moving_jaw" pos="-0.0202 -0.0244 0" quat="0 0 1 0">
                   <joint name="gripper" axis="0 0 1" range="{r['gripper'][0]} {r['gripper'][1]}"/>
-                  <geom type="box" size="0.004 0.04 0.008" pos="0.004 -0.038 0" rgba="0.95 0.6 0.1 1"/>
-                  <geom name="moving_pad" class="pad" size="0.002 0.018 0.009" pos="-0.002 -0.058 0"/>
+                  <geom type="box" size="0.004 0.04 0.014" pos="0.004 -0.038 0" rgba="0.95 0.6 0.1 1"/>
+                  <geom name="moving_pad" class="pad" size="0.002 0.018 0.015" pos="-0.002 -0.058 0"/>
                 </body>
               </body>
             </body>
@@ -210,6 +211,9 @@ class Scene:
         self.cube_qpos = self.model.joint("cube").qposadr[0]
         self.cube_dof = self.model.joint("cube").dofadr[0]
         self.goal = HOME.copy()  # where each servo is told to go (radians)
+        self.cube_velocity = np.zeros(2)  # m/s: a cube that slides (a conveyor) until the jaws touch it
+        self._pads = {self.model.geom("fixed_pad").id, self.model.geom("moving_pad").id}
+        self._cube_geom = self.model.geom("cube").id
         self.torque = np.zeros(len(JOINTS), bool)
         self.lock = threading.RLock()  # the servo bus thread and the control loop share the physics
         self._kp = self.model.actuator_gainprm[:, 0].copy()
@@ -234,6 +238,7 @@ class Scene:
             yaw = rng.uniform(*CUBE_YAW)
             self.data.qpos[self.cube_qpos:self.cube_qpos + 7] = [x, y, CUBE_HALF, math.cos(yaw / 2), 0, 0,
                                                                  math.sin(yaw / 2)]
+            self.cube_velocity = np.zeros(2)
             mujoco.mj_forward(self.model, self.data)
             self.step(0.2)  # let the cube settle on the table and the servos take hold
 
@@ -284,7 +289,29 @@ class Scene:
                 ctrl = self.data.ctrl
                 ctrl[:] = np.where(self.torque, ctrl + np.clip(self.goal - ctrl, -max_move, max_move),
                                    self.data.qpos[self.joint_qpos])
+                if self.cube_velocity.any():
+                    self._slide_cube()
                 mujoco.mj_step(self.model, self.data)
+
+    def _slide_cube(self) -> None:
+        """Carry the cube along the table at cube_velocity, turning back at the edges of the area it
+        was placed in, until a jaw pad touches it (then it is the gripper's)."""
+        contact = self.data.contact[:self.data.ncon]
+        touching = ((contact.geom1 == self._cube_geom) & np.isin(contact.geom2, list(self._pads))) | (
+            (contact.geom2 == self._cube_geom) & np.isin(contact.geom1, list(self._pads)))
+        if touching.any() or self.cube_position()[2] > CUBE_HALF + 0.003:
+            self.cube_velocity = np.zeros(2)
+            return
+        position = self.cube_position()
+        for axis in range(2):
+            low, high = CUBE_AREA[axis]
+            if (position[axis] < low and self.cube_velocity[axis] < 0) or (
+                    position[axis] > high and self.cube_velocity[axis] > 0):
+                self.cube_velocity[axis] *= -1
+        # Moved kinematically (table friction would slow a pushed cube): a conveyor under it.
+        self.data.qpos[self.cube_qpos:self.cube_qpos + 2] += self.cube_velocity * PHYSICS_DT
+        self.data.qvel[self.cube_dof:self.cube_dof + 2] = 0.0
+        self.data.qvel[self.cube_dof + 3:self.cube_dof + 6] = 0.0
 
     def set_torque(self, servo: int, on: bool) -> None:
         """Torque off zeroes the servo's stiffness and damping: the joint is free (limp)."""
@@ -320,8 +347,8 @@ def open_renderer(model, height: int, width: int) -> "mujoco.Renderer":
                        "or set MUJOCO_GL=osmesa") from err
 
 
-class SimError(Exception):
-    """A problem the user can fix (the command line prints it and exits)."""
+class SimError(infer_async.InferError):
+    """A problem the user can fix (the command lines print it and exit)."""
 
 # ---------------------------------------------------------------------------------------------
 # 2. Simulated time
@@ -394,28 +421,26 @@ class SimClock:
         self.scene.step(when - self.now())
 
     def timed(self, policy_fn: Callable, extra_latency: float = 0.0, measure: bool = True) -> Callable:
-        """policy_fn wrapped so that its chunk arrives after its latency in simulated time."""
+        """policy_fn wrapped so that its chunk arrives `latency` after the observation in simulated
+        time: the wall time it took (if `measure`) plus `extra_latency`. In real time it runs as is."""
+        if self.realtime:
+            return policy_fn
+
         def run(observation):
             with self._cond:
                 self._computing = True
             start = time.perf_counter()
             try:
-                chunk = policy_fn(observation)
+                return policy_fn(observation)
             finally:
                 latency = (time.perf_counter() - start if measure else 0.0) + extra_latency
                 with self._cond:
                     self._computing = False
-                    if self.realtime:
-                        return_now = True
-                    else:
-                        return_now = False
-                        self._due, self._released = observation.captured_at + latency, False
-                        self._cond.notify_all()
-            if not return_now:
-                with self._cond:
-                    while not self._released:
+                    self._due, self._released = observation.captured_at + latency, False
+                    self._cond.notify_all()
+                    while not self._released:  # until sleep() has brought simulated time to _due
                         self._cond.wait()
-            return chunk
+
         return run
 
 # ---------------------------------------------------------------------------------------------
@@ -838,13 +863,19 @@ class SimulatedArm:
 
 
 class SimCamera:
-    """A scene camera with infer_async.Camera's interface: read() -> uint8 (H, W, 3), rendered now."""
+    """A scene camera with infer_async.Camera's interface: read() -> uint8 (H, W, 3), rendered now,
+    resized to `size` if given (as a real camera is captured at the size the policy was trained on)."""
 
-    def __init__(self, scene: Scene, name: str):
-        self.scene, self.name = scene, name
+    def __init__(self, scene: Scene, name: str, size: tuple[int, int] | None = None):
+        self.scene, self.name, self.size = scene, name, size
 
     def read(self) -> np.ndarray:
-        return self.scene.render(self.name)
+        frame = self.scene.render(self.name)
+        if self.size is None or tuple(self.size) == frame.shape[:2]:
+            return frame
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(frame).resize((self.size[1], self.size[0]), Image.BILINEAR))
 
     def close(self) -> None:
         pass
@@ -861,6 +892,8 @@ class SimRobot:
         self.clock = SimClock(self.scene, self.bus, realtime)
         self.robot: so100.SO100 | None = None
         self.cameras = {f"observation.images.{name}": SimCamera(self.scene, name) for name in CAMERAS}
+        self._episode_start, self._success_since = 0.0, None
+        self.completed_at: float | None = None
 
     @property
     def model(self):
@@ -870,12 +903,16 @@ class SimRobot:
     def data(self):
         return self.scene.data
 
-    def start(self) -> "SimRobot":
+    def start(self, connect: bool = True) -> "SimRobot":
+        """Serve the bus; with `connect`, also connect `robot` (torque on). infer_async.py --sim
+        connects its own driver to `bus.port`, as to a real arm."""
         self.bus.start()
-        # A generous reply timeout: a busy CPU can delay the bus thread, and simulated time does not
-        # pass meanwhile, so waiting longer than a real arm's 50 ms costs nothing.
-        self.robot = so100.SO100(self.bus.port, calibration=self.bus.calibration, reply_timeout=1.0)
-        self.robot.connect()
+        if connect:
+            # A generous reply timeout: a busy CPU can delay the bus thread, and simulated time does not
+            # pass meanwhile, so waiting longer than a real arm's 50 ms costs nothing.
+            self.robot = so100.SO100(self.bus.port, calibration=self.bus.calibration, reply_timeout=1.0)
+            self.robot.connect()
+        self._episode_start = self.clock.now()
         return self
 
     def reset(self, seed: int) -> None:
@@ -883,6 +920,22 @@ class SimRobot:
         self.scene.reset(seed)
         self.bus.settle()
         self.robot.torque_on()
+        self._episode_start = self.clock.now()
+        self._success_since, self.completed_at = None, None
+
+    def task_done(self) -> bool:
+        """Called once a control tick: True once the cube has been in the box and at rest for SETTLE_S.
+        `completed_at` then holds the simulated seconds from the episode's start to that success."""
+        elapsed = self.clock.now() - self._episode_start
+        if not self.scene.success():
+            self._success_since = None
+            return False
+        if self._success_since is None:
+            self._success_since = elapsed
+        if elapsed - self._success_since >= SETTLE_S:
+            self.completed_at = self._success_since
+            return True
+        return False
 
     def close(self) -> None:
         if self.robot is not None and self.robot.is_connected:
@@ -896,6 +949,13 @@ class SimRobot:
     def __exit__(self, *exc_info) -> bool:
         self.close()
         return False
+
+    def cameras_for(self, spec) -> dict[str, SimCamera]:
+        """The cameras a policy asks for (infer_async.PolicySpec), at the sizes it asks for."""
+        missing = sorted(set(spec.cameras) - set(self.cameras))
+        if missing:
+            raise SimError(f"the policy expects camera(s) {missing}; the simulator has {sorted(self.cameras)}")
+        return {key: SimCamera(self.scene, key.rsplit(".", 1)[-1], size) for key, size in spec.cameras.items()}
 
     def units(self, angles: np.ndarray) -> np.ndarray:
         """Joint angles (radians) in the robot's units (degrees, gripper percent), as the driver
@@ -914,7 +974,7 @@ class SimRobot:
 # The cube does not move until it is grasped, so the plan is made once, from the first state.
 
 GRASP_HEIGHT = CUBE_HALF + 0.006  # the site a little above the cube's centre: pad tips clear the table
-OPEN, CLOSED = 0.95, -0.15  # gripper radians: wide open (6 cm at the pads), squeezing (the cube stops it)
+OPEN, CLOSED = 1.1, -0.15  # gripper radians: wide open (7.5 cm at the pads), squeezing (the cube stops it)
 
 
 def down_orientation(yaw: float) -> np.ndarray:
@@ -969,10 +1029,18 @@ class Segment:
 
 class ScriptedExpert:
     """A pick-and-place plan for the scene's current state, varied by `rng` (speed, approach height,
-    grasp point, release height). `goal(t)` gives the joint goals (radians) t seconds after start."""
+    grasp point, release height). `goal(t)` gives the joint goals (radians) t seconds after start.
+    `check(scene, t)`, called every tick, notices a grasp that lifted nothing and plans a new attempt
+    from where the arm and the cube are then (at most MAX_ATTEMPTS)."""
+
+    MAX_ATTEMPTS = 3
 
     def __init__(self, scene: Scene, rng: np.random.Generator):
-        model = scene.model
+        self.rng, self.attempts = rng, 0
+        self._plan(scene, 0.0)
+
+    def _plan(self, scene: Scene, t0: float) -> None:
+        model, rng = scene.model, self.rng
         scratch = mujoco.MjData(model)
         cube, cube_yaw = scene.cube_position(), scene.cube_yaw()
         q = scene.joint_angles()
@@ -1004,20 +1072,28 @@ class ScriptedExpert:
 
         plan = [  # (seconds at speed 1, where)
             (1.6, pose(cube + [0, 0, hover], yaw, OPEN)),
-            (1.0, pose(grasp_at, yaw, OPEN)),
-            (0.6, pose(grasp_at, yaw, CLOSED)),
-            (0.8, pose(grasp_at + [0, 0, lift], yaw, CLOSED)),
+            (1.2, pose(grasp_at, yaw, OPEN)),
+            (0.8, pose(grasp_at, yaw, CLOSED)),
+            (0.8, pose(grasp_at + [0, 0, lift], yaw, CLOSED)),  # the grasp is judged at the end of this
             (1.4, pose(box + [0, 0, lift], box_yaw, CLOSED)),
             (0.8, pose(box + [0, 0, release], box_yaw, CLOSED)),
             (0.5, pose(box + [0, 0, release], box_yaw, OPEN)),
             (1.0, pose(box + [0, 0, release + 0.08], box_yaw, OPEN)),
         ]
-        self.start = scene.joint_angles()
+        self.t0, self.start = t0, scene.joint_angles()
         self.segments = [Segment(seconds / speed, goal) for seconds, goal in plan]
-        self.duration = sum(s.duration for s in self.segments)
+        self.lifted_at = t0 + sum(s.duration for s in self.segments[:4])
+        self.duration = t0 + sum(s.duration for s in self.segments)
+        self.attempts += 1
+
+    def check(self, scene: Scene, t: float) -> None:
+        if self.lifted_at <= t and self.attempts < self.MAX_ATTEMPTS:
+            self.lifted_at = math.inf
+            if scene.cube_position()[2] < CUBE_HALF + 0.02:  # still on the table: try again
+                self._plan(scene, t)
 
     def goal(self, t: float) -> np.ndarray:
-        previous = self.start
+        previous, t = self.start, t - self.t0
         for segment in self.segments:
             if t < segment.duration:
                 return previous + (segment.goal - previous) * min_jerk(t / segment.duration)
@@ -1030,20 +1106,34 @@ class ScriptedExpert:
 # ---------------------------------------------------------------------------------------------
 
 
-def expert_episode(sim_robot: SimRobot, seed: int, fps: int, tail_s: float = 1.0) -> dict | None:
+def expert_episode(sim_robot: SimRobot, seed: int, fps: int, noise: float = 0.0, tail_s: float = 1.0) -> dict | None:
     """One scripted demonstration from `seed`, recorded as LeRobot records a real arm: each tick the
-    observation (state, both cameras), then the action sent. None if the expert failed."""
+    observation (state, both cameras), then the action. None if the expert failed.
+
+    With `noise` (radians), the arm executes the expert's goals plus a slowly wandering offset
+    (Ornstein-Uhlenbeck, 0.5 s time constant) while the dataset records the expert's own goals
+    (DART, Laskey et al. 2017): the policy then sees states off the expert's path labelled with
+    the way back, and the grasps the noise spoils with the expert's second attempt."""
     sim_robot.reset(seed)
-    expert = ScriptedExpert(sim_robot.scene, np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    expert = ScriptedExpert(sim_robot.scene, rng)
     robot, clock = sim_robot.robot, sim_robot.clock
+    low, high = so100.unit_limits(sim_robot.bus.calibration)
     episode: dict = {"task": TASK, "observation.state": [], "action": []}
     episode.update({key: [] for key in sim_robot.cameras})
-    for k in range(int(round((expert.duration + tail_s) * fps))):
+    offset, dt, tau = np.zeros(len(JOINTS)), 1.0 / fps, 0.5
+    k = 0
+    while k * dt < expert.duration + tail_s:
+        expert.check(sim_robot.scene, k * dt)
+        goal = expert.goal(k * dt)
         episode["observation.state"].append(robot.read())
         for key, camera in sim_robot.cameras.items():
             episode[key].append(camera.read())
-        episode["action"].append(robot.write(sim_robot.units(expert.goal(k / fps))))
-        clock.sleep(1.0 / fps)
+        episode["action"].append(np.clip(sim_robot.units(goal), low, high).astype(np.float32))
+        offset[:5] += -offset[:5] * dt / tau + noise * math.sqrt(2 * dt / tau) * rng.normal(size=5)
+        robot.write(sim_robot.units(goal + offset))
+        clock.sleep(dt)
+        k += 1
     if not sim_robot.scene.success():
         return None
     episode["observation.state"] = np.stack(episode["observation.state"])
@@ -1051,7 +1141,7 @@ def expert_episode(sim_robot: SimRobot, seed: int, fps: int, tail_s: float = 1.0
     return episode
 
 
-def record(out: str | Path, episodes: int, seed: int = 0, fps: int = FPS,
+def record(out: str | Path, episodes: int, seed: int = 0, fps: int = FPS, noise: float = 0.0,
            image_size: tuple[int, int] = IMAGE_SIZE, log: Callable[[str], None] = print) -> dict:
     """A LeRobot v3.0 dataset of `episodes` successful demonstrations at `out`, from seeds
     seed, seed+1, ... (a seed where the expert fails is skipped). Returns what was recorded."""
@@ -1063,7 +1153,7 @@ def record(out: str | Path, episodes: int, seed: int = 0, fps: int = FPS,
         with SimRobot(image_size) as sim_robot:
             s, start = seed, time.monotonic()
             while len(used) < episodes:
-                episode = expert_episode(sim_robot, s, fps)
+                episode = expert_episode(sim_robot, s, fps, noise)
                 (used if episode is not None else failed).append(s)
                 if episode is not None:
                     log(f"episode {len(used)}/{episodes} (seed {s}): {len(episode['action'])} frames, "
@@ -1100,6 +1190,7 @@ class EvalConfig:
     n_action_steps: int | None = None  # --sync: actions executed per chunk
     latency_s: float = 0.0  # added to the measured inference time (a slower model, a remote server)
     measure_latency: bool = True  # False: the policy costs no time (only latency_s), fully repeatable
+    cube_speed: float = 0.0  # m/s: the cube slides in a random direction (a moving object)
     video: str | None = None
     video_episodes: int = 4
 
@@ -1109,47 +1200,40 @@ def evaluate(sim_robot: SimRobot, policy_fn: Callable, spec, config: EvalConfig,
     """Closed-loop success rate of a policy through infer_async.RobotClient (the queue, threshold g
     and aggregation a real arm uses). Success: the cube in the box and at rest for SETTLE_S,
     read from the physics. Completion time: simulated seconds from the start to that moment."""
-    import infer_async
-
     clock = sim_robot.clock
     results, frames = [], []
     for i in range(config.episodes):
         seed = config.seed + i
         sim_robot.reset(seed)
+        if config.cube_speed > 0:
+            heading = np.random.default_rng([seed, 1]).uniform(0, 2 * math.pi)
+            sim_robot.scene.cube_velocity = config.cube_speed * np.array([math.cos(heading), math.sin(heading)])
         client = infer_async.RobotClient(
-            sim_robot.robot, sim_robot.cameras,
+            sim_robot.robot, sim_robot.cameras_for(spec),
             clock.timed(policy_fn, config.latency_s, config.measure_latency), spec, TASK,
             infer_async.ClientConfig(fps=config.fps, threshold=config.threshold, sync=config.sync,
                                      n_action_steps=config.n_action_steps),
             clock=clock.now, sleep=clock.sleep)
         clock.policy_busy = lambda: client.server.busy
-        start = clock.now()
-        succeeded_at: list[float | None] = [None]
         film = config.video is not None and i < config.video_episodes
         episode_frames = []
 
         def done() -> bool:
             if film:
                 episode_frames.append(np.concatenate([sim_robot.scene.render(c) for c in CAMERAS], axis=1))
-            if not sim_robot.scene.success():
-                succeeded_at[0] = None
-                return False
-            if succeeded_at[0] is None:
-                succeeded_at[0] = clock.now() - start
-            return clock.now() - start - succeeded_at[0] >= SETTLE_S
+            return sim_robot.task_done()
 
         metrics = client.run(duration=config.time_limit_s, until=done)
         clock.policy_busy = lambda: False
-        success = succeeded_at[0] is not None and sim_robot.scene.success()
+        completed = sim_robot.completed_at
+        success = completed is not None
         latencies = [latency for _, latency in metrics.latencies]
-        results.append({"seed": seed, "success": success, "completion_s": succeeded_at[0] if success else None,
+        results.append({"seed": seed, "success": success, "completion_s": completed,
                         "idle_ticks": metrics.idle_ticks, "ticks": metrics.ticks, "latencies": latencies})
+        outcome = f"success at {completed:.1f} s" if success else "failure"
         if film:
-            label = f"seed {seed}: " + (f"success at {succeeded_at[0]:.1f} s" if success else "failure")
-            frames.extend(annotate(f, label, success) for f in episode_frames)
-        log(f"episode {i + 1}/{config.episodes} (seed {seed}): "
-            + (f"success at {succeeded_at[0]:.1f} s" if success else "failure")
-            + f", idle ticks {metrics.idle_ticks}")
+            frames.extend(annotate(f, f"seed {seed}: {outcome}", success) for f in episode_frames)
+        log(f"episode {i + 1}/{config.episodes} (seed {seed}): {outcome}, idle ticks {metrics.idle_ticks}")
     if config.video is not None:
         write_video(config.video, frames, config.fps)
     return summarise(results, config)
@@ -1169,7 +1253,8 @@ def summarise(results: list[dict], config: EvalConfig) -> dict:
         "latency_ms_p95": round(float(np.nanpercentile(latencies, 95)) * 1000, 1),
         "control_period_ms": round(1000 / config.fps, 1),
         "mode": "sync" if config.sync else "async", "threshold": 0.0 if config.sync else config.threshold,
-        "added_latency_s": config.latency_s, "seeds": [config.seed, config.seed + len(results) - 1],
+        "added_latency_s": config.latency_s, "cube_speed": config.cube_speed,
+        "seeds": [config.seed, config.seed + len(results) - 1],
     }
 
 
@@ -1207,8 +1292,6 @@ def expert_policy(sim_robot: SimRobot, fps: float, chunk_size: int = 30):
     """The scripted expert as a policy (observation -> chunk), and its infer_async.PolicySpec: a
     check that evaluation scores a perfect policy as perfect. It plans from the scene (it is an
     oracle) on the first observation of each episode."""
-    import infer_async
-
     plan: dict = {}
 
     def run(observation) -> np.ndarray:
@@ -1223,8 +1306,6 @@ def expert_policy(sim_robot: SimRobot, fps: float, chunk_size: int = 30):
 
 def random_policy(sim_robot: SimRobot, chunk_size: int = 30, seed: int = 0):
     """Uniformly random goals within the joint ranges: what a policy that learnt nothing scores."""
-    import infer_async
-
     rng = np.random.default_rng(seed)
     low, high = so100.unit_limits(sim_robot.bus.calibration)
 
@@ -1294,7 +1375,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="dataset directory (must not exist)")
     r.add_argument("--seed", type=non_negative_int, default=0, help="first scene seed; episode i uses seed + i")
     r.add_argument("--fps", type=positive_int, default=FPS, help=f"frames per second (default {FPS})")
-    r.add_argument("--size", type=image_size, default=IMAGE_SIZE, help="camera HEIGHTxWIDTH (default 96x128)")
+    r.add_argument("--size", type=image_size, default=IMAGE_SIZE, help="camera HEIGHTxWIDTH (default 96x96)")
+    r.add_argument("--noise", type=non_negative_float, default=0.0,
+                   help="radians of wandering offset added to the executed goals, not to the recorded ones (DART)")
     e = sub.add_parser("eval", help="closed-loop success rate of a policy (JSON summary on the last line)")
     who = e.add_mutually_exclusive_group(required=True)
     who.add_argument("--policy", help="policy directory or Hub id (a checkpoint's pretrained_model)")
@@ -1316,6 +1399,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--video-episodes", type=positive_int, default=4, help="episodes in the video (default 4)")
     e.add_argument("--json", default=None, help="also write the summary to this file")
     e.add_argument("--device", default=None, help="torch device for the policy (default: cuda if available)")
+    b = sub.add_parser("bus", help="serve a simulated servo bus on a pseudo-terminal (no physics); prints its "
+                                   "path, for trying `so100.py read/calibrate` without an arm")
+    b.add_argument("--uncalibrated", action="store_true", help="factory registers (to try `calibrate`)")
+    b.add_argument("--speed", type=positive_float, default=3000.0, help="servo speed in steps/s (default 3000)")
+    b.add_argument("--calibration-out", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "so100_sim_calibration.json"),
+                   help="where to write the matching calibration JSON")
     v = sub.add_parser("view", help="render both cameras of one scene to a PNG")
     v.add_argument("--seed", type=non_negative_int, default=0)
     v.add_argument("--out", default="sim_view.png")
@@ -1335,9 +1424,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "record":
-            summary = record(args.out, args.episodes, args.seed, args.fps, args.size)
+            summary = record(args.out, args.episodes, args.seed, args.fps, args.noise, args.size)
             print(json.dumps(summary))
             return 0
+        if args.command == "bus":
+            return serve_bus(args)
         if args.command == "view":
             scene = Scene(args.size)
             scene.reset(args.seed)
@@ -1355,9 +1446,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def eval_main(args: argparse.Namespace) -> int:
-    import infer_async
+def serve_bus(args: argparse.Namespace) -> int:
+    import signal
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops it as cleanly as Ctrl-C
+    with SimulatedArm(calibrated=not args.uncalibrated, speed=args.speed) as bus:
+        path = Path(args.calibration_out)
+        path.write_text(json.dumps(bus.calibration, indent=4) + "\n")
+        print(bus.port, flush=True)
+        print(f"Simulated SO-100 bus on {bus.port} (calibration: {path}). Ctrl-C to stop.", file=sys.stderr, flush=True)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            print("stopped", file=sys.stderr)
+    return 0
+
+
+def eval_main(args: argparse.Namespace) -> int:
     fps = args.fps or (dataset_fps(args.policy) if args.policy else None) or FPS
     config = EvalConfig(episodes=args.episodes, seed=args.seed, fps=fps, time_limit_s=args.time_limit,
                         sync=args.sync, threshold=args.threshold, n_action_steps=args.n_action_steps,
@@ -1373,9 +1479,7 @@ def eval_main(args: argparse.Namespace) -> int:
             except infer_async.InferError as err:
                 raise SimError(str(err)) from err
             spec = infer_async.policy_spec(policy)
-            missing = sorted(set(spec.cameras) - set(sim_robot.cameras))
-            if missing:
-                raise SimError(f"the policy expects camera(s) {missing}; the simulator has {sorted(sim_robot.cameras)}")
+            sim_robot.cameras_for(spec)  # the policy's cameras exist here, before anything runs
             policy_fn = infer_async.make_policy_fn(policy)
             infer_async.warm_up(policy_fn, spec)
         print(f"evaluating on seeds {config.seed}..{config.seed + config.episodes - 1} at {fps:g} fps, "

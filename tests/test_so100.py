@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sim import SimulatedArm  # noqa: E402
 import so100  # noqa: E402
 
 
@@ -278,7 +279,7 @@ FAST = dict(reply_timeout=0.05, attempts=3)
 
 @pytest.fixture
 def sim():
-    with so100.SimulatedArm(speed=50000.0) as arm:
+    with SimulatedArm(speed=50000.0) as arm:
         yield arm
 
 
@@ -445,7 +446,7 @@ def test_torque_off_and_on(sim):
 
 
 def test_missing_servos_are_all_named():
-    with so100.SimulatedArm(servo_ids=(1, 2, 4, 6)) as sim:
+    with SimulatedArm(servo_ids=(1, 2, 4, 6)) as sim:
         arm = so100.SO100(sim.port, calibration=sim.calibration, reply_timeout=0.02, attempts=2)
         with pytest.raises(so100.NoReplyError) as e:
             arm.connect()
@@ -480,7 +481,7 @@ def test_calibration_mismatch_is_detected_and_named(sim):
 
 
 def test_calibrate_flow_writes_lerobot_json(tmp_path):
-    with so100.SimulatedArm(calibrated=False, speed=50000.0) as sim:
+    with SimulatedArm(calibrated=False, speed=50000.0) as sim:
         middle = {1: 2100, 2: 1500, 3: 2600, 4: 2000, 5: 3000, 6: 1000}  # raw: offsets are 0 now
         ranges = {1: (700, 3300), 2: (800, 3200), 3: (900, 3100), 4: (850, 3250), 6: (1900, 3400)}
 
@@ -531,7 +532,7 @@ def test_calibrate_flow_writes_lerobot_json(tmp_path):
 
 
 def test_calibrate_refuses_unmoved_joints_and_restores_registers():
-    with so100.SimulatedArm(calibrated=True) as sim:
+    with SimulatedArm(calibrated=True) as sim:
         bus = so100.FeetechBus(sim.port, **FAST)
         bus.open()
         try:
@@ -655,13 +656,13 @@ def test_check_arm_needs_no_calibration_and_names_a_silent_servo(sim, tmp_path, 
         so100.check_arm(sim.port, reply_timeout=0.02, attempts=2)
 
 
-def test_cli_sim_serves_until_interrupted(tmp_path):
+def test_sim_bus_command_serves_until_interrupted(tmp_path):
     import signal
     import subprocess
 
     calibration_path = tmp_path / "sim.json"
     process = subprocess.Popen(
-        [sys.executable, str(Path(so100.__file__)), "sim", "--calibration-out", str(calibration_path)],
+        [sys.executable, str(Path(so100.__file__).with_name("sim.py")), "bus", "--calibration-out", str(calibration_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         port = process.stdout.readline().strip()
@@ -674,7 +675,7 @@ def test_cli_sim_serves_until_interrupted(tmp_path):
 
 
 def test_vanished_adapter_gives_clear_error_and_disconnect_still_closes():
-    sim = so100.SimulatedArm().start()
+    sim = SimulatedArm().start()
     arm = so100.SO100(sim.port, calibration=sim.calibration, **FAST)
     arm.connect()
     sim.stop()  # like pulling the USB cable: the pseudo-terminal's other end is gone
