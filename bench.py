@@ -3,6 +3,7 @@
     python bench.py data [--workers 2] [--batch-size 8] [--batches 40]
     python bench.py infer [--device cpu] [--dtype float32] [--compile] [--fast] [--batch 1 8]
     python bench.py train [--device cpu] [--batch-size 2]
+    python bench.py sim [--ticks 300]
 """
 
 from __future__ import annotations
@@ -352,6 +353,43 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+# ---------------------------------------------------------------------------------------------
+# sim: control ticks per second of the MuJoCo SO-100 with both cameras, through the servo bus
+
+
+def bench_sim(args: argparse.Namespace) -> None:
+    """A recording-like loop at 30 fps of simulated time, as fast as the CPU allows: each tick reads
+    the joints through the driver, renders both cameras, sends goals (the scripted expert's) and
+    steps the physics by one control period. Also each part alone."""
+    import sim
+
+    with sim.SimRobot() as sim_robot:
+        sim_robot.reset(0)
+        expert = sim.ScriptedExpert(sim_robot.scene, np.random.default_rng(0))
+        robot, cameras, clock = sim_robot.robot, list(sim_robot.cameras.values()), sim_robot.clock
+        parts = {"driver_read_write_ms": 0.0, "render_both_ms": 0.0, "physics_ms": 0.0}
+        start = time.perf_counter()
+        for k in range(args.ticks):
+            t0 = time.perf_counter()
+            robot.read()
+            t1 = time.perf_counter()
+            for camera in cameras:
+                camera.read()
+            t2 = time.perf_counter()
+            robot.write(sim_robot.units(expert.goal(k / sim.FPS)))
+            t3 = time.perf_counter()
+            clock.sleep(1.0 / sim.FPS)
+            t4 = time.perf_counter()
+            parts["driver_read_write_ms"] += (t1 - t0) + (t3 - t2)
+            parts["render_both_ms"] += t2 - t1
+            parts["physics_ms"] += t4 - t3
+        seconds = time.perf_counter() - start
+    emit({"bench": "sim", "ticks": args.ticks, "ticks_per_s": round(args.ticks / seconds, 1),
+          "realtime_factor_at_30fps": round(args.ticks / seconds / sim.FPS, 2),
+          "image_size": list(sim.IMAGE_SIZE), "cameras": len(cameras),
+          **{k: round(v / args.ticks * 1000, 2) for k, v in parts.items()}})
+
+
 def integer(minimum: int, maximum: int | None = None):
     """An argparse type: an integer in [minimum, maximum]; the message names the allowed range."""
     allowed = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
@@ -427,6 +465,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--height", type=FRAME_SIDE, default=480, help="camera frame height, 16 to 4096")
     p.add_argument("--width", type=FRAME_SIDE, default=640, help="camera frame width, 16 to 4096")
     p.set_defaults(run=bench_train)
+
+    p = commands.add_parser("sim", help="control ticks/s of the MuJoCo SO-100 with both cameras (sim.py)")
+    p.add_argument("--ticks", type=integer(1), default=300, help="control ticks timed (default 300: 10 s at 30 fps)")
+    p.set_defaults(run=bench_sim)
 
     args = parser.parse_args(argv)
     if args.command == "infer" and args.fast and torch.device(args.device).type != "cpu":

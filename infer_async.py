@@ -1049,7 +1049,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vlm", help="VLM config/tokenizer (dir or Hub id) if not the policy's vlm_model_name")
     g.add_argument("--device", help="cuda, cpu, mps (default: cuda if available)")
     g.add_argument("--fast", action="store_true",
-                   help="real-time CPU mode: int8 linear layers, ~2x faster chunks (see README, Performance)")
+                   help="real-time CPU mode: int8 linear layers, ~2x faster chunks (see docs/performance.md)")
     g.add_argument("--task", help="the instruction given to the policy (default with --sim: the demo's task)")
     g.add_argument("--server", metavar="HOST:PORT", help="use a remote policy server instead of a local policy")
     g.add_argument("--token", default=os.environ.get("INFER_ASYNC_TOKEN"),
@@ -1064,6 +1064,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="degrees: clamp each goal to present position +- this")
     g.add_argument("--sim", action="store_true",
                    help="the SO-100 in MuJoCo (sim.py): a cube to put in a box, its two cameras, real time")
+    g.add_argument("--sim-seed", type=number(int, low=0), default=10_000,
+                   help="--sim: the scene (cube place and yaw); the demo records from seed 0 up, so the "
+                        "default is one it never saw")
     g = p.add_argument_group("cameras")
     g.add_argument("--camera", action="append", default=[], metavar="NAME=DEVICE",
                    help="e.g. top=/dev/video0 feeds observation.images.top (macOS: top=0); repeat per camera")
@@ -1195,7 +1198,9 @@ def open_arm(args: argparse.Namespace, stack: ExitStack):
     if args.sim:
         import sim
 
-        sim_robot = sim.SimRobot(realtime=True).start(connect=False)
+        sim_robot = sim.SimRobot(realtime=True)
+        sim_robot.scene.reset(args.sim_seed)
+        sim_robot.start(connect=False)
         stack.callback(sim_robot.close)
         port, calibration = sim_robot.bus.port, sim_robot.bus.calibration
     else:

@@ -1,6 +1,6 @@
 """Fine-tune SmolVLA on a LeRobot dataset: resumable, multi-GPU (torchrun), with an offline demo.
 
-    python train.py                                          # offline demo: tiny policy, ~2 min on a CPU
+    python train.py                                          # offline demo: pick-and-place in MuJoCo (sim.py)
     python train.py --data lerobot/svla_so100_pickplace      # fine-tune lerobot/smolvla_base
     python train.py --data DATA --from-vlm HuggingFaceTB/SmolVLM2-500M-Video-Instruct   # new policy
     python train.py --output-dir outputs/train --resume      # continue from checkpoints/last
@@ -17,7 +17,8 @@ Layout under --output-dir:
     checkpoints/last -> <step:06d>             symlink to the newest complete checkpoint
     metrics.jsonl, loss.png                    one JSON line per log interval / validation; the curves
     vision_cache/                              --cache-vision: frozen image embeddings, float16
-    (demo only) dataset/, vlm/                 the demo dataset and the tiny VLM config + tokenizer
+    (demo only) dataset/, vlm/                 the demo dataset (recorded in sim.py) and the tiny VLM
+    (demo only) eval.json, eval.mp4            closed-loop success on held-out scenes, and a video
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import data
+import infer_async
 import flow
 from flow import ACTION, STATE, SmolVLA, SmolVLAConfig
 
@@ -113,6 +115,15 @@ def episode_spec(text: str) -> str:
     return text
 
 
+# The action expert's attention (SmolVLA config fields): every other layer self-attention (the
+# paper's choice), or one kind throughout.
+EXPERT_ATTENTION = {
+    "interleaved": {"attention_mode": "cross_attn", "self_attn_every_n_layers": 2},
+    "cross": {"attention_mode": "cross_attn", "self_attn_every_n_layers": 0},
+    "self": {"attention_mode": "self_attn", "self_attn_every_n_layers": 0},
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data and policy")
@@ -126,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="map a dataset camera onto a policy camera slot (repeatable; 'top=camera1' is short for "
                         "observation.images.top=observation.images.camera1; 'DATA=' leaves a camera out)")
     g.add_argument("--num-vlm-layers", type=integer(1), default=16, help="--from-vlm: VLM layers kept")
-    g.add_argument("--chunk-size", type=integer(1), default=50, help="--from-vlm: actions per chunk")
+    g.add_argument("--chunk-size", type=integer(1), default=50, help="a new policy (--from-vlm, the demo): actions per chunk")
+    g.add_argument("--expert-attention", choices=sorted(EXPERT_ATTENTION), default="interleaved",
+                   help="a new policy: the action expert's layers: interleaved cross- and self-attention (SmolVLA), "
+                        "cross-attention only, or self-attention only (the paper's ablation)")
     g.add_argument("--train-vision", action=argparse.BooleanOptionalAction, default=False,
                    help="also train the vision encoder (frozen by default; trained in the demo)")
     g.add_argument("--train-vlm", action=argparse.BooleanOptionalAction, default=False,
@@ -164,19 +178,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute the frozen vision encoder's image embeddings once (float16, memory-mapped) "
                         "and train from them: no video decoding or vision encoder afterwards")
     g.add_argument("--cache-dir", default=None, help="--cache-vision location; None means <output-dir>/vision_cache")
+    g.add_argument("--preload", action=argparse.BooleanOptionalAction, default=False,
+                   help="decode every frame once and train from memory (small datasets, such as the demo's, whose "
+                        "video decoding would cost more than the training step; on in the demo)")
+    g = p.add_argument_group("the offline demo (no --data)")
+    g.add_argument("--demo-episodes", type=integer(1), default=100,
+                   help="scripted demonstrations to record in the simulator (scene seeds 0, 1, ...)")
+    g.add_argument("--demo-eval-episodes", type=integer(0), default=50,
+                   help=f"closed-loop evaluation episodes after training, on held-out scene seeds from {10_000}; "
+                        "0 skips it")
     p.add_argument("--param-checksum-file", default=None, help=argparse.SUPPRESS)  # tests: each rank writes a digest
     return p
 
 
 # The demo's recipe: a tiny model learns faster with a higher learning rate and a short schedule. Its
 # VLM is random (there is no pretrained VLM this small), so it is trained too: then the policy really
-# reads the target's position from the images (frozen random features carry it only weakly).
-DEMO_DEFAULTS = dict(steps=1_200, batch_size=32, lr=1e-3, warmup_steps=100, decay_steps=1_200, decay_lr=2e-5,
+# reads the cube's position from the images (frozen random features carry it only weakly).
+DEMO_DEFAULTS = dict(chunk_size=10, steps=3_000, batch_size=32, lr=1e-3, warmup_steps=100, decay_steps=3_000, decay_lr=2e-5,
                      train_vision=True, train_vlm=True,
                      save_every=500, log_every=25, eval_every=250, val_episodes="2", val_samples=128,
-                     num_workers=0, output_dir="outputs/demo")
+                     num_workers=0, preload=True, output_dir="outputs/demo")
 # What --resume takes from the command line rather than from the checkpoint's saved arguments.
-RUN_ONLY = {"resume", "output_dir", "device", "num_workers", "param_checksum_file"}
+RUN_ONLY = {"resume", "output_dir", "device", "num_workers", "param_checksum_file", "preload",
+            "demo_eval_episodes"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -202,12 +226,15 @@ def saved_args(args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Offline demo: a tiny VLM (config + tokenizer) and a learnable dataset, written once
+# Offline demo: pick-and-place in the MuJoCo SO-100 (sim.py). Scripted demonstrations are recorded
+# as a LeRobot dataset, a tiny SmolVLA with a random VLM learns them from scratch, and the policy is
+# then judged closed loop on scenes never used for recording.
 
 
-DEMO_TASK = "Move the arm to the red target."
-DEMO_JOINTS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"]
-DEMO_IMAGE = 64
+DEMO_IMAGE = 96  # the tiny vision encoder's input side, the cameras' size: 12-pixel patches, 8x8 of them
+DEMO_FPS = 10
+DEMO_NOISE = 0.04  # radians of wandering offset while recording (DART): demonstrations of recovering
+DEMO_EVAL_SEED = 10_000  # recording uses scene seeds 0, 1, ...; evaluation starts here, far above
 
 
 def demo_vlm_config(vocab_size: int) -> dict:
@@ -218,7 +245,7 @@ def demo_vlm_config(vocab_size: int) -> dict:
                         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
                         "rms_norm_eps": 1e-5, "vocab_size": vocab_size},
         "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                          "num_attention_heads": 4, "image_size": DEMO_IMAGE, "patch_size": 8,
+                          "num_attention_heads": 4, "image_size": DEMO_IMAGE, "patch_size": DEMO_IMAGE // 8,
                           "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh"},
     }
 
@@ -244,54 +271,41 @@ def write_demo_vlm(vlm_dir: Path, tasks: list[str]) -> None:
     partial.rename(vlm_dir)
 
 
-def demo_episodes(num_episodes: int = 40, length: int = 30, size: int = DEMO_IMAGE, seed: int = 0):
-    """Reaching episodes. Each places a red target at a random spot on the table; the arm moves from a
-    rest pose to the joint angles that point at the target (a fixed function of its position), so the
-    top camera's image determines where the actions go. The wrist camera sees the target relative
-    to the gripper. Units follow SO-100 conventions: joints in degrees, gripper in percent."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    table = np.stack([90 + 20 * ((xx // 8 + yy // 8) % 2), 110 + 10 * ((xx // 8 + yy // 8) % 2),
-                      80 + 0 * xx], axis=-1).astype(np.float32)
-    rest = np.array([0.0, -20.0, 30.0, 10.0, 0.0, 40.0], np.float32)
-    for _ in range(num_episodes):
-        tx, ty = rng.uniform(0.15, 0.85, size=2)
-        goal = np.array([70 * (tx - 0.5) * 2, 40 * ty - 40, 60 - 50 * ty, 20 * (tx - 0.5), 0.0, 5.0], np.float32)
-        start = rest + rng.normal(0.0, 1.0, 6).astype(np.float32)
-        progress = np.linspace(0.0, 1.0, length + 1, dtype=np.float32)
-        progress = progress * progress * (3 - 2 * progress)  # smoothstep: starts and stops gently
-        path = start + (goal - start) * progress[:, None]
-        top, wrist = [], []
-        for t in range(length):
-            # Where the gripper is above the table (the inverse of the goal mapping), drawn as a blue dot.
-            gx = 0.5 + path[t, 0] / 140
-            gy = (path[t, 1] + 40) / 40
-            image = table.copy()
-            paint(image, tx * size, ty * size, 5, (220, 40, 40))
-            paint(image, gx * size, gy * size, 3, (40, 60, 220))
-            top.append(image.clip(0, 255).astype(np.uint8))
-            view = np.full((size, size, 3), 60, np.float32)
-            paint(view, size / 2 + (tx - gx) * size * 1.5, size / 2 + (ty - gy) * size * 1.5, 8, (220, 40, 40))
-            wrist.append(view.astype(np.uint8))
-        yield {"task": DEMO_TASK, "observation.state": path[:length], "action": path[1:],
-               f"{IMAGE_PREFIX}top": top, f"{IMAGE_PREFIX}wrist": wrist}
+def ensure_demo(out_dir: Path, episodes: int) -> tuple[Path, Path]:
+    """The demo dataset (recorded in the simulator) and tiny VLM under out_dir, written the first
+    time (both atomically)."""
+    import sim  # MuJoCo: needed by the demo only
 
-
-def paint(image: np.ndarray, cx: float, cy: float, half: int, colour: tuple[int, int, int]) -> None:
-    x0, y0 = int(round(cx)) - half, int(round(cy)) - half
-    image[max(y0, 0):max(y0 + 2 * half, 0), max(x0, 0):max(x0 + 2 * half, 0)] = colour
-
-
-def ensure_demo(out_dir: Path) -> tuple[Path, Path]:
-    """The demo dataset and tiny VLM under out_dir, written the first time (both atomically)."""
     dataset_dir, vlm_dir = out_dir / "dataset", out_dir / "vlm"
     if not vlm_dir.is_dir():
-        write_demo_vlm(vlm_dir, [DEMO_TASK])
+        write_demo_vlm(vlm_dir, [sim.TASK])
     if not dataset_dir.is_dir():
-        print(f"writing the demo dataset to {dataset_dir} (LeRobot v3.0, AV1) ...", flush=True)
-        data.write_dataset(dataset_dir, demo_episodes(), fps=10, robot_type="so100",
-                           state_names=DEMO_JOINTS, action_names=DEMO_JOINTS)
+        print(f"recording {episodes} scripted demonstrations in the simulator to {dataset_dir} "
+              f"(LeRobot v3.0, {DEMO_FPS} fps) ...", flush=True)
+        sim.record(dataset_dir, episodes, seed=0, fps=DEMO_FPS, noise=DEMO_NOISE,
+                   log=lambda line: print("  " + line, flush=True))
     return dataset_dir, vlm_dir
+
+
+def evaluate_demo(policy: SmolVLA, output_dir: Path, episodes: int, fps: float) -> dict:
+    """The trained policy closed loop in the simulator on held-out scenes: success rate, its 95%
+    interval, completion time; eval.json and a video of the first episodes beside the run."""
+    import sim
+
+    policy.eval()
+    config = sim.EvalConfig(episodes=episodes, seed=DEMO_EVAL_SEED, fps=fps, video=str(output_dir / "eval.mp4"))
+    print(f"evaluating closed loop on {episodes} held-out scenes (seeds {DEMO_EVAL_SEED}.."
+          f"{DEMO_EVAL_SEED + episodes - 1}) ...", flush=True)
+    with sim.SimRobot() as sim_robot:
+        summary = sim.evaluate(sim_robot, infer_async.make_policy_fn(policy), infer_async.policy_spec(policy),
+                               config, log=lambda line: print("  " + line, flush=True))
+    (output_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    low, high = summary["ci95"]
+    completion = summary["mean_completion_s"]
+    print(f"success {summary['successes']}/{episodes} = {summary['success_rate']:.0%} (95% CI {low:.0%}-{high:.0%})"
+          + (f", mean completion {completion:.1f} s" if completion is not None else "")
+          + f", idle ticks {summary['idle_ticks']}; {output_dir / 'eval.json'}, video {config.video}", flush=True)
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,7 +419,8 @@ def build_policy(args: argparse.Namespace, dataset: data.LeRobotDataset, device:
     if vlm_dir is not None or args.from_vlm:
         mapping = camera_mapping(dataset.camera_keys, None, rename)
         if vlm_dir is not None:
-            cfg = SmolVLAConfig(chunk_size=10, n_action_steps=10, tokenizer_max_length=16, num_vlm_layers=4,
+            cfg = SmolVLAConfig(chunk_size=args.chunk_size, n_action_steps=args.chunk_size, tokenizer_max_length=16,
+                                num_vlm_layers=4, **EXPERT_ATTENTION[args.expert_attention],
                                 resize_imgs_with_padding=(DEMO_IMAGE, DEMO_IMAGE), vlm_model_name=str(vlm_dir.resolve()))
             adapt_to_dataset(cfg, dataset, mapping)
             _, vlm_config, tokenizer = flow.load_vlm_files(vlm_dir, cfg, weights=False)
@@ -415,7 +430,8 @@ def build_policy(args: argparse.Namespace, dataset: data.LeRobotDataset, device:
             vlm_config = json.loads((flow.resolve_dir(args.from_vlm, "VLM", ["*.json"]) / "config.json").read_text())
             side = {**flow.VISION_DEFAULTS, **vlm_config.get("vision_config", {})}["image_size"]
             cfg = SmolVLAConfig(chunk_size=args.chunk_size, n_action_steps=args.chunk_size,
-                                num_vlm_layers=args.num_vlm_layers, resize_imgs_with_padding=(side, side))
+                                num_vlm_layers=args.num_vlm_layers, resize_imgs_with_padding=(side, side),
+                                **EXPERT_ATTENTION[args.expert_attention])
             adapt_to_dataset(cfg, dataset, mapping)
             try:
                 policy = SmolVLA.from_vlm(args.from_vlm, cfg, device="cpu")
@@ -770,7 +786,8 @@ def fsync_tree(root: Path) -> None:
                 os.close(fd)
 
 
-def save_checkpoint(output_dir: Path, step: int, policy: SmolVLA, training_state: dict) -> Path:
+def save_checkpoint(output_dir: Path, step: int, policy: SmolVLA, training_state: dict,
+                    dataset_info: dict | None = None) -> Path:
     """checkpoints/<step>/{pretrained_model/, training_state.pt}, written into a temporary directory,
     flushed to disk, renamed into place; then `last` is re-pointed by renaming a new symlink over it.
     Any failure (a full disk) removes the temporary directory and leaves `last` as it was."""
@@ -781,6 +798,8 @@ def save_checkpoint(output_dir: Path, step: int, policy: SmolVLA, training_state
         checkpoints.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
         policy.save_pretrained(partial / "pretrained_model")
+        if dataset_info is not None:  # the control rate to run the policy at (sim.py eval, infer_async --sim)
+            (partial / "pretrained_model" / infer_async.DATASET_INFO).write_text(json.dumps(dataset_info, indent=2) + "\n")
         torch.save(training_state, partial / "training_state.pt")
         fsync_tree(partial)
         if final.exists():  # the same step saved again (e.g. Ctrl-C right after resuming)
@@ -1039,6 +1058,32 @@ def finished_run(args: argparse.Namespace) -> dict:
             "checkpoint": str(last.resolve()), "message": f"nothing to do: {where}"}
 
 
+class PreloadedDataset(torch.utils.data.Dataset):
+    """Every item of a dataset decoded once and kept in memory, images as uint8 (a decoded frame is
+    k/255 exactly, so nothing is lost). For datasets small enough to fit, like the demo's 4,000
+    frames (~300 MB), where decoding video for every sample would cost more than the step itself."""
+
+    def __init__(self, dataset: data.LeRobotDataset, name: str, verbose: bool = True):
+        self.camera_keys = list(dataset.camera_keys)
+        start, self.items = time.perf_counter(), []
+        for i in range(len(dataset)):
+            item = dataset[i]
+            for key in self.camera_keys:
+                item[key] = (item[key] * 255).round().to(torch.uint8)
+            self.items.append(item)
+        if verbose:
+            print(f"preloaded {len(self.items)} {name} frames in {time.perf_counter() - start:.0f} s", flush=True)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = dict(self.items[i])
+        for key in self.camera_keys:
+            item[key] = item[key].float() / 255
+        return item
+
+
 def open_datasets(args: argparse.Namespace, chunk_size_hint: int = 50):
     """(the whole dataset, training episodes, validation episodes), checking the split."""
     whole = data.LeRobotDataset(args.data, chunk_size=chunk_size_hint, revision=args.revision)
@@ -1057,6 +1102,7 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace, rank: int, world_size: int, device: torch.device) -> dict:
+    demo = args.data is None  # before --resume fills args.data in from the run's saved arguments
     resume_state, checkpoint = None, None
     if args.resume:
         args, checkpoint, resume_state = load_resume(args)
@@ -1075,9 +1121,9 @@ def _train(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
         log(rank, summary.pop("message"))
         return summary
     vlm_dir = None
-    if args.data is None:
+    if demo:
         if rank == 0:
-            ensure_demo(output_dir)
+            ensure_demo(output_dir, args.demo_episodes)
         barrier()
         dataset_dir, vlm_dir = output_dir / "dataset", output_dir / "vlm"
         args.data = str(dataset_dir)
@@ -1101,6 +1147,9 @@ def _train(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
               f"{sum(p.numel() for n, p in policy.named_parameters() if n in trained) / 1e6:.2f} M trained; "
               f"device {device}, {world_size} process(es)")
 
+    if args.preload:
+        train_set = PreloadedDataset(train_set, "training", rank == 0)
+        val_set = PreloadedDataset(val_set, "validation", rank == 0) if val_set is not None else None
     if args.cache_vision:
         cache_root = Path(args.cache_dir) if args.cache_dir else output_dir / "vision_cache"
         cache = build_vision_cache(policy, data.LeRobotDataset(whole.root, chunk_size=chunk), cache_root,
@@ -1149,7 +1198,8 @@ def _train(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
                      "rng": rng_states(), "world_size": world_size, "samples_per_rank": at * args.batch_size,
                      "args": saved_args(args), "format": 1}
             try:
-                path = save_checkpoint(output_dir, at, policy, state)
+                path = save_checkpoint(output_dir, at, policy, state,
+                                       {"dataset": args.data, "revision": args.revision, "fps": whole.fps})
                 plot_metrics(metrics_path, output_dir / "loss.png")
                 progress.say(f"saved {path}")
             except TrainError as err:
@@ -1202,6 +1252,9 @@ def _train(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
     summary = {"step": step, "stopped": stopped, "seconds": seconds,
                "loss": last_result["loss"] if last_result else None,
                "checkpoint": str(last.resolve()) if last.exists() else None}
+    if demo and rank == 0 and not stopped and args.demo_eval_episodes > 0:
+        fps = data.LeRobotDataset(args.data, chunk_size=1, decode_video=False).fps
+        summary["eval"] = evaluate_demo(policy, output_dir, args.demo_eval_episodes, fps)
     outputs = run_outputs(output_dir) if last.exists() else "no checkpoint was saved"
     log(rank, f"{'stopped' if stopped else 'done'} at step {step} in {duration(seconds)}: {outputs}")
     return summary

@@ -20,6 +20,8 @@ import torch
 from safetensors import safe_open
 
 import data
+import infer_async as ia
+import sim
 import train
 from flow import SmolVLA
 
@@ -510,20 +512,26 @@ def test_new_policy_from_a_pretrained_vlm(dataset_dir, tmp_path):
 
 def test_demo_writes_a_v30_dataset_and_a_checkpoint_that_loads(tmp_path):
     out = tmp_path / "demo"
-    train.main(["--output-dir", str(out), "--steps", "6", "--save-every", "3", "--eval-every", "3"])
+    summary = train.main(["--output-dir", str(out), "--steps", "6", "--save-every", "3", "--eval-every", "3",
+                          "--demo-episodes", "3", "--demo-eval-episodes", "1"])
+    # recorded in the simulator, evaluated closed loop on a held-out scene after training
+    assert summary["eval"]["episodes"] == 1 and summary["eval"]["seeds"] == [train.DEMO_EVAL_SEED] * 2
+    assert json.loads((out / "eval.json").read_text())["episodes"] == 1 and (out / "eval.mp4").stat().st_size > 0
+    assert json.loads((out / "checkpoints" / "last" / "pretrained_model" / ia.DATASET_INFO).read_text())["fps"] == \
+        train.DEMO_FPS
     info = json.loads((out / "dataset" / "meta" / "info.json").read_text())
     assert info["codebase_version"] == "v3.0" and info["features"]["action"]["shape"] == [6]
     dataset = data.LeRobotDataset(out / "dataset", chunk_size=10)
     assert dataset.camera_keys == ["observation.images.top", "observation.images.wrist"]
     # loads by path alone: the tiny VLM (config + tokenizer) is found through the config's vlm_model_name
     policy = SmolVLA.from_pretrained(out / "checkpoints" / "last" / "pretrained_model", device="cpu")
-    assert policy.tokenizer([train.DEMO_TASK])[1].sum() > 3
+    assert policy.tokenizer([sim.TASK])[1].sum() > 3
     item = dataset[5]
     actions = policy.predict_chunk({k: v for k, v in item.items() if k != "action"})
     assert actions.shape == (1, 10, 6) and torch.isfinite(actions).all()
     # the dataset is written once: resuming the demo reuses it
     stamp = (out / "dataset" / "meta" / "info.json").stat().st_mtime_ns
-    train.main(["--output-dir", str(out), "--resume", "--steps", "8"])
+    train.main(["--output-dir", str(out), "--resume", "--steps", "8", "--demo-eval-episodes", "0"])
     assert (out / "dataset" / "meta" / "info.json").stat().st_mtime_ns == stamp
     assert os.readlink(out / "checkpoints" / "last") == "000008"
 
