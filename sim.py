@@ -1412,14 +1412,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def dataset_fps(policy_dir: str) -> float | None:
-    """The frame rate of the dataset a policy was trained on, if train.py saved it beside the policy."""
-    try:
-        return float(json.loads((Path(policy_dir) / "train_dataset.json").read_text())["fps"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -1464,7 +1456,7 @@ def serve_bus(args: argparse.Namespace) -> int:
 
 
 def eval_main(args: argparse.Namespace) -> int:
-    fps = args.fps or (dataset_fps(args.policy) if args.policy else None) or FPS
+    fps = args.fps or (infer_async.recorded_fps(args.policy) if args.policy else None) or FPS
     config = EvalConfig(episodes=args.episodes, seed=args.seed, fps=fps, time_limit_s=args.time_limit,
                         sync=args.sync, threshold=args.threshold, n_action_steps=args.n_action_steps,
                         latency_s=args.latency, video=args.video, video_episodes=args.video_episodes)
