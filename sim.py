@@ -47,10 +47,26 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+
+
+def gl_problem(err: BaseException) -> str:
+    """One line saying what to install when MuJoCo cannot render headless."""
+    backend = os.environ.get("MUJOCO_GL", "")
+    hint = {"egl": "libEGL (Debian/Ubuntu: apt install libegl1 libgl1-mesa-dri)",
+            "osmesa": "OSMesa (Debian/Ubuntu: apt install libosmesa6)"}.get(
+        backend, "libEGL and set MUJOCO_GL=egl (or OSMesa and MUJOCO_GL=osmesa)")
+    return (f"MuJoCo cannot render with MUJOCO_GL={backend or '(unset)'} "
+            f"({type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}); install {hint}")
+
+
 try:
     import mujoco
-except ImportError as err:  # pragma: no cover - depends on the machine
-    raise SystemExit(f"sim.py needs MuJoCo: pip install mujoco ({err})") from err
+except ImportError as err:
+    if "mujoco" in str(err):
+        raise SystemExit(f"sim.py needs MuJoCo: pip install mujoco ({err})") from err
+    raise SystemExit(f"sim.py: {gl_problem(err)}") from err
+except Exception as err:  # MuJoCo loads its GL back end on import: a missing or wrong one fails here
+    raise SystemExit(f"sim.py: {gl_problem(err)}") from err
 
 import infer_async
 import so100
@@ -340,11 +356,7 @@ def open_renderer(model, height: int, width: int) -> "mujoco.Renderer":
     try:
         return mujoco.Renderer(model, height, width)
     except Exception as err:  # the GL library is missing or cannot start headless
-        backend = os.environ.get("MUJOCO_GL", "")
-        hint = {"egl": "libEGL (Debian/Ubuntu: apt install libegl1 libgl1-mesa-dri)",
-                "osmesa": "OSMesa (apt install libosmesa6)"}.get(backend, "a GL library (libEGL or OSMesa)")
-        raise SimError(f"cannot render with MUJOCO_GL={backend or 'unset'}: {err}. Install {hint}, "
-                       "or set MUJOCO_GL=osmesa") from err
+        raise SimError(gl_problem(err)) from err
 
 
 class SimError(infer_async.InferError):

@@ -1264,7 +1264,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
         return train(args)
-    except (TrainError, data.DatasetError, FileNotFoundError) as err:
+    except (TrainError, data.DatasetError, FileNotFoundError, infer_async.InferError) as err:  # InferError: sim.py too
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says why
             print(f"train.py: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

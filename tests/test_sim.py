@@ -2,6 +2,7 @@
 datasets read back through data.py, and evaluation scores a perfect policy 1 and a random one 0."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,3 +192,16 @@ def test_a_moving_cube_slides_at_its_speed_turns_at_the_edge_and_stops_when_lift
     scene.set_cube((0.0, -0.2, 0.08))  # off the table (as if lifted by the gripper): no longer carried
     scene.step(0.01)
     assert not scene.cube_velocity.any()
+
+
+def test_a_missing_gl_back_end_is_one_line_naming_what_to_install(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MUJOCO_GL": "no-such-gl"}
+    result = subprocess.run([sys.executable, str(Path(sim.__file__)), "view", "--out", str(tmp_path / "v.png")],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and not (tmp_path / "v.png").exists()
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "MUJOCO_GL=no-such-gl" in lines[0] and "install libEGL" in lines[0]
