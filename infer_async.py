@@ -342,6 +342,11 @@ class PolicyServer:
         """True from submit() until that observation is skipped or its chunk is merged."""
         return self._busy
 
+    @property
+    def stopping(self) -> bool:
+        """stop() was called: a chunk still being computed will be dropped."""
+        return self._stopping
+
     def start(self) -> None:
         self._thread.start()
 

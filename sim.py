@@ -378,7 +378,8 @@ class SimError(infer_async.InferError):
 class SimClock:
     def __init__(self, scene: "Scene", bus: "SimulatedArm | None" = None, realtime: bool = False):
         self.scene, self.bus, self.realtime = scene, bus, realtime
-        self.policy_busy: Callable[[], bool] = lambda: False  # set to the policy server's `busy`
+        self.policy_busy: Callable[[], bool] = lambda: False  # the policy server's `busy` and `stopping`
+        self.policy_stopping: Callable[[], bool] = lambda: False
         self._cond = threading.Condition()
         self._computing = False
         self._due: float | None = None  # simulated time at which the pending chunk arrives
@@ -450,10 +451,20 @@ class SimClock:
                     self._computing = False
                     self._due, self._released = observation.captured_at + latency, False
                     self._cond.notify_all()
-                    while not self._released:  # until sleep() has brought simulated time to _due
-                        self._cond.wait()
+                    # Until sleep() has brought simulated time to _due, or the run has ended
+                    # (the server stopping, its chunk no longer wanted).
+                    while not self._released and not self.policy_stopping():
+                        self._cond.wait(0.01)
 
         return run
+
+    def attach(self, server) -> None:
+        """Follow this infer_async.PolicyServer (None: none). Forgets any chunk of a server before."""
+        with self._cond:
+            self.policy_busy = (lambda: server.busy) if server is not None else (lambda: False)
+            self.policy_stopping = (lambda: server.stopping) if server is not None else (lambda: False)
+            self._computing, self._due, self._released = False, None, True
+            self._cond.notify_all()
 
 # ---------------------------------------------------------------------------------------------
 # 3. The servo bus
@@ -1226,7 +1237,7 @@ def evaluate(sim_robot: SimRobot, policy_fn: Callable, spec, config: EvalConfig,
             infer_async.ClientConfig(fps=config.fps, threshold=config.threshold, sync=config.sync,
                                      n_action_steps=config.n_action_steps),
             clock=clock.now, sleep=clock.sleep)
-        clock.policy_busy = lambda: client.server.busy
+        clock.attach(client.server)
         film = config.video is not None and i < config.video_episodes
         episode_frames = []
 
@@ -1236,7 +1247,7 @@ def evaluate(sim_robot: SimRobot, policy_fn: Callable, spec, config: EvalConfig,
             return sim_robot.task_done()
 
         metrics = client.run(duration=config.time_limit_s, until=done)
-        clock.policy_busy = lambda: False
+        clock.attach(None)
         completed = sim_robot.completed_at
         success = completed is not None
         latencies = [latency for _, latency in metrics.latencies]

@@ -1060,8 +1060,8 @@ def finished_run(args: argparse.Namespace) -> dict:
 
 class PreloadedDataset(torch.utils.data.Dataset):
     """Every item of a dataset decoded once and kept in memory, images as uint8 (a decoded frame is
-    k/255 exactly, so nothing is lost). For datasets small enough to fit, like the demo's 4,000
-    frames (~300 MB), where decoding video for every sample would cost more than the step itself."""
+    k/255 exactly, so nothing is lost). For datasets small enough to fit, like the demo's ~9,000
+    frames (~500 MB), where decoding video for every sample would cost more than the step itself."""
 
     def __init__(self, dataset: data.LeRobotDataset, name: str, verbose: bool = True):
         self.camera_keys = list(dataset.camera_keys)
@@ -1102,10 +1102,11 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace, rank: int, world_size: int, device: torch.device) -> dict:
-    demo = args.data is None  # before --resume fills args.data in from the run's saved arguments
+    demo = args.data is None
     resume_state, checkpoint = None, None
     if args.resume:
         args, checkpoint, resume_state = load_resume(args)
+        demo = bool(getattr(args, "demo", False))  # what the run was, not what this command line says
         if args.steps < resume_state["step"]:
             raise TrainError(f"--steps {args.steps}: the run in {args.output_dir} is already at step "
                              f"{resume_state['step']}; pass a larger --steps to train it further")
@@ -1121,6 +1122,7 @@ def _train(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
         log(rank, summary.pop("message"))
         return summary
     vlm_dir = None
+    args.demo = demo  # saved with the run's arguments
     if demo:
         if rank == 0:
             ensure_demo(output_dir, args.demo_episodes)
