@@ -22,6 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
+from train import integer  # the argparse type train.py's flags use
 
 
 def emit(record: dict) -> None:
@@ -388,22 +389,6 @@ def bench_sim(args: argparse.Namespace) -> None:
           "realtime_factor_at_30fps": round(args.ticks / seconds / sim.FPS, 2),
           "image_size": list(sim.IMAGE_SIZE), "cameras": len(cameras),
           **{k: round(v / args.ticks * 1000, 2) for k, v in parts.items()}})
-
-
-def integer(minimum: int, maximum: int | None = None):
-    """An argparse type: an integer in [minimum, maximum]; the message names the allowed range."""
-    allowed = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text}")
-        return value
-
-    return parse
 
 
 def torch_device(text: str) -> str:

@@ -1343,39 +1343,10 @@ def random_policy(sim_robot: SimRobot, chunk_size: int = 30, seed: int = 0):
 # ---------------------------------------------------------------------------------------------
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def unit_interval(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+# Argument types: one line naming the flag and its allowed range on a mistake (infer_async's).
+positive_int, non_negative_int = infer_async.number(int, low=1), infer_async.number(int, low=0)
+positive_float, non_negative_float = infer_async.POSITIVE, infer_async.NON_NEGATIVE
+unit_interval = infer_async.number(float, 0.0, 1.0)
 
 
 def image_size(text: str) -> tuple[int, int]:
@@ -1390,8 +1361,8 @@ def image_size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="An SO-100 in MuJoCo: scripted demonstrations and closed-loop "
-                                            "evaluation of a policy on pick-and-place.")
+    p = infer_async.Parser(description="An SO-100 in MuJoCo: scripted demonstrations and closed-loop "
+                                       "evaluation of a policy on pick-and-place.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("record", help="record scripted demonstrations as a LeRobot v3.0 dataset")
     r.add_argument("--episodes", type=positive_int, default=50, help="successful episodes to record (default 50)")

@@ -1,0 +1,32 @@
+"""experiments.py writes each experiment's table (CSV and JSON) and plot (PNG) from evaluation rows."""
+
+import csv
+import json
+
+from PIL import Image
+
+import experiments
+
+
+def row(setting: str, successes: int, completion: float | None) -> dict:
+    return {"setting": setting, "success_rate": successes / 10, "successes": successes, "episodes": 10,
+            "ci95": [0.1, 0.9], "mean_completion_s": completion, "idle_ticks": 3, "ticks": 100,
+            "latency_ms_mean": 30.0, "control_period_ms": 100.0, "mode": "async", "threshold": 0.7,
+            "added_latency_s": 0.0, "cube_speed": 0.0, "seeds": [20000, 20009], "wall_s": 1.0, "extra": "kept"}
+
+
+def test_table_and_plot_are_written(tmp_path):
+    rows = [row("a", 7, 8.5), row("b", 0, None)]  # a setting with no success has no completion time
+    experiments.write_table(tmp_path, "demo", rows)
+    experiments.plot_rows(tmp_path / "demo.png", rows, [0.0, 1.0], "x", {"async": [0, 1]}, "title")
+    assert json.loads((tmp_path / "demo.json").read_text()) == rows
+    with open(tmp_path / "demo.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["setting"] for r in table] == ["a", "b"] and table[0]["success_rate"] == "0.7"
+    assert table[0]["ci95"] == "[0.1, 0.9]" and table[1]["mean_completion_s"] == "" and table[0]["extra"] == "kept"
+    assert Image.open(tmp_path / "demo.png").size == (800, 700)
+
+
+def test_missing_policy_is_one_line(tmp_path, capsys):
+    assert experiments.main(["async", "--policy", str(tmp_path / "none")]) == 2
+    assert "no policy at" in capsys.readouterr().err
