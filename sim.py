@@ -9,7 +9,7 @@ pseudo-terminal to a simulated servo bus whose encoders read the physics (`Simul
 policy driven through `infer_async.RobotClient` runs the exact code path of a real arm.
 
     python sim.py record --episodes 50 --out outputs/sim_dataset --seed 0   # scripted demonstrations
-    python sim.py eval --policy outputs/demo/checkpoints/last/pretrained_model --episodes 50 --seed 1000
+    python sim.py eval --policy outputs/demo/checkpoints/last/pretrained_model --episodes 50 --seed 10000
     python sim.py eval --expert --episodes 5 --video expert.mp4             # the scripted expert
 
 Read top to bottom:

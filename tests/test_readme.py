@@ -102,11 +102,6 @@ def test_python_block_runs(doc, line, code, demo_dirs, monkeypatch):
     exec(compile(code, f"{doc} block at line {line}", "exec"), {"__name__": "readme_block"})
 
 
-# Pages linked before they are written (docs/experiments.md comes with experiments.py's results):
-# drop an entry once its page exists.
-PENDING = {"docs/experiments.md"}
-
-
 def test_links_between_documents_resolve():
     """Every relative link of README.md and docs/*.md names a file that exists (anchors aside)."""
     broken = []
@@ -115,7 +110,7 @@ def test_links_between_documents_resolve():
             if re.match(r"[a-z]+:", target) or target.startswith("#"):
                 continue  # a web address, or a place on the same page
             path = (doc.parent / target.split("#")[0]).resolve()
-            if not path.exists() and name(path) not in PENDING:
+            if not path.exists():
                 broken.append(f"{name(doc)}: {target}")
     assert broken == []
 
