@@ -45,8 +45,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import data
-import infer_async
 import flow
+import infer_async
 from flow import ACTION, STATE, SmolVLA, SmolVLAConfig
 
 IMAGE_PREFIX = "observation.images."
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--demo-episodes", type=integer(1), default=100,
                    help="scripted demonstrations to record in the simulator (scene seeds 0, 1, ...)")
     g.add_argument("--demo-eval-episodes", type=integer(0), default=50,
-                   help=f"closed-loop evaluation episodes after training, on held-out scene seeds from {10_000}; "
+                   help=f"closed-loop evaluation episodes after training, on held-out scene seeds from {DEMO_EVAL_SEED}; "
                         "0 skips it")
     p.add_argument("--param-checksum-file", default=None, help=argparse.SUPPRESS)  # tests: each rank writes a digest
     return p
