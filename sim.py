@@ -95,8 +95,8 @@ HOME = np.array([0.0, -2.8, 1.9, 1.7, 0.0, 0.35])  # radians: tucked up by the b
 # STS3215 at 7.4 V: stall torque 19.5 kg.cm (1.9 N.m), no-load speed 0.22 s per 60 degrees.
 SERVO_TORQUE = 1.9  # N.m
 SERVO_SPEED = math.radians(60) / 0.22  # rad/s
-GRIPPER_TORQUE = 0.6  # N.m: the gripper's torque is capped on connect (Max_Torque_Limit 500 of 1000)...
-SERVO_KP = 40.0  # N.m/rad: stiff enough that gravity sags the arm by well under a degree
+GRIPPER_TORQUE = 0.6  # N.m: the driver caps the gripper's torque on connect, so it squeezes, not crushes
+SERVO_KP = 40.0  # N.m/rad: gravity sags the arm by ~0.3 degrees at the shoulder (arm held out)
 
 CUBE_HALF = 0.015  # a 3 cm cube
 CUBE_AREA = ((-0.11, 0.05), (-0.27, -0.17))  # x, y ranges of the cube's centre (m); forward is -y
