@@ -223,7 +223,6 @@ class Scene:
         self.data = mujoco.MjData(self.model)
         self.image_size = image_size
         self.joint_qpos = np.array([self.model.joint(j).qposadr[0] for j in JOINTS])
-        self.joint_dof = np.array([self.model.joint(j).dofadr[0] for j in JOINTS])
         self.cube_qpos = self.model.joint("cube").qposadr[0]
         self.cube_dof = self.model.joint("cube").dofadr[0]
         self.goal = HOME.copy()  # where each servo is told to go (radians)
