@@ -34,6 +34,7 @@ from vision import Connector, VisionConfig, VisionEncoder, preprocess_images
 
 STATE = "observation.state"
 ACTION = "action"
+IMAGE_PREFIX = "observation.images."  # camera features are observation.images.<name>
 DEFAULT_VLM = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
 
 
@@ -329,6 +330,18 @@ def time_embedding(t: torch.Tensor, dim: int, min_period: float, max_period: flo
     return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
 
 
+def sample_time(batch: int, generator: torch.Generator | None = None,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """Flow-matching times for training: t = Beta(1.5, 1) * 0.999 + 0.001, shape (batch,), float32.
+
+    Beta(1.5, 1) leans towards t = 1 (noisier inputs, the harder part of the flow) as in the paper; the
+    0.001 floor keeps t away from 0. Beta(a, 1) has CDF t^a, so t = u^(1/a) for u uniform: one uniform
+    draw per sample from `generator` (on its device, else the CPU), so a seeded run is reproducible.
+    """
+    u = torch.rand(batch, generator=generator, device=generator.device if generator is not None else "cpu")
+    return (u ** (1 / 1.5) * 0.999 + 0.001).to(device if device is not None else u.device)
+
+
 def attention_allowed(pad_mask: torch.Tensor, ar_flags: torch.Tensor) -> torch.Tensor:
     """The ar-flag rule: token i may attend to non-padding token j iff cumsum(flags)[j] <= cumsum(flags)[i].
 
@@ -510,8 +523,7 @@ class SmolVLA(nn.Module):
         if noise is None:
             noise = torch.randn_like(actions)
         if time is None:
-            beta = torch.distributions.Beta(torch.tensor(1.5), torch.tensor(1.0))
-            time = (beta.sample((batch,)) * 0.999 + 0.001).to(actions.device)
+            time = sample_time(batch, device=actions.device)
         t = time[:, None, None]
         x_t = t * noise + (1 - t) * actions
         target = noise - actions
