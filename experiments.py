@@ -41,7 +41,7 @@ REMOTE_GPU_LATENCY_S = 0.3  # a policy server on a GPU across a network: inferen
 
 
 def run_settings(policy: str, settings: list[tuple[str, dict]], episodes: int, seed: int,
-                 log: Callable[[str], None]) -> list[dict]:
+                 log: Callable[[str], None], cubes: int = 1) -> list[dict]:
     """Evaluates one policy under each setting (EvalConfig fields) on the same episodes."""
     import infer_async
 
@@ -50,7 +50,7 @@ def run_settings(policy: str, settings: list[tuple[str, dict]], episodes: int, s
     infer_async.warm_up(policy_fn, spec)
     fps = infer_async.recorded_fps(policy) or sim.FPS
     rows = []
-    with sim.SimRobot() as sim_robot:
+    with sim.SimRobot(cubes=cubes) as sim_robot:
         for name, overrides in settings:
             start = time.perf_counter()
             config = sim.EvalConfig(episodes=episodes, seed=seed, fps=fps, **overrides)
@@ -187,6 +187,37 @@ def attention(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def language(args: argparse.Namespace) -> list[dict]:
+    """The one test that the policy reads its instruction: a red and a green cube, the task names
+    the one to move. A demo-sized policy trained on two-cube demonstrations (its own recording and
+    tokenizer), then on the same held-out scenes: the scene's instruction, the other cube's
+    instruction (success: that other cube in the box) and an empty one (judged on the named cube)."""
+    import train
+
+    run = args.out / "runs" / "language"
+    if not (run / "dataset").is_dir():
+        print(f"recording {args.language_episodes} two-cube demonstrations ...", flush=True)
+        sim.record(run / "dataset", args.language_episodes, seed=0, fps=train.DEMO_FPS, noise=train.DEMO_NOISE,
+                   log=lambda line: None, cubes=2)
+    if not (run / "vlm").is_dir():
+        train.write_demo_vlm(run / "vlm", [sim.task_for(colour) for colour in sim.CUBE_COLOURS])
+    steps = args.steps or 5000
+    train.main(["--output-dir", str(run), "--steps", str(steps), "--decay-steps", str(steps), "--seed", "1000",
+                "--demo-eval-episodes", "0"])
+    policy = str(run / "checkpoints" / "last" / "pretrained_model")
+    settings = [(f"{instruction} instruction", {"instruction": instruction}) for instruction in ("named", "other", "empty")]
+    rows = run_settings(policy, settings, args.episodes, args.seed, print, cubes=2)
+    from plot import Panel, save_panels
+
+    names = ["named", "other", "empty"]
+    save_panels(str(args.out / "language.png"), [Panel(
+        {"the instructed cube in the box": ([0, 1, 2], [r["success_rate"] for r in rows]),
+         "the other cube in the box": ([0, 1, 2], [r["other_cube_in_box"] / r["episodes"] for r in rows])},
+        "two cubes: instruction " + " / ".join(f"{i}={n}" for i, n in enumerate(names)), "instruction", "fraction of episodes",
+        ylim=(0.0, 1.0))])
+    return rows
+
+
 def budget(args: argparse.Namespace) -> list[dict]:
     """Success against training time: every checkpoint the demo saved (each --save-every steps),
     evaluated on the same held-out scenes; the training seconds are read from metrics.jsonl."""
@@ -206,7 +237,7 @@ def budget(args: argparse.Namespace) -> list[dict]:
 
 
 EXPERIMENTS = {"budget": budget, "async": async_vs_sync, "threshold": threshold, "moving": moving, "steps": actions_per_chunk,
-               "attention": attention}
+               "attention": attention, "language": language}
 
 # ---------------------------------------------------------------------------------------------
 # Command line
@@ -224,14 +255,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="first scene seed (default 20000: held out from recording and the demo's evaluation)")
     p.add_argument("--latency", type=sim.non_negative_float, default=REMOTE_GPU_LATENCY_S,
                    help="threshold: the added latency in seconds (default 0.3)")
-    p.add_argument("--steps", type=sim.positive_int, default=3000,
-                   help="steps, attention: training steps of each policy they train (default 3000, the demo's)")
+    p.add_argument("--steps", type=sim.positive_int, default=None,
+                   help="steps, attention, language: training steps of each policy they train "
+                        "(default 3000, the demo's; language 5000)")
+    p.add_argument("--language-episodes", type=sim.positive_int, default=200,
+                   help="language: two-cube demonstrations to record (default 200)")
     p.add_argument("--out", type=Path, default=Path("outputs/experiments"), help="where tables and plots go")
     args = p.parse_args(argv)
+    if args.experiment in ("steps", "attention"):
+        args.steps = args.steps or 3000
     if args.experiment in ("steps", "attention") and not (DEMO_DIR / "dataset").is_dir():
         print(f"error: no demo dataset at {DEMO_DIR / 'dataset'}: run `python train.py` first", file=sys.stderr)
         return 2
-    if args.experiment not in ("steps", "attention") and not Path(args.policy).exists():
+    if args.experiment not in ("steps", "attention", "language") and not Path(args.policy).exists():
         print(f"error: no policy at {args.policy}: run `python train.py` first, or pass --policy", file=sys.stderr)
         return 2
     start = time.perf_counter()

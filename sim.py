@@ -72,6 +72,12 @@ import infer_async
 import so100
 
 TASK = "Pick up the cube and place it in the box."
+CUBE_COLOURS = {"red": "0.85 0.1 0.1 1", "green": "0.1 0.65 0.15 1"}  # the language scene's two cubes
+
+
+def task_for(colour: str) -> str:
+    """The instruction of a two-cube scene: which cube to move is said only in words."""
+    return f"Pick up the {colour} cube and place it in the box."
 FPS = 30  # the control rate of real SO-100 datasets
 CAMERAS = ("top", "wrist")
 IMAGE_SIZE = (96, 96)  # (height, width) of each camera: small, so rendering costs ~10 ms a frame
@@ -101,6 +107,7 @@ SERVO_KP = 40.0  # N.m/rad: gravity sags the arm by ~0.3 degrees at the shoulder
 CUBE_HALF = 0.015  # a 3 cm cube
 CUBE_AREA = ((-0.11, 0.05), (-0.27, -0.17))  # x, y ranges of the cube's centre (m); forward is -y
 CUBE_YAW = (-math.pi / 4, math.pi / 4)  # a cube looks the same every quarter turn
+CUBE_GAP = 0.075  # m between two cubes' centres: the open jaws (7.5 cm) fit around one without the other
 BOX_CENTRE = (0.14, -0.21)
 BOX_INNER_HALF = 0.045  # inner half-width of the box (m)
 BOX_WALL = (0.004, 0.012)  # wall half-thickness and half-height
@@ -129,7 +136,21 @@ def box_walls_xml() -> str:
                      for x, y, sx, sy in walls)
 
 
-def scene_xml(image_size: tuple[int, int] = IMAGE_SIZE) -> str:
+def cube_xml(name: str, colour: str, x: float) -> str:
+    return f"""
+    <body name="{name}" pos="{x} -0.22 {CUBE_HALF}">
+      <freejoint name="{name}"/>
+      <geom name="{name}" type="box" size="{CUBE_HALF} {CUBE_HALF} {CUBE_HALF}" mass="0.03" rgba="{colour}"
+            friction="1 0.005 0.0001" condim="4" contype="1" conaffinity="1"/>
+    </body>"""
+
+
+def cube_names(cubes: int) -> list[str]:
+    """Body names: `cube` (red) alone; with two, `cube` (red) and `cube_green`."""
+    return ["cube"] + [f"cube_{colour}" for colour in list(CUBE_COLOURS)[1:cubes]]
+
+
+def scene_xml(image_size: tuple[int, int] = IMAGE_SIZE, cubes: int = 1) -> str:
     r = JOINT_RANGES
     height, width = image_size
     top_camera = look_at(TOP_CAMERA, TOP_CAMERA_TARGET)
@@ -196,11 +217,7 @@ def scene_xml(image_size: tuple[int, int] = IMAGE_SIZE) -> str:
         </body>
       </body>
     </body>
-    <body name="cube" pos="0 -0.22 {CUBE_HALF}">
-      <freejoint name="cube"/>
-      <geom name="cube" type="box" size="{CUBE_HALF} {CUBE_HALF} {CUBE_HALF}" mass="0.03" rgba="0.85 0.1 0.1 1"
-            friction="1 0.005 0.0001" condim="4" contype="1" conaffinity="1"/>
-    </body>
+    {"".join(cube_xml(name, colour, 0.1 * i) for i, (name, colour) in enumerate(zip(cube_names(cubes), CUBE_COLOURS.values())))}
     <body name="target" pos="{BOX_CENTRE[0]} {BOX_CENTRE[1]} 0">
       <geom class="box" pos="0 0 0.001" size="{BOX_INNER_HALF + 2 * BOX_WALL[0]} {BOX_INNER_HALF + 2 * BOX_WALL[0]} 0.001"/>
       {box_walls_xml()}
@@ -218,23 +235,43 @@ class Scene:
     """The physics: MuJoCo's `model` and `data`, servos that move toward their goals no faster than
     the STS3215 turns, and the success condition read from the physics state alone."""
 
-    def __init__(self, image_size: tuple[int, int] = IMAGE_SIZE):
-        self.model = mujoco.MjModel.from_xml_string(scene_xml(image_size))
+    def __init__(self, image_size: tuple[int, int] = IMAGE_SIZE, cubes: int = 1):
+        if cubes not in (1, 2):
+            raise SimError(f"the scene has 1 or 2 cubes, not {cubes}")
+        self.model = mujoco.MjModel.from_xml_string(scene_xml(image_size, cubes))
         self.data = mujoco.MjData(self.model)
         self.image_size = image_size
         self.joint_qpos = np.array([self.model.joint(j).qposadr[0] for j in JOINTS])
-        self.cube_qpos = self.model.joint("cube").qposadr[0]
-        self.cube_dof = self.model.joint("cube").dofadr[0]
+        self.cubes = cube_names(cubes)
+        self.colours = list(CUBE_COLOURS)[:cubes]
+        self.target = 0  # the cube the task names; the expert, success and the conveyor act on it
         self.goal = HOME.copy()  # where each servo is told to go (radians)
         self.cube_velocity = np.zeros(2)  # m/s: a cube that slides (a conveyor) until the jaws touch it
         self._pads = {self.model.geom("fixed_pad").id, self.model.geom("moving_pad").id}
-        self._cube_geom = self.model.geom("cube").id
         self.torque = np.zeros(len(JOINTS), bool)
         self.lock = threading.RLock()  # the servo bus thread and the control loop share the physics
         self._kp = self.model.actuator_gainprm[:, 0].copy()
         self._bias = self.model.actuator_biasprm[:, 1:3].copy()
         self._renderer: mujoco.Renderer | None = None
         self.reset(0)
+
+    # -- the named cube -----------------------------------------------------------------------------
+
+    @property
+    def cube_qpos(self) -> int:
+        return self.model.joint(self.cubes[self.target]).qposadr[0]
+
+    @property
+    def cube_dof(self) -> int:
+        return self.model.joint(self.cubes[self.target]).dofadr[0]
+
+    @property
+    def _cube_geom(self) -> int:
+        return self.model.geom(self.cubes[self.target]).id
+
+    def task(self) -> str:
+        """The instruction for this scene: with two cubes it names the target's colour."""
+        return TASK if len(self.cubes) == 1 else task_for(self.colours[self.target])
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -249,13 +286,24 @@ class Scene:
             self.goal = q.copy()
             for servo in range(len(JOINTS)):
                 self.set_torque(servo, True)
+            self.target = 0
             x, y = (rng.uniform(*r) for r in CUBE_AREA)
             yaw = rng.uniform(*CUBE_YAW)
-            self.data.qpos[self.cube_qpos:self.cube_qpos + 7] = [x, y, CUBE_HALF, math.cos(yaw / 2), 0, 0,
-                                                                 math.sin(yaw / 2)]
+            self._place(0, x, y, yaw)
+            if len(self.cubes) == 2:  # drawn after the first cube, so one-cube scenes keep their seeds
+                while True:
+                    x2, y2 = (rng.uniform(*r) for r in CUBE_AREA)
+                    if math.hypot(x2 - x, y2 - y) >= CUBE_GAP:
+                        break
+                self._place(1, x2, y2, rng.uniform(*CUBE_YAW))
+                self.target = int(rng.integers(2))
             self.cube_velocity = np.zeros(2)
             mujoco.mj_forward(self.model, self.data)
             self.step(0.2)  # let the cube settle on the table and the servos take hold
+
+    def _place(self, cube: int, x: float, y: float, yaw: float) -> None:
+        adr = self.model.joint(self.cubes[cube]).qposadr[0]
+        self.data.qpos[adr:adr + 7] = [x, y, CUBE_HALF, math.cos(yaw / 2), 0, 0, math.sin(yaw / 2)]
 
     @property
     def time(self) -> float:
@@ -281,9 +329,11 @@ class Scene:
             self.data.qvel[self.cube_dof:self.cube_dof + 6] = 0
             mujoco.mj_forward(self.model, self.data)
 
-    def cube_in_box(self) -> bool:
-        """The cube's centre inside the box's inner walls and low enough to be in it, not above it."""
-        x, y, z = self.cube_position()
+    def cube_in_box(self, cube: int | None = None) -> bool:
+        """The cube's centre (the named one's unless `cube` is given) inside the box's inner walls and
+        low enough to be in it, not above it."""
+        adr = self.cube_qpos if cube is None else self.model.joint(self.cubes[cube]).qposadr[0]
+        x, y, z = self.data.qpos[adr:adr + 3]
         margin = BOX_INNER_HALF - CUBE_HALF * 0.5
         return (abs(x - BOX_CENTRE[0]) < margin and abs(y - BOX_CENTRE[1]) < margin
                 and z < CUBE_HALF + 2 * BOX_WALL[1])
@@ -908,8 +958,8 @@ class SimRobot:
     cameras and a clock: `robot`, `cameras` and `clock` plug into infer_async.RobotClient where a
     real arm's do. `model` and `data` are MuJoCo's."""
 
-    def __init__(self, image_size: tuple[int, int] = IMAGE_SIZE, realtime: bool = False):
-        self.scene = Scene(image_size)
+    def __init__(self, image_size: tuple[int, int] = IMAGE_SIZE, realtime: bool = False, cubes: int = 1):
+        self.scene = Scene(image_size, cubes)
         self.bus = SimulatedArm(scene=self.scene)
         self.clock = SimClock(self.scene, self.bus, realtime)
         self.robot: so100.SO100 | None = None
@@ -1141,7 +1191,7 @@ def expert_episode(sim_robot: SimRobot, seed: int, fps: int, noise: float = 0.0,
     expert = ScriptedExpert(sim_robot.scene, rng)
     robot, clock = sim_robot.robot, sim_robot.clock
     low, high = so100.unit_limits(sim_robot.bus.calibration)
-    episode: dict = {"task": TASK, "observation.state": [], "action": []}
+    episode: dict = {"task": sim_robot.scene.task(), "observation.state": [], "action": []}
     episode.update({key: [] for key in sim_robot.cameras})
     offset, dt, tau = np.zeros(len(JOINTS)), 1.0 / fps, 0.5
     k = 0
@@ -1164,15 +1214,16 @@ def expert_episode(sim_robot: SimRobot, seed: int, fps: int, noise: float = 0.0,
 
 
 def record(out: str | Path, episodes: int, seed: int = 0, fps: int = FPS, noise: float = 0.0,
-           image_size: tuple[int, int] = IMAGE_SIZE, log: Callable[[str], None] = print) -> dict:
+           image_size: tuple[int, int] = IMAGE_SIZE, log: Callable[[str], None] = print, cubes: int = 1) -> dict:
     """A LeRobot v3.0 dataset of `episodes` successful demonstrations at `out`, from seeds
-    seed, seed+1, ... (a seed where the expert fails is skipped). Returns what was recorded."""
+    seed, seed+1, ... (a seed where the expert fails is skipped). Returns what was recorded. With two
+    cubes each episode's task names the cube the expert moves."""
     import data
 
     used, failed = [], []
 
     def demonstrations() -> Iterator[dict]:
-        with SimRobot(image_size) as sim_robot:
+        with SimRobot(image_size, cubes=cubes) as sim_robot:
             s, start = seed, time.monotonic()
             while len(used) < episodes:
                 episode = expert_episode(sim_robot, s, fps, noise)
@@ -1213,6 +1264,7 @@ class EvalConfig:
     latency_s: float = 0.0  # added to the measured inference time (a slower model, a remote server)
     measure_latency: bool = True  # False: the policy costs no time (only latency_s), fully repeatable
     cube_speed: float = 0.0  # m/s: the cube slides in a random direction (a moving object)
+    instruction: str = "named"  # two cubes: "named" (the scene's), "other" (names the other cube), "empty"
     video: str | None = None
     video_episodes: int = 4
 
@@ -1227,12 +1279,13 @@ def evaluate(sim_robot: SimRobot, policy_fn: Callable, spec, config: EvalConfig,
     for i in range(config.episodes):
         seed = config.seed + i
         sim_robot.reset(seed)
+        task = instruct(sim_robot.scene, config.instruction)
         if config.cube_speed > 0:
             heading = np.random.default_rng([seed, 1]).uniform(0, 2 * math.pi)
             sim_robot.scene.cube_velocity = config.cube_speed * np.array([math.cos(heading), math.sin(heading)])
         client = infer_async.RobotClient(
             sim_robot.robot, sim_robot.cameras_for(spec),
-            clock.timed(policy_fn, config.latency_s, config.measure_latency), spec, TASK,
+            clock.timed(policy_fn, config.latency_s, config.measure_latency), spec, task,
             infer_async.ClientConfig(fps=config.fps, threshold=config.threshold, sync=config.sync,
                                      n_action_steps=config.n_action_steps),
             clock=clock.now, sleep=clock.sleep)
@@ -1250,8 +1303,11 @@ def evaluate(sim_robot: SimRobot, policy_fn: Callable, spec, config: EvalConfig,
         completed = sim_robot.completed_at
         success = completed is not None
         latencies = [latency for _, latency in metrics.latencies]
+        scene = sim_robot.scene
         results.append({"seed": seed, "success": success, "completion_s": completed,
-                        "idle_ticks": metrics.idle_ticks, "ticks": metrics.ticks, "latencies": latencies})
+                        "idle_ticks": metrics.idle_ticks, "ticks": metrics.ticks, "latencies": latencies,
+                        "task": task, "other_cube_in_box": any(scene.cube_in_box(c) for c in range(len(scene.cubes))
+                                                               if c != scene.target)})
         outcome = f"success at {completed:.1f} s" if success else "failure"
         if film:
             frames.extend(annotate(f, f"seed {seed}: {outcome}", success) for f in episode_frames)
@@ -1259,6 +1315,21 @@ def evaluate(sim_robot: SimRobot, policy_fn: Callable, spec, config: EvalConfig,
     if config.video is not None:
         write_video(config.video, frames, config.fps)
     return summarise(results, config)
+
+
+def instruct(scene: Scene, instruction: str) -> str:
+    """The instruction an episode gets. "other" re-targets the scene at the cube the scene did not
+    name, so success then means that cube moved; "empty" keeps the named cube as the one judged."""
+    if instruction == "named":
+        return scene.task()
+    if len(scene.cubes) < 2:
+        raise SimError(f"instruction {instruction!r} needs the two-cube scene (--cubes 2)")
+    if instruction == "other":
+        scene.target = 1 - scene.target
+        return scene.task()
+    if instruction == "empty":
+        return ""
+    raise SimError(f"unknown instruction {instruction!r}: named, other or empty")
 
 
 def summarise(results: list[dict], config: EvalConfig) -> dict:
@@ -1277,6 +1348,7 @@ def summarise(results: list[dict], config: EvalConfig) -> dict:
         "mode": "sync" if config.sync else "async", "threshold": 0.0 if config.sync else config.threshold,
         "added_latency_s": config.latency_s, "cube_speed": config.cube_speed,
         "seeds": [config.seed, config.seed + len(results) - 1],
+        "instruction": config.instruction, "other_cube_in_box": int(sum(r.get("other_cube_in_box", False) for r in results)),
     }
 
 
@@ -1371,6 +1443,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--size", type=image_size, default=IMAGE_SIZE, help="camera HEIGHTxWIDTH (default 96x96)")
     r.add_argument("--noise", type=non_negative_float, default=0.0,
                    help="radians of wandering offset added to the executed goals, not to the recorded ones (DART)")
+    r.add_argument("--cubes", type=int, choices=(1, 2), default=1,
+                   help="2: a red and a green cube, each episode's task names the one to move")
     e = sub.add_parser("eval", help="closed-loop success rate of a policy (JSON summary on the last line)")
     who = e.add_mutually_exclusive_group(required=True)
     who.add_argument("--policy", help="policy directory or Hub id (a checkpoint's pretrained_model)")
@@ -1391,6 +1465,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--video", default=None, help="mp4 of the first episodes, both cameras, success written on them")
     e.add_argument("--video-episodes", type=positive_int, default=4, help="episodes in the video (default 4)")
     e.add_argument("--json", default=None, help="also write the summary to this file")
+    e.add_argument("--cubes", type=int, choices=(1, 2), default=1, help="2: the red/green scene (language)")
+    e.add_argument("--instruction", choices=("named", "other", "empty"), default="named",
+                   help="--cubes 2: name the scene's cube, the other cube (judged on that one) or say nothing")
     e.add_argument("--device", default=None, help="torch device for the policy (default: cuda if available)")
     b = sub.add_parser("bus", help="serve a simulated servo bus on a pseudo-terminal (no physics); prints its "
                                    "path, for trying `so100.py read/calibrate` without an arm")
@@ -1402,6 +1479,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=non_negative_int, default=0)
     v.add_argument("--out", default="sim_view.png")
     v.add_argument("--size", type=image_size, default=(240, 320), help="camera HEIGHTxWIDTH (default 240x320)")
+    v.add_argument("--cubes", type=int, choices=(1, 2), default=1)
     return p
 
 
@@ -1409,13 +1487,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "record":
-            summary = record(args.out, args.episodes, args.seed, args.fps, args.noise, args.size)
+            summary = record(args.out, args.episodes, args.seed, args.fps, args.noise, args.size, cubes=args.cubes)
             print(json.dumps(summary))
             return 0
         if args.command == "bus":
             return serve_bus(args)
         if args.command == "view":
-            scene = Scene(args.size)
+            scene = Scene(args.size, args.cubes)
             scene.reset(args.seed)
             from PIL import Image
 
@@ -1452,8 +1530,9 @@ def eval_main(args: argparse.Namespace) -> int:
     fps = args.fps or (infer_async.recorded_fps(args.policy) if args.policy else None) or FPS
     config = EvalConfig(episodes=args.episodes, seed=args.seed, fps=fps, time_limit_s=args.time_limit,
                         sync=args.sync, threshold=args.threshold, n_action_steps=args.n_action_steps,
-                        latency_s=args.latency, video=args.video, video_episodes=args.video_episodes)
-    with SimRobot() as sim_robot:
+                        latency_s=args.latency, video=args.video, video_episodes=args.video_episodes,
+                        instruction=args.instruction)
+    with SimRobot(cubes=args.cubes) as sim_robot:
         if args.expert:
             policy_fn, spec = expert_policy(sim_robot, fps)
         elif args.random:
