@@ -1,13 +1,22 @@
 """SO-100 arm driver over raw serial: six Feetech STS3215 servos on one half-duplex bus.
 
-Built on pyserial alone. Read top to bottom:
-  1. the control table and the driver's errors
-  2. the Feetech protocol: packets, checksums, sign-magnitude values, reply parsing
-  3. FeetechBus: transactions on a serial port with a reply timeout and retries
-  4. LeRobot-compatible calibration files and units (DEGREES, RANGE_0_100, legacy `main_*`)
-  5. SO100: connect, configure, read, write (with safety limits), torque, disconnect
-  6. the interactive calibration procedure
-  7. the command line: `python so100.py {calibrate,read}`
+The Feetech protocol is small. Every message is a packet
+
+    FF FF | id | length | code | params... | checksum       checksum = ~(id + length + code + params) & 0xFF
+
+where length counts code, params and checksum. The computer sends instruction packets: PING, READ
+and WRITE to one servo's id, SYNC_READ and SYNC_WRITE to the broadcast id FE with a list of servos.
+Each servo addressed answers with a status packet (code = its fault bits, 0 when all is well;
+params = the bytes read), except to a SYNC_WRITE, which nothing answers. What a servo knows and
+obeys is a table of registers (REGISTERS below), little-endian, a few in sign-magnitude.
+
+Read top to bottom:
+  1. the protocol: the control table, packets, registers, and parsing replies out of a byte stream
+  2. the errors the driver raises, each naming the port, servo and register
+  3. FeetechBus: one transaction = one instruction and its replies, with a timeout and retries
+  4. SO100: the arm in LeRobot's units (degrees, gripper percent), with safety limits on write()
+Machinery after the core: LeRobot calibration files, the interactive calibration procedure, and the
+command line (`python so100.py {calibrate,read}`).
 
 Without hardware: sim.py serves a simulated servo bus on a pseudo-terminal (`python sim.py bus`),
 with a MuJoCo arm behind it or simple motors, and fault injection for the tests.
@@ -19,6 +28,7 @@ import argparse
 import errno
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -30,15 +40,10 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import serial
 
-try:  # pyserial's POSIX backend lets termios.error (not an OSError) through, e.g. on a vanished adapter
-    import termios
-
-    SERIAL_ERRORS: tuple[type[BaseException], ...] = (serial.SerialException, OSError, termios.error)
-except ImportError:  # Windows
-    SERIAL_ERRORS = (serial.SerialException, OSError)
+from cli import HelpFormatter, Parser, number, write_text
 
 # ---------------------------------------------------------------------------------------------
-# 1. Control table, arm layout, errors
+# 1. The Feetech protocol
 # ---------------------------------------------------------------------------------------------
 
 # name: (address, size in bytes, sign bit or None). STS registers are little-endian; a few are
@@ -88,102 +93,44 @@ STEPS_PER_TURN = 4096
 MAX_RESOLUTION = 4095  # LeRobot's unit conversions divide by 4095, not 4096
 HALF_TURN = 2047  # calibration puts the middle pose at this raw position
 
-BROADCAST_ID = 0xFE
+BROADCAST_ID = 0xFE  # SYNC_READ and SYNC_WRITE go to every servo through this id
 PING, READ, WRITE, REG_WRITE, ACTION, RESET, SYNC_READ, SYNC_WRITE = 0x01, 0x02, 0x03, 0x04, 0x05, 0x0A, 0x82, 0x83
 
-JOINT_NAMES: tuple[str, ...] = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
-MOTOR_IDS: dict[str, int] = {name: i + 1 for i, name in enumerate(JOINT_NAMES)}
-FULL_TURN_JOINT = "wrist_roll"  # turns freely: calibrated to the whole 0..4095 range
-GRIPPER = "gripper"
-
-# Written on connect, with torque off and Lock 0: the settings LeRobot's SO-100 driver applies.
-ARM_SETTINGS: tuple[tuple[str, int], ...] = (
-    ("Return_Delay", 0),  # reply at once (the default waits 500 us before answering)
-    ("Maximum_Acceleration", 254),
-    ("Acceleration", 254),
-    ("Operating_Mode", 0),  # position control
-    ("P_Coefficient", 16),  # lower than the factory 32 to avoid shakiness
-    ("I_Coefficient", 0),
-    ("D_Coefficient", 32),
-)
-GRIPPER_SETTINGS: tuple[tuple[str, int], ...] = (
-    # The gripper squeezes objects: cap its torque and current so it does not overheat or burn out.
-    ("Max_Torque_Limit", 500),
-    ("Protection_Current", 250),
-    ("Overload_Torque", 25),
-)
-
+# The error byte of a status packet.
 FAULT_BITS: dict[int, str] = {
     0x01: "voltage", 0x02: "angle sensor", 0x04: "overheat", 0x08: "over-current", 0x20: "overload"}
 
-
-class FeetechError(Exception):
-    """Base of every error this driver raises about the bus, the servos or the calibration."""
-
-    def __init__(self, message: str, *, port: str | None = None, servo_id: int | None = None,
-                 register: str | None = None):
-        super().__init__(message)
-        self.port, self.servo_id, self.register = port, servo_id, register
-
-
-class NoReplyError(FeetechError):
-    """A servo did not answer within the timeout, on every attempt."""
-
-
-class CorruptReplyError(FeetechError):
-    """Bytes came back but no valid status packet (truncated, wrong length, wrong id)."""
-
-
-class ChecksumError(CorruptReplyError):
-    """A complete status packet whose checksum does not match."""
-
-
-class ServoFaultError(FeetechError):
-    """A servo answered with error bits set (voltage, angle sensor, overheat, over-current, overload)."""
-
-    def __init__(self, message: str, *, faults: dict[int, list[str]] | None = None, **kwargs):
-        super().__init__(message, **kwargs)
-        self.faults = faults or {}
-
-
-class CalibrationError(FeetechError):
-    """A calibration file is missing, malformed, or does not match the servos' registers."""
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. The Feetech protocol
-# ---------------------------------------------------------------------------------------------
 
 def checksum(body: bytes) -> int:
     """~(id + len + instruction/error + params) & 0xFF, over everything after the FF FF header."""
     return ~sum(body) & 0xFF
 
 
-def instruction_packet(servo_id: int, instruction: int, params: bytes = b"") -> bytes:
-    body = bytes([servo_id, len(params) + 2, instruction]) + bytes(params)
+def encode_packet(servo_id: int, code: int, params: bytes = b"") -> bytes:
+    """An instruction packet (code: the instruction) or a servo's status packet (code: its error
+    byte): the two have one layout."""
+    body = bytes([servo_id, len(params) + 2, code]) + bytes(params)
     return b"\xff\xff" + body + bytes([checksum(body)])
 
 
-def status_packet(servo_id: int, error: int, params: bytes = b"") -> bytes:
-    """A servo's reply; the simulator sends these and the tests build expected replies with it."""
-    body = bytes([servo_id, len(params) + 2, error]) + bytes(params)
-    return b"\xff\xff" + body + bytes([checksum(body)])
+# A servo's reply: sim.py sends these and the tests build expected replies with it.
+status_packet = encode_packet
 
 
 def ping_packet(servo_id: int) -> bytes:
-    return instruction_packet(servo_id, PING)
+    return encode_packet(servo_id, PING)
 
 
 def read_packet(servo_id: int, address: int, size: int) -> bytes:
-    return instruction_packet(servo_id, READ, bytes([address, size]))
+    return encode_packet(servo_id, READ, bytes([address, size]))
 
 
 def write_packet(servo_id: int, address: int, data: bytes) -> bytes:
-    return instruction_packet(servo_id, WRITE, bytes([address]) + bytes(data))
+    return encode_packet(servo_id, WRITE, bytes([address]) + bytes(data))
 
 
 def sync_read_packet(servo_ids: Sequence[int], address: int, size: int) -> bytes:
-    return instruction_packet(BROADCAST_ID, SYNC_READ, bytes([address, size, *servo_ids]))
+    return encode_packet(BROADCAST_ID, SYNC_READ, bytes([address, size, *servo_ids]))
 
 
 def sync_write_packet(address: int, size: int, data: Mapping[int, bytes]) -> bytes:
@@ -192,7 +139,7 @@ def sync_write_packet(address: int, size: int, data: Mapping[int, bytes]) -> byt
         if len(value) != size:
             raise ValueError(f"SYNC_WRITE data for servo {servo_id} is {len(value)} bytes, expected {size}")
         params += bytes([servo_id]) + bytes(value)
-    return instruction_packet(BROADCAST_ID, SYNC_WRITE, bytes(params))
+    return encode_packet(BROADCAST_ID, SYNC_WRITE, bytes(params))
 
 
 def encode_sign_magnitude(value: int, sign_bit: int) -> int:
@@ -232,10 +179,11 @@ def decode_error_byte(error: int) -> list[str]:
     return names
 
 
+
 @dataclass(frozen=True)
-class StatusPacket:
+class Packet:
     servo_id: int
-    error: int
+    code: int  # the instruction of an instruction packet, the error byte of a status packet
     params: bytes
     raw: bytes  # the whole packet, header and checksum included
 
@@ -243,16 +191,19 @@ class StatusPacket:
 MAX_STATUS_LENGTH = 130  # len field bound: no register block we read is longer than 128 bytes
 
 
-def parse_status(buffer: bytearray, params_length: int | None = None) -> StatusPacket | None:
-    """Take the first valid status packet out of `buffer` (consumed in place).
+def parse_packet(buffer: bytearray, params_length: int | None = None, *, instruction: bool = False) -> Packet | None:
+    """Take the first valid packet out of `buffer` (consumed in place): a servo's status packet, or
+    with instruction=True an instruction packet (what a servo receives; sim.py's simulated bus).
 
     Bytes before an FF FF header are dropped. Returns None when no complete packet is there yet,
-    keeping the bytes that may start one. A header that cannot be real (id FF, a length out of
-    bounds, or not `params_length` + 2 when the caller knows what it expects) is treated as noise:
-    one byte is dropped and the search goes on, which resynchronises on the next FF FF. A complete
-    packet with a bad checksum raises ChecksumError after dropping its first byte, so the caller can
-    note it and call again to resynchronise.
+    keeping the bytes that may start one. A header that cannot be real is treated as noise: one byte
+    is dropped and the search goes on, which resynchronises on the next FF FF. Not real: id FF; for
+    a status packet also the broadcast id, a length over MAX_STATUS_LENGTH, or one that is not
+    `params_length` + 2 when the caller knows what it expects. A complete packet with a bad checksum
+    raises ChecksumError after dropping its first byte, so the caller can note it and call again to
+    resynchronise.
     """
+    highest_id, longest = (BROADCAST_ID, 255) if instruction else (BROADCAST_ID - 1, MAX_STATUS_LENGTH)
     while True:
         start = buffer.find(b"\xff\xff")
         if start < 0:
@@ -262,7 +213,7 @@ def parse_status(buffer: bytearray, params_length: int | None = None) -> StatusP
         if len(buffer) < 4:
             return None
         servo_id, length = buffer[2], buffer[3]
-        plausible = servo_id < BROADCAST_ID and 2 <= length <= MAX_STATUS_LENGTH
+        plausible = servo_id <= highest_id and 2 <= length <= longest
         if plausible and params_length is not None:
             plausible = length == params_length + 2
         if not plausible:
@@ -274,32 +225,61 @@ def parse_status(buffer: bytearray, params_length: int | None = None) -> StatusP
         packet = bytes(buffer[:total])
         if checksum(packet[2:-1]) != packet[-1]:
             del buffer[:1]
-            raise ChecksumError(f"status packet {packet.hex(' ')} from id {servo_id} fails its checksum",
+            kind = "instruction" if instruction else "status"
+            raise ChecksumError(f"{kind} packet {packet.hex(' ')} from id {servo_id} fails its checksum",
                                 servo_id=servo_id)
         del buffer[:total]
-        return StatusPacket(servo_id=servo_id, error=packet[4], params=packet[5:-1], raw=packet)
+        return Packet(servo_id=servo_id, code=packet[4], params=packet[5:-1], raw=packet)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Errors
+# ---------------------------------------------------------------------------------------------
+
+class FeetechError(Exception):
+    """Base of every error this driver raises about the bus, the servos or the calibration."""
+
+    def __init__(self, message: str, *, port: str | None = None, servo_id: int | None = None,
+                 register: str | None = None):
+        super().__init__(message)
+        self.port, self.servo_id, self.register = port, servo_id, register
+
+
+class NoReplyError(FeetechError):
+    """A servo did not answer within the timeout, on every attempt."""
+
+
+class CorruptReplyError(FeetechError):
+    """Bytes came back but no valid status packet (truncated, wrong length, wrong id)."""
+
+
+class ChecksumError(CorruptReplyError):
+    """A complete status packet whose checksum does not match."""
+
+
+class ServoFaultError(FeetechError):
+    """A servo answered with error bits set (voltage, angle sensor, overheat, over-current, overload)."""
+
+    def __init__(self, message: str, *, faults: dict[int, list[str]] | None = None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.faults = faults or {}
+
+
+class CalibrationError(FeetechError):
+    """A calibration file is missing, malformed, or does not match the servos' registers."""
+
 
 
 # ---------------------------------------------------------------------------------------------
 # 3. FeetechBus: transactions with a bounded timeout and retries
 # ---------------------------------------------------------------------------------------------
 
-def open_serial_port(port: str, baudrate: int, timeout: float = 0.05) -> serial.Serial:
-    """Open `port` raw at `baudrate`, turning the usual failures into advice."""
-    try:
-        return serial.Serial(port, baudrate=baudrate, timeout=timeout, write_timeout=1.0)
-    except serial.SerialException as e:
-        code = getattr(e, "errno", None)
-        hint = "list the serial ports with `python -m serial.tools.list_ports -v`"
-        if code == errno.EACCES:
-            hint = ("permission denied: add yourself to the dialout group "
-                    "(`sudo usermod -aG dialout $USER`, then log out and back in)")
-        elif code == errno.ENOENT:
-            hint = ("no such device: check the USB cable; on Ubuntu the brltty service can grab CH340 "
-                    "adapters (`sudo apt remove brltty`); " + hint)
-        elif code == errno.EBUSY:
-            hint = "the port is busy: another program has it open"
-        raise FeetechError(f"cannot open serial port {port}: {e}. Hint: {hint}", port=port) from e
+try:  # pyserial's POSIX backend lets termios.error (not an OSError) through, e.g. on a vanished adapter
+    import termios
+
+    SERIAL_ERRORS: tuple[type[BaseException], ...] = (serial.SerialException, OSError, termios.error)
+except ImportError:  # Windows
+    SERIAL_ERRORS = (serial.SerialException, OSError)
 
 
 class FeetechBus:
@@ -340,7 +320,7 @@ class FeetechBus:
                 finally:
                     self._serial = None
 
-    def _who(self, servo_id: int) -> str:
+    def who(self, servo_id: int) -> str:
         name = self.motor_names.get(servo_id)
         return f"servo {servo_id} ({name})" if name else f"servo {servo_id}"
 
@@ -349,16 +329,21 @@ class FeetechBus:
             raise FeetechError(f"serial port {self.port} is not open", port=self.port)
         return self._serial
 
-    def _exchange(self, packet: bytes, servo_ids: Sequence[int], params_length: int):
-        """One attempt: send `packet`, collect replies from `servo_ids` until all came or time is up."""
+    def _send(self, packet: bytes, expect_reply: bool) -> None:
         port = self._port()
         try:
-            port.reset_input_buffer()  # stale bytes from an earlier timed-out reply must not be read as ours
+            if expect_reply:
+                port.reset_input_buffer()  # stale bytes from an earlier timed-out reply must not be read as ours
             port.write(packet)
             port.flush()
         except SERIAL_ERRORS as e:
             raise FeetechError(f"{self.port}: serial write failed: {e}", port=self.port) from e
-        replies: dict[int, StatusPacket] = {}
+
+    def _exchange(self, packet: bytes, servo_ids: Sequence[int], params_length: int):
+        """One attempt: send `packet`, collect replies from `servo_ids` until all came or time is up."""
+        self._send(packet, expect_reply=True)
+        port = self._port()
+        replies: dict[int, Packet] = {}
         conflicts: set[int] = set()  # ids that answered twice: neither answer can be trusted
         notes: list[str] = []
         buffer = bytearray()
@@ -366,7 +351,7 @@ class FeetechBus:
         deadline = time.monotonic() + self.reply_timeout
         while len(replies) + len(conflicts) < len(servo_ids):
             try:
-                reply = parse_status(buffer, params_length)
+                reply = parse_packet(buffer, params_length)
             except ChecksumError as e:
                 notes.append(f"checksum mismatch in a reply from id {e.servo_id}")
                 continue
@@ -394,13 +379,13 @@ class FeetechBus:
         return replies, notes
 
     def transaction(self, packet: bytes, servo_ids: Sequence[int], params_length: int,
-                    register: str | None = None) -> dict[int, StatusPacket]:
+                    register: str | None = None) -> dict[int, Packet]:
         """Send `packet` and return the status packet of each of `servo_ids`, retrying failures."""
         with self._lock:
             for attempt in range(self.attempts):
                 replies, notes = self._exchange(packet, servo_ids, params_length)
                 missing = [i for i in servo_ids if i not in replies]
-                faults = {i: decode_error_byte(r.error) for i, r in replies.items() if r.error}
+                faults = {i: decode_error_byte(r.code) for i, r in replies.items() if r.code}
                 if not missing and not faults:
                     return replies
                 if attempt + 1 < self.attempts:
@@ -415,7 +400,7 @@ class FeetechBus:
         detail = f" ({'; '.join(notes)})" if notes else ""
         servo_id = missing[0] if missing else next(iter(faults))
         if missing:
-            who = ", ".join(self._who(i) for i in missing)
+            who = ", ".join(self.who(i) for i in missing)
             if notes:
                 return (ChecksumError if any("checksum" in n for n in notes) else CorruptReplyError)(
                     f"{self.port}: {who}{where}: no valid reply {tries}{detail}. "
@@ -425,7 +410,7 @@ class FeetechBus:
                 f"{self.port}: {who}{where}: no reply {tries}. Hint: is the arm's power supply on "
                 "(USB alone does not power the servos), is the cable to this servo plugged in, and is "
                 "its id right?", port=self.port, servo_id=servo_id, register=register)
-        who = "; ".join(f"{self._who(i)}: {', '.join(names)}" for i, names in faults.items())
+        who = "; ".join(f"{self.who(i)}: {', '.join(names)}" for i, names in faults.items())
         return ServoFaultError(
             f"{self.port}:{where}: servo fault {tries}: {who}. Hint: overload means a blocked joint or a "
             "gripper squeezing too hard; voltage means a wrong or weak power supply; overheat means let "
@@ -450,14 +435,8 @@ class FeetechBus:
 
     def sync_write(self, address: int, size: int, data: Mapping[int, bytes]) -> None:
         """No servo answers a SYNC_WRITE, so there is nothing to check or retry."""
-        packet = sync_write_packet(address, size, data)
         with self._lock:
-            port = self._port()
-            try:
-                port.write(packet)
-                port.flush()
-            except SERIAL_ERRORS as e:
-                raise FeetechError(f"{self.port}: serial write failed: {e}", port=self.port) from e
+            self._send(sync_write_packet(address, size, data), expect_reply=False)
 
     # -- registers by name ------------------------------------------------------------------------
 
@@ -478,118 +457,50 @@ class FeetechBus:
         self.sync_write(address, size, {i: encode_register(name, v) for i, v in values.items()})
 
 
-# ---------------------------------------------------------------------------------------------
-# 4. Calibration files and units
-# ---------------------------------------------------------------------------------------------
-
-CALIBRATION_FIELDS = ("id", "drive_mode", "homing_offset", "range_min", "range_max")
-CALIBRATION_REGISTERS = ("Homing_Offset", "Min_Position_Limit", "Max_Position_Limit")  # 31, 9, 11
-# LeRobot up to v0.4.2 files SO-100 calibrations under so100_follower, from v0.4.3 under so_follower.
-CALIBRATION_ROBOT_DIRS = ("so_follower", "so100_follower")
-
-
-def calibration_root() -> Path:
-    """LeRobot's calibration directory, honouring its environment variables."""
-    if os.environ.get("HF_LEROBOT_CALIBRATION"):
-        return Path(os.environ["HF_LEROBOT_CALIBRATION"]).expanduser()
-    if os.environ.get("HF_LEROBOT_HOME"):
-        return Path(os.environ["HF_LEROBOT_HOME"]).expanduser() / "calibration"
-    hf_home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(hf_home).expanduser() / "lerobot" / "calibration"
-
-
-def default_calibration_path(robot_id: str) -> Path:
-    """Where `python so100.py calibrate` writes: the location current LeRobot reads."""
-    return calibration_root() / "robots" / CALIBRATION_ROBOT_DIRS[0] / f"{robot_id}.json"
-
-
-def find_calibration_file(robot_id: str | None) -> Path:
-    dirs = [calibration_root() / "robots" / d for d in CALIBRATION_ROBOT_DIRS]
-    if robot_id is not None:
-        candidates = [d / f"{robot_id}.json" for d in dirs]
-        for path in candidates:
-            if path.is_file():
-                return path
-        looked = ", ".join(str(p) for p in candidates)
-    else:
-        found = sorted(p for d in dirs if d.is_dir() for p in d.glob("*.json"))
-        if len(found) == 1:
-            return found[0]
-        if found:
-            raise CalibrationError(
-                f"several SO-100 calibrations found ({', '.join(str(p) for p in found)}); "
-                "say which with id=... (CLI: --id) or pass the file's path")
-        looked = ", ".join(f"{d}/*.json" for d in dirs)
-    raise CalibrationError(
-        f"no SO-100 calibration found (looked at {looked}). Run "
-        f"`python so100.py calibrate --port PORT --id {robot_id or 'ID'}` to make one, or pass the path "
-        "of a LeRobot calibration JSON")
-
-
-def validate_calibration(calibration: Mapping, source: str) -> dict[str, dict[str, int]]:
-    """Check a LeRobot-format calibration dict and return a clean copy, naming what is wrong."""
-    if not isinstance(calibration, Mapping):
-        raise CalibrationError(f"{source}: calibration must be a JSON object keyed by joint name")
-    missing = [name for name in JOINT_NAMES if name not in calibration]
-    if missing:
-        raise CalibrationError(f"{source}: no entry for joint(s) {', '.join(missing)}")
-    clean: dict[str, dict[str, int]] = {}
-    for name in JOINT_NAMES:
-        entry = calibration[name]
-        if not isinstance(entry, Mapping):
-            raise CalibrationError(f"{source}: {name} must be an object with {', '.join(CALIBRATION_FIELDS)}")
-        absent = [f for f in CALIBRATION_FIELDS if f not in entry]
-        if absent:
-            raise CalibrationError(f"{source}: {name} lacks {', '.join(absent)}")
-        values = {}
-        for field in CALIBRATION_FIELDS:
-            value = entry[field]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-                raise CalibrationError(f"{source}: {name}.{field} must be an integer, got {value!r}")
-            values[field] = int(value)
-        if values["id"] != MOTOR_IDS[name]:
-            raise CalibrationError(f"{source}: {name}.id is {values['id']}, the SO-100 uses id {MOTOR_IDS[name]}")
-        if values["drive_mode"] != 0:
-            # LeRobot's SO-100 calibration always writes drive_mode 0; inverted joints are not supported
-            # here rather than guessed.
-            raise CalibrationError(f"{source}: {name}.drive_mode is {values['drive_mode']}; only 0 is supported")
-        if not 0 <= values["range_min"] < values["range_max"] <= MAX_RESOLUTION:
-            raise CalibrationError(
-                f"{source}: {name} range {values['range_min']}..{values['range_max']} must satisfy "
-                f"0 <= range_min < range_max <= {MAX_RESOLUTION}")
-        if abs(values["homing_offset"]) > HALF_TURN:
-            raise CalibrationError(f"{source}: {name}.homing_offset {values['homing_offset']} is outside "
-                                   f"-{HALF_TURN}..{HALF_TURN}")
-        clean[name] = values
-    return clean
-
-
-def load_calibration(calibration: str | os.PathLike | Mapping | None,
-                     robot_id: str | None = None) -> tuple[dict[str, dict[str, int]], str]:
-    """Return (calibration, where it came from) from a path, a dict, or LeRobot's default location."""
-    if isinstance(calibration, Mapping):
-        return validate_calibration(calibration, "calibration dict"), "calibration dict"
-    path = Path(calibration).expanduser() if calibration is not None else find_calibration_file(robot_id)
+def open_serial_port(port: str, baudrate: int, timeout: float = 0.05) -> serial.Serial:
+    """Open `port` raw at `baudrate`, turning the usual failures into advice."""
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CalibrationError(f"calibration file {path} does not exist") from None
-    except (OSError, ValueError) as e:
-        raise CalibrationError(f"cannot read calibration file {path}: {e}") from e
-    return validate_calibration(data, str(path)), str(path)
+        return serial.Serial(port, baudrate=baudrate, timeout=timeout, write_timeout=1.0)
+    except serial.SerialException as e:
+        code = getattr(e, "errno", None)
+        hint = "list the serial ports with `python -m serial.tools.list_ports -v`"
+        if code == errno.EACCES:
+            hint = ("permission denied: add yourself to the dialout group "
+                    "(`sudo usermod -aG dialout $USER`, then log out and back in)")
+        elif code == errno.ENOENT:
+            hint = ("no such device: check the USB cable; on Ubuntu the brltty service can grab CH340 "
+                    "adapters (`sudo apt remove brltty`); " + hint)
+        elif code == errno.EBUSY:
+            hint = "the port is busy: another program has it open"
+        raise FeetechError(f"cannot open serial port {port}: {e}. Hint: {hint}", port=port) from e
 
 
-def save_calibration(calibration: Mapping, path: str | os.PathLike) -> Path:
-    """Write LeRobot's JSON format; an existing file is kept as <name>.json.bak first."""
-    path = Path(path).expanduser()
-    clean = validate_calibration(calibration, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        os.replace(path, path.with_name(path.name + ".bak"))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(clean, indent=4) + "\n")
-    os.replace(tmp, path)
-    return path
+# ---------------------------------------------------------------------------------------------
+# 4. The SO-100 arm: layout, units, the driver
+# ---------------------------------------------------------------------------------------------
+
+JOINT_NAMES: tuple[str, ...] = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
+MOTOR_IDS: dict[str, int] = {name: i + 1 for i, name in enumerate(JOINT_NAMES)}
+MOTOR_NAMES: dict[int, str] = {i: name for name, i in MOTOR_IDS.items()}  # for error messages
+FULL_TURN_JOINT = "wrist_roll"  # turns freely: calibrated to the whole 0..4095 range
+GRIPPER = "gripper"
+
+# Written on connect, with torque off and Lock 0: the settings LeRobot's SO-100 driver applies.
+ARM_SETTINGS: tuple[tuple[str, int], ...] = (
+    ("Return_Delay", 0),  # reply at once (the default waits 500 us before answering)
+    ("Maximum_Acceleration", 254),
+    ("Acceleration", 254),
+    ("Operating_Mode", 0),  # position control
+    ("P_Coefficient", 16),  # lower than the factory 32 to avoid shakiness
+    ("I_Coefficient", 0),
+    ("D_Coefficient", 32),
+)
+GRIPPER_SETTINGS: tuple[tuple[str, int], ...] = (
+    # The gripper squeezes objects: cap its torque and current so it does not overheat or burn out.
+    ("Max_Torque_Limit", 500),
+    ("Protection_Current", 250),
+    ("Overload_Torque", 25),
+)
 
 
 # LeRobot's units. Joints: DEGREES = (ticks - (range_min + range_max) / 2) * 360 / 4095, so 0 is the
@@ -663,10 +574,6 @@ def unit_limits(calibration: Mapping) -> tuple[np.ndarray, np.ndarray]:
     return low, high
 
 
-# ---------------------------------------------------------------------------------------------
-# 5. The SO-100 arm
-# ---------------------------------------------------------------------------------------------
-
 def check_servos(bus: FeetechBus, servo_ids: Sequence[int] = tuple(MOTOR_IDS.values())) -> None:
     """Ping every servo (reporting all missing ones at once), then check each is an STS3215."""
     missing = []
@@ -676,7 +583,7 @@ def check_servos(bus: FeetechBus, servo_ids: Sequence[int] = tuple(MOTOR_IDS.val
         except (NoReplyError, CorruptReplyError) as e:  # a ServoFaultError names its fault: let it through
             missing.append((servo_id, e))
     if missing:
-        who = "; ".join(f"{bus._who(i)}: {'corrupt reply' if isinstance(e, CorruptReplyError) else 'no reply'}"
+        who = "; ".join(f"{bus.who(i)}: {'corrupt reply' if isinstance(e, CorruptReplyError) else 'no reply'}"
                         for i, e in missing)
         raise NoReplyError(
             f"{bus.port}: {len(missing)} of {len(servo_ids)} servos did not answer a PING ({who}). Hint: "
@@ -685,7 +592,7 @@ def check_servos(bus: FeetechBus, servo_ids: Sequence[int] = tuple(MOTOR_IDS.val
     for servo_id in servo_ids:
         model = bus.read_register(servo_id, "Model_Number")
         if model != STS3215_MODEL:
-            raise FeetechError(f"{bus.port}: {bus._who(servo_id)} reports model number {model}, expected "
+            raise FeetechError(f"{bus.port}: {bus.who(servo_id)} reports model number {model}, expected "
                                f"{STS3215_MODEL} (STS3215)", port=bus.port, servo_id=servo_id,
                                register="Model_Number")
 
@@ -696,7 +603,7 @@ def check_arm(port: str, *, reply_timeout: float = 0.05, attempts: int = 3) -> N
     This needs no calibration: a program calls it first so that a wrong port or an unpowered arm is
     reported before a missing calibration file (SO100() loads the calibration when it is built)."""
     bus = FeetechBus(port, reply_timeout=reply_timeout, attempts=attempts,
-                     motor_names={i: n for n, i in MOTOR_IDS.items()})
+                     motor_names=MOTOR_NAMES)
     bus.open()
     try:
         check_servos(bus, list(MOTOR_IDS.values()))
@@ -746,7 +653,7 @@ class SO100:
         self.max_relative_target = self._per_joint(max_relative_target)
         self.joint_names = list(JOINT_NAMES)
         self.bus = FeetechBus(port, reply_timeout=reply_timeout, attempts=attempts,
-                              motor_names={i: n for n, i in MOTOR_IDS.items()})
+                              motor_names=MOTOR_NAMES)
         self._ids = [MOTOR_IDS[n] for n in JOINT_NAMES]
         self._low, self._high = unit_limits(self.calibration)
         self._connected = False
@@ -902,7 +809,7 @@ class SO100:
             try:
                 self.bus.write_register(servo_id, "Torque_Enable", 0)
             except FeetechError as e:
-                failures.append(f"{self.bus._who(servo_id)}: {e}")
+                failures.append(f"{self.bus.who(servo_id)}: {e}")
         return failures
 
     # -- reading and writing ----------------------------------------------------------------------
@@ -949,6 +856,121 @@ class SO100:
         self._last_goal = goal
         return (to_legacy(goal) if self.legacy else goal).astype(np.float32)
 
+
+
+# =============================================================================================
+# Machinery: calibration files, the calibration procedure, the command line
+# =============================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# 5. Calibration files: LeRobot's format and where its versions keep them
+# ---------------------------------------------------------------------------------------------
+
+CALIBRATION_FIELDS = ("id", "drive_mode", "homing_offset", "range_min", "range_max")
+CALIBRATION_REGISTERS = ("Homing_Offset", "Min_Position_Limit", "Max_Position_Limit")  # 31, 9, 11
+# LeRobot up to v0.4.2 files SO-100 calibrations under so100_follower, from v0.4.3 under so_follower.
+CALIBRATION_ROBOT_DIRS = ("so_follower", "so100_follower")
+
+
+def calibration_root() -> Path:
+    """LeRobot's calibration directory, honouring its environment variables."""
+    if os.environ.get("HF_LEROBOT_CALIBRATION"):
+        return Path(os.environ["HF_LEROBOT_CALIBRATION"]).expanduser()
+    if os.environ.get("HF_LEROBOT_HOME"):
+        return Path(os.environ["HF_LEROBOT_HOME"]).expanduser() / "calibration"
+    hf_home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(hf_home).expanduser() / "lerobot" / "calibration"
+
+
+def default_calibration_path(robot_id: str) -> Path:
+    """Where `python so100.py calibrate` writes: the location current LeRobot reads."""
+    return calibration_root() / "robots" / CALIBRATION_ROBOT_DIRS[0] / f"{robot_id}.json"
+
+
+def find_calibration_file(robot_id: str | None) -> Path:
+    dirs = [calibration_root() / "robots" / d for d in CALIBRATION_ROBOT_DIRS]
+    if robot_id is not None:
+        candidates = [d / f"{robot_id}.json" for d in dirs]
+        for path in candidates:
+            if path.is_file():
+                return path
+        looked = ", ".join(str(p) for p in candidates)
+    else:
+        found = sorted(p for d in dirs if d.is_dir() for p in d.glob("*.json"))
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise CalibrationError(
+                f"several SO-100 calibrations found ({', '.join(str(p) for p in found)}); "
+                "say which with id=... (CLI: --id) or pass the file's path")
+        looked = ", ".join(f"{d}/*.json" for d in dirs)
+    raise CalibrationError(
+        f"no SO-100 calibration found (looked at {looked}). Run "
+        f"`python so100.py calibrate --port PORT --id {robot_id or 'ID'}` to make one, or pass the path "
+        "of a LeRobot calibration JSON")
+
+
+def validate_calibration(calibration: Mapping, source: str) -> dict[str, dict[str, int]]:
+    """Check a LeRobot-format calibration dict and return a clean copy, naming what is wrong."""
+    if not isinstance(calibration, Mapping):
+        raise CalibrationError(f"{source}: calibration must be a JSON object keyed by joint name")
+    missing = [name for name in JOINT_NAMES if name not in calibration]
+    if missing:
+        raise CalibrationError(f"{source}: no entry for joint(s) {', '.join(missing)}")
+    clean: dict[str, dict[str, int]] = {}
+    for name in JOINT_NAMES:
+        entry = calibration[name]
+        if not isinstance(entry, Mapping):
+            raise CalibrationError(f"{source}: {name} must be an object with {', '.join(CALIBRATION_FIELDS)}")
+        absent = [f for f in CALIBRATION_FIELDS if f not in entry]
+        if absent:
+            raise CalibrationError(f"{source}: {name} lacks {', '.join(absent)}")
+        values = {}
+        for field in CALIBRATION_FIELDS:
+            value = entry[field]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+                raise CalibrationError(f"{source}: {name}.{field} must be an integer, got {value!r}")
+            values[field] = int(value)
+        if values["id"] != MOTOR_IDS[name]:
+            raise CalibrationError(f"{source}: {name}.id is {values['id']}, the SO-100 uses id {MOTOR_IDS[name]}")
+        if values["drive_mode"] != 0:
+            # LeRobot's SO-100 calibration always writes drive_mode 0; inverted joints are not supported
+            # here rather than guessed.
+            raise CalibrationError(f"{source}: {name}.drive_mode is {values['drive_mode']}; only 0 is supported")
+        if not 0 <= values["range_min"] < values["range_max"] <= MAX_RESOLUTION:
+            raise CalibrationError(
+                f"{source}: {name} range {values['range_min']}..{values['range_max']} must satisfy "
+                f"0 <= range_min < range_max <= {MAX_RESOLUTION}")
+        if abs(values["homing_offset"]) > HALF_TURN:
+            raise CalibrationError(f"{source}: {name}.homing_offset {values['homing_offset']} is outside "
+                                   f"-{HALF_TURN}..{HALF_TURN}")
+        clean[name] = values
+    return clean
+
+
+def load_calibration(calibration: str | os.PathLike | Mapping | None,
+                     robot_id: str | None = None) -> tuple[dict[str, dict[str, int]], str]:
+    """Return (calibration, where it came from) from a path, a dict, or LeRobot's default location."""
+    if isinstance(calibration, Mapping):
+        return validate_calibration(calibration, "calibration dict"), "calibration dict"
+    path = Path(calibration).expanduser() if calibration is not None else find_calibration_file(robot_id)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CalibrationError(f"calibration file {path} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise CalibrationError(f"cannot read calibration file {path}: {e}") from e
+    return validate_calibration(data, str(path)), str(path)
+
+
+def save_calibration(calibration: Mapping, path: str | os.PathLike) -> Path:
+    """Write LeRobot's JSON format; an existing file is kept as <name>.json.bak first."""
+    path = Path(path).expanduser()
+    clean = validate_calibration(calibration, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        shutil.copy2(path, path.with_name(path.name + ".bak"))  # the old file stays in place until replaced
+    return write_text(path, json.dumps(clean, indent=4) + "\n")
 
 # ---------------------------------------------------------------------------------------------
 # 6. Calibration procedure (LeRobot's: middle pose -> homing offsets, then ranges of motion)
@@ -1054,7 +1076,7 @@ def _record_calibration(bus: FeetechBus, ids: list[int], wait_for_enter: Callabl
 # ---------------------------------------------------------------------------------------------
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    bus = FeetechBus(args.port, motor_names={i: n for n, i in MOTOR_IDS.items()})
+    bus = FeetechBus(args.port, motor_names=MOTOR_NAMES)
     bus.open()
     try:
         calibration = run_calibration(bus)
@@ -1094,7 +1116,7 @@ def _print_positions(names: Sequence[str], read: Callable[[], Sequence[float]], 
 
 def _cmd_read(args: argparse.Namespace) -> int:
     if args.raw:  # no calibration needed: raw Present_Position steps, torque left as it is
-        bus = FeetechBus(args.port, motor_names={i: n for n, i in MOTOR_IDS.items()})
+        bus = FeetechBus(args.port, motor_names=MOTOR_NAMES)
         bus.open()
         try:
             ids = list(MOTOR_IDS.values())
@@ -1115,21 +1137,22 @@ def _cmd_read(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="SO-100 arm over raw serial (Feetech STS3215).")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("calibrate", help="interactive calibration; writes LeRobot's JSON format")
+    parser = Parser(description="SO-100 arm over raw serial (Feetech STS3215).", formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)  # the subcommands' parsers are Parsers too
+    p = sub.add_parser("calibrate", help="interactive calibration; writes LeRobot's JSON format",
+                       formatter_class=HelpFormatter)
     p.add_argument("--port", required=True)
     p.add_argument("--id", required=True, help="robot id: the file is <calibration dir>/robots/so_follower/<id>.json")
     p.add_argument("--output", help="write the JSON here instead")
     p.set_defaults(func=_cmd_calibrate)
-    p = sub.add_parser("read", help="print joint positions (torque stays off)")
+    p = sub.add_parser("read", help="print joint positions (torque stays off)", formatter_class=HelpFormatter)
     p.add_argument("--port", required=True)
     p.add_argument("--id", help="robot id to find the calibration file")
     p.add_argument("--calibration", help="path of a LeRobot calibration JSON")
     p.add_argument("--legacy", action="store_true", help="old main_* dataset units")
     p.add_argument("--raw", action="store_true", help="raw servo steps, no calibration needed")
     p.add_argument("--once", action="store_true", help="print one line and exit")
-    p.add_argument("--hz", type=float, default=10.0)
+    p.add_argument("--hz", type=number(above=0), default=10.0, help="lines per second")
     p.set_defaults(func=_cmd_read)
     args = parser.parse_args(argv)
     try:

@@ -28,14 +28,14 @@ def h(text: str) -> bytes:
 def test_ping_packet_and_reply():
     assert so100.ping_packet(1) == h("FF FF 01 02 01 FB")
     assert so100.status_packet(1, 0) == h("FF FF 01 02 00 FC")
-    reply = so100.parse_status(bytearray(h("FF FF 01 02 00 FC")))
-    assert (reply.servo_id, reply.error, reply.params) == (1, 0, b"")
+    reply = so100.parse_packet(bytearray(h("FF FF 01 02 00 FC")))
+    assert (reply.servo_id, reply.code, reply.params) == (1, 0, b"")
 
 
 def test_read_packet_and_reply():
     assert so100.read_packet(1, 56, 2) == h("FF FF 01 04 02 38 02 BE")
     # Present_Position 2048 = 0x0800 from id 1: checksum ~(01+04+00+00+08) = ~0x0D = 0xF2.
-    reply = so100.parse_status(bytearray(h("FF FF 01 04 00 00 08 F2")), params_length=2)
+    reply = so100.parse_packet(bytearray(h("FF FF 01 04 00 00 08 F2")), params_length=2)
     assert reply.params == h("00 08")
     assert so100.decode_register("Present_Position", reply.params) == 2048
 
@@ -52,7 +52,7 @@ def test_sync_read_packet_and_replies():
     for i in range(1, 7):
         stream += bytes([0xFF, 0xFF, i, 4, 0, i, 8, ~(i + 4 + i + 8) & 0xFF])
     got = []
-    while (reply := so100.parse_status(stream, params_length=2)) is not None:
+    while (reply := so100.parse_packet(stream, params_length=2)) is not None:
         got.append((reply.servo_id, so100.decode_register("Present_Position", reply.params)))
     assert got == [(i, 2048 + i) for i in range(1, 7)]
 
@@ -89,7 +89,7 @@ def test_parser_discards_noise_and_resyncs():
     good = h("FF FF 01 04 00 00 08 F2")
     # Noise with lone FF bytes, a header whose id is FF (FF FF FF ...), then the packet.
     buffer = bytearray(h("00 13 FF 37 FF") + h("FF") + good)
-    reply = so100.parse_status(buffer, params_length=2)
+    reply = so100.parse_packet(buffer, params_length=2)
     assert reply.raw == good and buffer == bytearray()
 
 
@@ -98,17 +98,30 @@ def test_parser_bad_checksum_raises_then_resyncs():
     good = h("FF FF 02 04 00 00 08 F1")  # ~(02+04+00+00+08) = ~0x0E = 0xF1
     buffer = bytearray(bad + good)
     with pytest.raises(so100.ChecksumError):
-        so100.parse_status(buffer, params_length=2)
-    reply = so100.parse_status(buffer, params_length=2)
+        so100.parse_packet(buffer, params_length=2)
+    reply = so100.parse_packet(buffer, params_length=2)
     assert reply.servo_id == 2 and reply.raw == good
+
+
+def test_parser_reads_instruction_packets_too():
+    """What a servo receives: a broadcast SYNC_READ is an instruction, never a status packet."""
+    sync_read = so100.sync_read_packet([1, 2], 56, 2)
+    assert so100.parse_packet(bytearray(sync_read)) is None  # id FE: no servo sends that
+    buffer = bytearray(h("00 FF") + sync_read + so100.ping_packet(3))
+    packet = so100.parse_packet(buffer, instruction=True)
+    assert (packet.servo_id, packet.code, packet.params) == (0xFE, so100.SYNC_READ, bytes([56, 2, 1, 2]))
+    assert so100.parse_packet(buffer, instruction=True).raw == so100.ping_packet(3) and buffer == bytearray()
+    corrupt = bytearray(so100.ping_packet(3)[:-1] + b"\x00")
+    with pytest.raises(so100.ChecksumError, match="instruction packet"):
+        so100.parse_packet(corrupt, instruction=True)
 
 
 def test_parser_waits_on_truncated_packet_and_skips_wrong_length():
     truncated = bytearray(h("FF FF 01 04 00 00"))
-    assert so100.parse_status(truncated, params_length=2) is None
+    assert so100.parse_packet(truncated, params_length=2) is None
     assert truncated == bytearray(h("FF FF 01 04 00 00"))  # kept: the rest may still come
     # A PING-sized reply where a 2-byte READ reply is expected is not taken for it.
-    assert so100.parse_status(bytearray(h("FF FF 01 02 00 FC")), params_length=2) is None
+    assert so100.parse_packet(bytearray(h("FF FF 01 02 00 FC")), params_length=2) is None
 
 
 @settings(max_examples=300, deadline=None)
@@ -143,7 +156,7 @@ def _drain_and_check(buffer: bytearray, params_length):
     found = []
     for _ in range(len(buffer) + 2):
         try:
-            reply = so100.parse_status(buffer, params_length)
+            reply = so100.parse_packet(buffer, params_length)
         except so100.ChecksumError:
             continue
         if reply is None:
@@ -151,7 +164,7 @@ def _drain_and_check(buffer: bytearray, params_length):
         raw = reply.raw
         assert raw[:2] == b"\xff\xff" and raw[3] == len(raw) - 4
         assert (~sum(raw[2:-1])) & 0xFF == raw[-1]
-        assert reply.servo_id == raw[2] and reply.error == raw[4] and reply.params == raw[5:-1]
+        assert reply.servo_id == raw[2] and reply.code == raw[4] and reply.params == raw[5:-1]
         if params_length is not None:
             assert len(reply.params) == params_length
         found.append(reply)
