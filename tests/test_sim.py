@@ -205,3 +205,52 @@ def test_a_missing_gl_back_end_is_one_line_naming_what_to_install(tmp_path):
     assert result.returncode == 1 and not (tmp_path / "v.png").exists()
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "MUJOCO_GL=no-such-gl" in lines[0] and "install libEGL" in lines[0]
+
+
+def test_two_cube_scene_names_the_cube_to_move_and_judges_that_one():
+    one, two = sim.Scene(), sim.Scene(cubes=2)
+    targets = set()
+    for seed in range(12):
+        one.reset(seed)
+        two.reset(seed)
+        red, green = (two.data.body(name).xpos[:2] for name in ("cube", "cube_green"))
+        assert np.hypot(*(red - green)) >= sim.CUBE_GAP
+        np.testing.assert_allclose(red, one.cube_position()[:2])  # one-cube scenes keep their seeds
+        targets.add(two.target)
+        named = two.task().split()[3]  # "Pick up the <colour> cube ..."
+        rgba = two.model.geom(two.cubes[two.target]).rgba
+        assert named == ("red" if rgba[0] > rgba[1] else "green")  # the words name the cube of that colour
+        np.testing.assert_allclose(two.cube_position()[:2], two.data.body(two.cubes[two.target]).xpos[:2])
+    assert targets == {0, 1}
+    assert sim.instruct(two, "empty") == "" and sim.instruct(two, "named") == two.task()
+    before = two.target
+    assert sim.instruct(two, "other") == sim.task_for(two.colours[1 - before]) and two.target == 1 - before
+    with pytest.raises(sim.SimError, match="two-cube"):
+        sim.instruct(one, "other")
+
+
+def test_expert_moves_the_named_cube_and_leaves_the_other():
+    scene = sim.Scene(cubes=2)
+    scene.reset(4)
+    other = 1 - scene.target
+    expert = sim.ScriptedExpert(scene, np.random.default_rng(4))
+    t = 0.0
+    while t < expert.duration + 1.0:
+        scene.goal = expert.goal(t)
+        scene.step(0.05)
+        t += 0.05
+    assert scene.success() and scene.cube_in_box(scene.target) and not scene.cube_in_box(other)
+
+
+def test_two_cube_recording_gives_each_episode_the_task_of_its_scene(tmp_path):
+    summary = sim.record(tmp_path / "ds", episodes=3, seed=0, fps=10, log=lambda m: None, cubes=2)
+    ds = data.LeRobotDataset(tmp_path / "ds")
+    scene = sim.Scene(cubes=2)
+    seeds = range(summary["seeds"][0], summary["seeds"][1] + 1)
+    expected = []
+    for seed in seeds:
+        if seed not in summary["expert_failures"]:
+            scene.reset(seed)
+            expected.append(sim.task_for(scene.colours[scene.target]))
+    starts = [i for i in range(len(ds)) if ds[i]["frame_index"] == 0]
+    assert [ds[i]["task"] for i in starts] == expected
