@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import cli
 import sim
 
 DEMO_POLICY = "outputs/demo/checkpoints/last/pretrained_model"
@@ -245,9 +246,7 @@ EXPERIMENTS = {"budget": budget, "async": async_vs_sync, "threshold": threshold,
 
 
 def main(argv: list[str] | None = None) -> int:
-    import infer_async
-
-    p = infer_async.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("experiment", choices=sorted(EXPERIMENTS))
     p.add_argument("--policy", default=DEMO_POLICY, help=f"policy directory (default: the demo's, {DEMO_POLICY})")
     p.add_argument("--episodes", type=sim.positive_int, default=50, help="episodes per setting (default 50)")

@@ -15,10 +15,10 @@ policy driven through `infer_async.RobotClient` runs the exact code path of a re
 Read top to bottom:
   1. the scene (MJCF) and its physics: servos, success judged from the physics state alone
   2. simulated time: physics advances in sleep(); a policy's latency passes in simulated time
-  3. the servo bus on a pseudo-terminal, with encoders read from the physics (or a simple motor)
-  4. cameras, and the arm + cameras as infer_async uses them
-  5. the scripted expert (inverse kinematics through waypoints)
-  6. recording a LeRobot dataset, closed-loop evaluation, video
+  3. cameras, and the arm + cameras as infer_async uses them
+  4. the scripted expert (inverse kinematics through waypoints)
+  5. recording a LeRobot dataset, closed-loop evaluation, video
+  6. the servo bus on a pseudo-terminal, with encoders read from the physics (or a simple motor)
   7. the command line
 
 Units are the real arm's: joints in degrees (LeRobot's convention: 0 at the middle of the
@@ -68,6 +68,7 @@ except ImportError as err:
 except Exception as err:  # MuJoCo loads its GL back end on import: a missing or wrong one fails here
     raise SystemExit(f"sim.py: {gl_problem(err)}") from err
 
+import cli
 import infer_async
 import so100
 
@@ -516,7 +517,487 @@ class SimClock:
             self._cond.notify_all()
 
 # ---------------------------------------------------------------------------------------------
-# 3. The servo bus
+# 3. Cameras, and the simulated robot as infer_async uses it
+# ---------------------------------------------------------------------------------------------
+
+
+class SimCamera:
+    """A scene camera with infer_async.Camera's interface: read() -> uint8 (H, W, 3), rendered now,
+    resized to `size` if given (as a real camera is captured at the size the policy was trained on)."""
+
+    def __init__(self, scene: Scene, name: str, size: tuple[int, int] | None = None):
+        self.scene, self.name, self.size = scene, name, size
+
+    def read(self) -> np.ndarray:
+        frame = self.scene.render(self.name)
+        if self.size is None or tuple(self.size) == frame.shape[:2]:
+            return frame
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(frame).resize((self.size[1], self.size[0]), Image.BILINEAR))
+
+    def close(self) -> None:
+        pass
+
+
+class SimRobot:
+    """The scene, its servo bus on a pseudo-terminal, the so100.SO100 driver connected to it, the
+    cameras and a clock: `robot`, `cameras` and `clock` plug into infer_async.RobotClient where a
+    real arm's do. `model` and `data` are MuJoCo's."""
+
+    def __init__(self, image_size: tuple[int, int] = IMAGE_SIZE, realtime: bool = False, cubes: int = 1):
+        self.scene = Scene(image_size, cubes)
+        self.bus = SimulatedArm(scene=self.scene)
+        self.clock = SimClock(self.scene, self.bus, realtime)
+        self.robot: so100.SO100 | None = None
+        self.cameras = {f"observation.images.{name}": SimCamera(self.scene, name) for name in CAMERAS}
+        self._episode_start, self._success_since = 0.0, None
+        self.completed_at: float | None = None
+
+    @property
+    def model(self):
+        return self.scene.model
+
+    @property
+    def data(self):
+        return self.scene.data
+
+    def start(self, connect: bool = True) -> "SimRobot":
+        """Serve the bus; with `connect`, also connect `robot` (torque on). infer_async.py --sim
+        connects its own driver to `bus.port`, as to a real arm."""
+        self.bus.start()
+        if connect:
+            # A generous reply timeout: a busy CPU can delay the bus thread, and simulated time does not
+            # pass meanwhile, so waiting longer than a real arm's 50 ms costs nothing.
+            self.robot = so100.SO100(self.bus.port, calibration=self.bus.calibration, reply_timeout=1.0)
+            self.robot.connect()
+        self._episode_start = self.clock.now()
+        return self
+
+    def reset(self, seed: int) -> None:
+        """A new episode: the scene from `seed`, the driver holding the new pose (torque on again)."""
+        self.scene.reset(seed)
+        self.bus.settle()
+        self.robot.torque_on()
+        self._episode_start = self.clock.now()
+        self._success_since, self.completed_at = None, None
+
+    def task_done(self) -> bool:
+        """Called once a control tick: True once the cube has been in the box and at rest for SETTLE_S.
+        `completed_at` then holds the simulated seconds from the episode's start to that success."""
+        elapsed = self.clock.now() - self._episode_start
+        if not self.scene.success():
+            self._success_since = None
+            return False
+        if self._success_since is None:
+            self._success_since = elapsed
+        if elapsed - self._success_since >= SETTLE_S:
+            self.completed_at = self._success_since
+            return True
+        return False
+
+    def close(self) -> None:
+        if self.robot is not None and self.robot.is_connected:
+            self.robot.disconnect()
+        self.bus.stop()
+        self.scene.close()
+
+    def __enter__(self) -> "SimRobot":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> bool:
+        self.close()
+        return False
+
+    def cameras_for(self, spec) -> dict[str, SimCamera]:
+        """The cameras a policy asks for (infer_async.PolicySpec), at the sizes it asks for."""
+        missing = sorted(set(spec.cameras) - set(self.cameras))
+        if missing:
+            raise SimError(f"the policy expects camera(s) {missing}; the simulator has {sorted(self.cameras)}")
+        return {key: SimCamera(self.scene, key.rsplit(".", 1)[-1], size) for key, size in spec.cameras.items()}
+
+    def units(self, angles: np.ndarray) -> np.ndarray:
+        """Joint angles (radians) in the robot's units (degrees, gripper percent), as the driver
+        would report them."""
+        calibration = self.bus.calibration
+        return so100.ticks_to_units([radians_to_ticks(a) for a in angles], calibration)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The scripted expert
+# ---------------------------------------------------------------------------------------------
+# Waypoints for the point between the jaw pads ("grasp" site), the gripper pointing straight
+# down with its jaws closing across two faces of the cube: above the cube, down, close, lift,
+# over the box, down, open, up. Each waypoint becomes joint angles by damped least squares on
+# MuJoCo's site Jacobian; between waypoints the joints follow a smooth (minimum-jerk) profile.
+# The cube does not move until it is grasped, so the plan is made once, from the first state.
+
+GRASP_HEIGHT = CUBE_HALF + 0.006  # the site a little above the cube's centre: pad tips clear the table
+OPEN, CLOSED = 1.1, -0.15  # gripper radians: wide open (7.5 cm at the pads), squeezing (the cube stops it)
+
+
+def down_orientation(yaw: float) -> np.ndarray:
+    """Rotation (world from site) with the gripper pointing down (site -y = world -z) and the jaws
+    closing along (cos yaw, sin yaw, 0)."""
+    c, s = math.cos(yaw), math.sin(yaw)
+    return np.array([[c, 0.0, s], [s, 0.0, -c], [0.0, 1.0, 0.0]])
+
+
+def solve_ik(model, scratch, position: np.ndarray, orientation: np.ndarray, q0: np.ndarray,
+             iterations: int = 200, damping: float = 1e-3) -> tuple[np.ndarray, float]:
+    """Joint angles (the five arm joints; gripper kept) putting the grasp site at `position` with
+    `orientation`; returns (angles, position error in m)."""
+    site = model.site("grasp").id
+    arm = np.arange(5)
+    q = q0.copy()
+    jac_p, jac_r = np.zeros((3, model.nv)), np.zeros((3, model.nv))
+    target_quat, site_quat, error_rot = np.zeros(4), np.zeros(4), np.zeros(3)
+    mujoco.mju_mat2Quat(target_quat, orientation.flatten())
+    low = np.array([JOINT_RANGES[j][0] for j in JOINTS])
+    high = np.array([JOINT_RANGES[j][1] for j in JOINTS])
+    for _ in range(iterations):
+        scratch.qpos[:len(JOINTS)] = q
+        mujoco.mj_kinematics(model, scratch)
+        mujoco.mj_comPos(model, scratch)
+        error_pos = position - scratch.site_xpos[site]
+        mujoco.mju_mat2Quat(site_quat, scratch.site_xmat[site])
+        mujoco.mju_subQuat(error_rot, target_quat, site_quat)
+        error_rot_world = scratch.site_xmat[site].reshape(3, 3) @ error_rot
+        if np.linalg.norm(error_pos) < 1e-4 and np.linalg.norm(error_rot_world) < 1e-3:
+            break
+        mujoco.mj_jacSite(model, scratch, jac_p, jac_r, site)
+        jac = np.vstack([jac_p[:, arm], 0.1 * jac_r[:, arm]])  # metres weigh more than radians
+        error = np.concatenate([error_pos, 0.1 * error_rot_world])
+        step = jac.T @ np.linalg.solve(jac @ jac.T + damping * np.eye(6), error)
+        q[arm] = np.clip(q[arm] + step, low[arm], high[arm])
+    scratch.qpos[:len(JOINTS)] = q
+    mujoco.mj_kinematics(model, scratch)
+    return q, float(np.linalg.norm(position - scratch.site_xpos[site]))
+
+
+def min_jerk(s: float) -> float:
+    s = min(max(s, 0.0), 1.0)
+    return s * s * s * (10 - 15 * s + 6 * s * s)
+
+
+@dataclass
+class Segment:
+    duration: float
+    goal: np.ndarray  # joint angles at the end (radians)
+
+
+class ScriptedExpert:
+    """A pick-and-place plan for the scene's current state, varied by `rng` (speed, approach height,
+    grasp point, release height). `goal(t)` gives the joint goals (radians) t seconds after start.
+    `check(scene, t)`, called every tick, notices a grasp that lifted nothing and plans a new attempt
+    from where the arm and the cube are then (at most MAX_ATTEMPTS)."""
+
+    MAX_ATTEMPTS = 3
+
+    def __init__(self, scene: Scene, rng: np.random.Generator):
+        self.rng, self.attempts = rng, 0
+        self._plan(scene, 0.0)
+
+    def _plan(self, scene: Scene, t0: float) -> None:
+        model, rng = scene.model, self.rng
+        scratch = mujoco.MjData(model)
+        cube, cube_yaw = scene.cube_position(), scene.cube_yaw()
+        q = scene.joint_angles()
+        # Of the four ways to grip a cube (every quarter turn), the one needing the least wrist roll.
+        best = None
+        for k in range(-2, 3):
+            yaw = cube_yaw + k * math.pi / 2
+            above = cube + [0.0, 0.0, 0.08]
+            solution, err = solve_ik(model, scratch, above, down_orientation(yaw), q)
+            score = abs(solution[4]) + 10 * err
+            if best is None or score < best[0]:
+                best = (score, yaw)
+        yaw = best[1]
+        speed = rng.uniform(0.8, 1.25)
+        hover = rng.uniform(0.06, 0.10)
+        lift = rng.uniform(0.09, 0.13)
+        grasp_at = cube + [*rng.normal(0.0, 0.002, 2), 0.0]
+        grasp_at[2] = GRASP_HEIGHT
+        box = np.array([BOX_CENTRE[0], BOX_CENTRE[1], 0.0]) + [*rng.uniform(-0.01, 0.01, 2), 0.0]
+        release = rng.uniform(0.05, 0.07)
+        box_yaw = math.atan2(box[1], box[0]) - math.atan2(cube[1], cube[0]) + yaw  # carried without roll
+
+        def pose(position, yaw_, gripper):
+            nonlocal q
+            q, _ = solve_ik(model, scratch, np.asarray(position, float), down_orientation(yaw_), q)
+            q = q.copy()
+            q[5] = gripper
+            return q
+
+        plan = [  # (seconds at speed 1, where)
+            (1.6, pose(cube + [0, 0, hover], yaw, OPEN)),
+            (1.2, pose(grasp_at, yaw, OPEN)),
+            (0.8, pose(grasp_at, yaw, CLOSED)),
+            (0.8, pose(grasp_at + [0, 0, lift], yaw, CLOSED)),  # the grasp is judged at the end of this
+            (1.4, pose(box + [0, 0, lift], box_yaw, CLOSED)),
+            (0.8, pose(box + [0, 0, release], box_yaw, CLOSED)),
+            (0.5, pose(box + [0, 0, release], box_yaw, OPEN)),
+            (1.0, pose(box + [0, 0, release + 0.08], box_yaw, OPEN)),
+        ]
+        self.t0, self.start = t0, scene.joint_angles()
+        self.segments = [Segment(seconds / speed, goal) for seconds, goal in plan]
+        self.lifted_at = t0 + sum(s.duration for s in self.segments[:4])
+        self.duration = t0 + sum(s.duration for s in self.segments)
+        self.attempts += 1
+
+    def check(self, scene: Scene, t: float) -> None:
+        if self.lifted_at <= t and self.attempts < self.MAX_ATTEMPTS:
+            self.lifted_at = math.inf
+            if scene.cube_position()[2] < CUBE_HALF + 0.02:  # still on the table: try again
+                self._plan(scene, t)
+
+    def goal(self, t: float) -> np.ndarray:
+        previous, t = self.start, t - self.t0
+        for segment in self.segments:
+            if t < segment.duration:
+                return previous + (segment.goal - previous) * min_jerk(t / segment.duration)
+            t -= segment.duration
+            previous = segment.goal
+        return previous.copy()
+
+# ---------------------------------------------------------------------------------------------
+# 5. Recording demonstrations, closed-loop evaluation, video
+# ---------------------------------------------------------------------------------------------
+
+
+def expert_episode(sim_robot: SimRobot, seed: int, fps: int, noise: float = 0.0, tail_s: float = 1.0) -> dict | None:
+    """One scripted demonstration from `seed`, recorded as LeRobot records a real arm: each tick the
+    observation (state, both cameras), then the action. None if the expert failed.
+
+    With `noise` (radians), the arm executes the expert's goals plus a slowly wandering offset
+    (Ornstein-Uhlenbeck, 0.5 s time constant) while the dataset records the expert's own goals
+    (DART, Laskey et al. 2017): the policy then sees states off the expert's path labelled with
+    the way back, and the grasps the noise spoils with the expert's second attempt."""
+    sim_robot.reset(seed)
+    rng = np.random.default_rng(seed)
+    expert = ScriptedExpert(sim_robot.scene, rng)
+    robot, clock = sim_robot.robot, sim_robot.clock
+    low, high = so100.unit_limits(sim_robot.bus.calibration)
+    episode: dict = {"task": sim_robot.scene.task(), "observation.state": [], "action": []}
+    episode.update({key: [] for key in sim_robot.cameras})
+    offset, dt, tau = np.zeros(len(JOINTS)), 1.0 / fps, 0.5
+    k = 0
+    while k * dt < expert.duration + tail_s:
+        expert.check(sim_robot.scene, k * dt)
+        goal = expert.goal(k * dt)
+        episode["observation.state"].append(robot.read())
+        for key, camera in sim_robot.cameras.items():
+            episode[key].append(camera.read())
+        episode["action"].append(np.clip(sim_robot.units(goal), low, high).astype(np.float32))
+        offset[:5] += -offset[:5] * dt / tau + noise * math.sqrt(2 * dt / tau) * rng.normal(size=5)
+        robot.write(sim_robot.units(goal + offset))
+        clock.sleep(dt)
+        k += 1
+    if not sim_robot.scene.success():
+        return None
+    episode["observation.state"] = np.stack(episode["observation.state"])
+    episode["action"] = np.stack(episode["action"])
+    return episode
+
+
+def record(out: str | Path, episodes: int, seed: int = 0, fps: int = FPS, noise: float = 0.0,
+           image_size: tuple[int, int] = IMAGE_SIZE, log: Callable[[str], None] = print, cubes: int = 1) -> dict:
+    """A LeRobot v3.0 dataset of `episodes` successful demonstrations at `out`, from seeds
+    seed, seed+1, ... (a seed where the expert fails is skipped). Returns what was recorded. With two
+    cubes each episode's task names the cube the expert moves."""
+    import data
+
+    used, failed = [], []
+
+    def demonstrations() -> Iterator[dict]:
+        with SimRobot(image_size, cubes=cubes) as sim_robot:
+            s, start = seed, time.monotonic()
+            while len(used) < episodes:
+                episode = expert_episode(sim_robot, s, fps, noise)
+                (used if episode is not None else failed).append(s)
+                if episode is not None:
+                    log(f"episode {len(used)}/{episodes} (seed {s}): {len(episode['action'])} frames, "
+                        f"{time.monotonic() - start:.0f} s")
+                    yield episode
+                elif len(failed) > max(10, episodes):
+                    raise SimError(f"the scripted expert failed on {len(failed)} seeds ({failed[:10]} ...)")
+                s += 1
+
+    data.write_dataset(out, demonstrations(), fps=fps, robot_type=ROBOT_TYPE,
+                       state_names=FEATURE_NAMES, action_names=FEATURE_NAMES)
+    return {"dataset": str(out), "episodes": len(used), "seeds": [used[0], used[-1]] if used else [],
+            "expert_failures": failed}
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a success rate (sound at 0 and n successes, unlike p +- 2se)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = 50
+    seed: int = 10_000  # episode i uses seed + i; recording uses small seeds, so these are held out
+    fps: float = FPS
+    time_limit_s: float = 25.0
+    sync: bool = False
+    threshold: float = 0.7  # g
+    n_action_steps: int | None = None  # --sync: actions executed per chunk
+    latency_s: float = 0.0  # added to the measured inference time (a slower model, a remote server)
+    measure_latency: bool = True  # False: the policy costs no time (only latency_s), fully repeatable
+    cube_speed: float = 0.0  # m/s: the cube slides in a random direction (a moving object)
+    instruction: str = "named"  # two cubes: "named" (the scene's), "other" (names the other cube), "empty"
+    video: str | None = None
+    video_episodes: int = 4
+
+
+def evaluate(sim_robot: SimRobot, policy_fn: Callable, spec, config: EvalConfig,
+             log: Callable[[str], None] = print) -> dict:
+    """Closed-loop success rate of a policy through infer_async.RobotClient (the queue, threshold g
+    and aggregation a real arm uses). Success: the cube in the box and at rest for SETTLE_S,
+    read from the physics. Completion time: simulated seconds from the start to that moment."""
+    clock = sim_robot.clock
+    results, frames = [], []
+    for i in range(config.episodes):
+        seed = config.seed + i
+        sim_robot.reset(seed)
+        task = instruct(sim_robot.scene, config.instruction)
+        if config.cube_speed > 0:
+            heading = np.random.default_rng([seed, 1]).uniform(0, 2 * math.pi)
+            sim_robot.scene.cube_velocity = config.cube_speed * np.array([math.cos(heading), math.sin(heading)])
+        client = infer_async.RobotClient(
+            sim_robot.robot, sim_robot.cameras_for(spec),
+            clock.timed(policy_fn, config.latency_s, config.measure_latency), spec, task,
+            infer_async.ClientConfig(fps=config.fps, threshold=config.threshold, sync=config.sync,
+                                     n_action_steps=config.n_action_steps),
+            clock=clock.now, sleep=clock.sleep)
+        clock.attach(client.server)
+        film = config.video is not None and i < config.video_episodes
+        episode_frames = []
+
+        def done() -> bool:
+            if film:
+                episode_frames.append(np.concatenate([sim_robot.scene.render(c) for c in CAMERAS], axis=1))
+            return sim_robot.task_done()
+
+        metrics = client.run(duration=config.time_limit_s, until=done)
+        clock.attach(None)
+        completed = sim_robot.completed_at
+        success = completed is not None
+        latencies = [latency for _, latency in metrics.latencies]
+        scene = sim_robot.scene
+        results.append({"seed": seed, "success": success, "completion_s": completed,
+                        "idle_ticks": metrics.idle_ticks, "ticks": metrics.ticks, "latencies": latencies,
+                        "task": task, "other_cube_in_box": any(scene.cube_in_box(c) for c in range(len(scene.cubes))
+                                                               if c != scene.target)})
+        outcome = f"success at {completed:.1f} s" if success else "failure"
+        if film:
+            frames.extend(annotate(f, f"seed {seed}: {outcome}", success) for f in episode_frames)
+        log(f"episode {i + 1}/{config.episodes} (seed {seed}): {outcome}, idle ticks {metrics.idle_ticks}")
+    if config.video is not None:
+        write_video(config.video, frames, config.fps)
+    return summarise(results, config)
+
+
+def instruct(scene: Scene, instruction: str) -> str:
+    """The instruction an episode gets. "other" re-targets the scene at the cube the scene did not
+    name, so success then means that cube moved; "empty" keeps the named cube as the one judged."""
+    if instruction == "named":
+        return scene.task()
+    if len(scene.cubes) < 2:
+        raise SimError(f"instruction {instruction!r} needs the two-cube scene (--cubes 2)")
+    if instruction == "other":
+        scene.target = 1 - scene.target
+        return scene.task()
+    if instruction == "empty":
+        return ""
+    raise SimError(f"unknown instruction {instruction!r}: named, other or empty")
+
+
+def summarise(results: list[dict], config: EvalConfig) -> dict:
+    successes = sum(r["success"] for r in results)
+    times = [r["completion_s"] for r in results if r["success"]]
+    latencies = np.array([x for r in results for x in r["latencies"]] or [np.nan])
+    return {
+        "success_rate": successes / len(results), "episodes": len(results), "successes": successes,
+        "ci95": [round(x, 4) for x in wilson_interval(successes, len(results))],
+        "mean_completion_s": round(float(np.mean(times)), 3) if times else None,
+        "idle_ticks": int(sum(r["idle_ticks"] for r in results)),
+        "ticks": int(sum(r["ticks"] for r in results)),
+        "latency_ms_mean": round(float(np.nanmean(latencies)) * 1000, 1),
+        "latency_ms_p95": round(float(np.nanpercentile(latencies, 95)) * 1000, 1),
+        "control_period_ms": round(1000 / config.fps, 1),
+        "mode": "sync" if config.sync else "async", "threshold": 0.0 if config.sync else config.threshold,
+        "added_latency_s": config.latency_s, "cube_speed": config.cube_speed,
+        "seeds": [config.seed, config.seed + len(results) - 1],
+        "instruction": config.instruction, "other_cube_in_box": int(sum(r.get("other_cube_in_box", False) for r in results)),
+    }
+
+
+def annotate(frame: np.ndarray, label: str, success: bool, scale: int = 2) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    image = Image.fromarray(frame).resize((frame.shape[1] * scale, frame.shape[0] * scale), Image.NEAREST)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([0, 0, image.width, 14], fill=(0, 0, 0))
+    draw.text((4, 2), label, fill=(80, 230, 80) if success else (240, 80, 80))
+    return np.asarray(image)
+
+
+def write_video(path: str | Path, frames: list[np.ndarray], fps: float) -> None:
+    """H.264 mp4 of the frames (PyAV)."""
+    import av
+
+    if not frames:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    height, width = frames[0].shape[:2]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=int(round(fps)))
+        stream.width, stream.height, stream.pix_fmt = width - width % 2, height - height % 2, "yuv420p"
+        for frame in frames:
+            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:stream.height, :stream.width]),
+                                                 format="rgb24")
+            for packet in stream.encode(picture):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def expert_policy(sim_robot: SimRobot, fps: float, chunk_size: int = 30):
+    """The scripted expert as a policy (observation -> chunk), and its infer_async.PolicySpec: a
+    check that evaluation scores a perfect policy as perfect. It plans from the scene (it is an
+    oracle) on the first observation of each episode."""
+    plan: dict = {}
+
+    def run(observation) -> np.ndarray:
+        if observation.timestep == 0 or "expert" not in plan:
+            plan["expert"] = ScriptedExpert(sim_robot.scene, np.random.default_rng(0))
+        expert = plan["expert"]
+        return np.stack([sim_robot.units(expert.goal((observation.timestep + i) / fps)) for i in range(chunk_size)])
+
+    cameras = {key: sim_robot.scene.image_size for key in sim_robot.cameras}
+    return run, infer_async.PolicySpec(cameras, len(JOINTS), len(JOINTS), chunk_size, chunk_size)
+
+
+def random_policy(sim_robot: SimRobot, chunk_size: int = 30, seed: int = 0):
+    """Uniformly random goals within the joint ranges: what a policy that learnt nothing scores."""
+    rng = np.random.default_rng(seed)
+    low, high = so100.unit_limits(sim_robot.bus.calibration)
+
+    def run(observation) -> np.ndarray:
+        return rng.uniform(low, high, size=(chunk_size, len(JOINTS)))
+
+    cameras = {key: sim_robot.scene.image_size for key in sim_robot.cameras}
+    return run, infer_async.PolicySpec(cameras, len(JOINTS), len(JOINTS), chunk_size, chunk_size)
+
+# ---------------------------------------------------------------------------------------------
+# 6. The servo bus
 # ---------------------------------------------------------------------------------------------
 # Six STS3215 register tables answering Feetech packets on a pseudo-terminal, so that
 # so100.SO100 talks to it as to a real arm. With a Scene attached the encoders read the physics
@@ -930,494 +1411,13 @@ class SimulatedArm:
             data = data[written:]
 
 # ---------------------------------------------------------------------------------------------
-# 4. Cameras, and the simulated robot as infer_async uses it
-# ---------------------------------------------------------------------------------------------
-
-
-class SimCamera:
-    """A scene camera with infer_async.Camera's interface: read() -> uint8 (H, W, 3), rendered now,
-    resized to `size` if given (as a real camera is captured at the size the policy was trained on)."""
-
-    def __init__(self, scene: Scene, name: str, size: tuple[int, int] | None = None):
-        self.scene, self.name, self.size = scene, name, size
-
-    def read(self) -> np.ndarray:
-        frame = self.scene.render(self.name)
-        if self.size is None or tuple(self.size) == frame.shape[:2]:
-            return frame
-        from PIL import Image
-
-        return np.asarray(Image.fromarray(frame).resize((self.size[1], self.size[0]), Image.BILINEAR))
-
-    def close(self) -> None:
-        pass
-
-
-class SimRobot:
-    """The scene, its servo bus on a pseudo-terminal, the so100.SO100 driver connected to it, the
-    cameras and a clock: `robot`, `cameras` and `clock` plug into infer_async.RobotClient where a
-    real arm's do. `model` and `data` are MuJoCo's."""
-
-    def __init__(self, image_size: tuple[int, int] = IMAGE_SIZE, realtime: bool = False, cubes: int = 1):
-        self.scene = Scene(image_size, cubes)
-        self.bus = SimulatedArm(scene=self.scene)
-        self.clock = SimClock(self.scene, self.bus, realtime)
-        self.robot: so100.SO100 | None = None
-        self.cameras = {f"observation.images.{name}": SimCamera(self.scene, name) for name in CAMERAS}
-        self._episode_start, self._success_since = 0.0, None
-        self.completed_at: float | None = None
-
-    @property
-    def model(self):
-        return self.scene.model
-
-    @property
-    def data(self):
-        return self.scene.data
-
-    def start(self, connect: bool = True) -> "SimRobot":
-        """Serve the bus; with `connect`, also connect `robot` (torque on). infer_async.py --sim
-        connects its own driver to `bus.port`, as to a real arm."""
-        self.bus.start()
-        if connect:
-            # A generous reply timeout: a busy CPU can delay the bus thread, and simulated time does not
-            # pass meanwhile, so waiting longer than a real arm's 50 ms costs nothing.
-            self.robot = so100.SO100(self.bus.port, calibration=self.bus.calibration, reply_timeout=1.0)
-            self.robot.connect()
-        self._episode_start = self.clock.now()
-        return self
-
-    def reset(self, seed: int) -> None:
-        """A new episode: the scene from `seed`, the driver holding the new pose (torque on again)."""
-        self.scene.reset(seed)
-        self.bus.settle()
-        self.robot.torque_on()
-        self._episode_start = self.clock.now()
-        self._success_since, self.completed_at = None, None
-
-    def task_done(self) -> bool:
-        """Called once a control tick: True once the cube has been in the box and at rest for SETTLE_S.
-        `completed_at` then holds the simulated seconds from the episode's start to that success."""
-        elapsed = self.clock.now() - self._episode_start
-        if not self.scene.success():
-            self._success_since = None
-            return False
-        if self._success_since is None:
-            self._success_since = elapsed
-        if elapsed - self._success_since >= SETTLE_S:
-            self.completed_at = self._success_since
-            return True
-        return False
-
-    def close(self) -> None:
-        if self.robot is not None and self.robot.is_connected:
-            self.robot.disconnect()
-        self.bus.stop()
-        self.scene.close()
-
-    def __enter__(self) -> "SimRobot":
-        return self.start()
-
-    def __exit__(self, *exc_info) -> bool:
-        self.close()
-        return False
-
-    def cameras_for(self, spec) -> dict[str, SimCamera]:
-        """The cameras a policy asks for (infer_async.PolicySpec), at the sizes it asks for."""
-        missing = sorted(set(spec.cameras) - set(self.cameras))
-        if missing:
-            raise SimError(f"the policy expects camera(s) {missing}; the simulator has {sorted(self.cameras)}")
-        return {key: SimCamera(self.scene, key.rsplit(".", 1)[-1], size) for key, size in spec.cameras.items()}
-
-    def units(self, angles: np.ndarray) -> np.ndarray:
-        """Joint angles (radians) in the robot's units (degrees, gripper percent), as the driver
-        would report them."""
-        calibration = self.bus.calibration
-        return so100.ticks_to_units([radians_to_ticks(a) for a in angles], calibration)
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. The scripted expert
-# ---------------------------------------------------------------------------------------------
-# Waypoints for the point between the jaw pads ("grasp" site), the gripper pointing straight
-# down with its jaws closing across two faces of the cube: above the cube, down, close, lift,
-# over the box, down, open, up. Each waypoint becomes joint angles by damped least squares on
-# MuJoCo's site Jacobian; between waypoints the joints follow a smooth (minimum-jerk) profile.
-# The cube does not move until it is grasped, so the plan is made once, from the first state.
-
-GRASP_HEIGHT = CUBE_HALF + 0.006  # the site a little above the cube's centre: pad tips clear the table
-OPEN, CLOSED = 1.1, -0.15  # gripper radians: wide open (7.5 cm at the pads), squeezing (the cube stops it)
-
-
-def down_orientation(yaw: float) -> np.ndarray:
-    """Rotation (world from site) with the gripper pointing down (site -y = world -z) and the jaws
-    closing along (cos yaw, sin yaw, 0)."""
-    c, s = math.cos(yaw), math.sin(yaw)
-    return np.array([[c, 0.0, s], [s, 0.0, -c], [0.0, 1.0, 0.0]])
-
-
-def solve_ik(model, scratch, position: np.ndarray, orientation: np.ndarray, q0: np.ndarray,
-             iterations: int = 200, damping: float = 1e-3) -> tuple[np.ndarray, float]:
-    """Joint angles (the five arm joints; gripper kept) putting the grasp site at `position` with
-    `orientation`; returns (angles, position error in m)."""
-    site = model.site("grasp").id
-    arm = np.arange(5)
-    q = q0.copy()
-    jac_p, jac_r = np.zeros((3, model.nv)), np.zeros((3, model.nv))
-    target_quat, site_quat, error_rot = np.zeros(4), np.zeros(4), np.zeros(3)
-    mujoco.mju_mat2Quat(target_quat, orientation.flatten())
-    low = np.array([JOINT_RANGES[j][0] for j in JOINTS])
-    high = np.array([JOINT_RANGES[j][1] for j in JOINTS])
-    for _ in range(iterations):
-        scratch.qpos[:len(JOINTS)] = q
-        mujoco.mj_kinematics(model, scratch)
-        mujoco.mj_comPos(model, scratch)
-        error_pos = position - scratch.site_xpos[site]
-        mujoco.mju_mat2Quat(site_quat, scratch.site_xmat[site])
-        mujoco.mju_subQuat(error_rot, target_quat, site_quat)
-        error_rot_world = scratch.site_xmat[site].reshape(3, 3) @ error_rot
-        if np.linalg.norm(error_pos) < 1e-4 and np.linalg.norm(error_rot_world) < 1e-3:
-            break
-        mujoco.mj_jacSite(model, scratch, jac_p, jac_r, site)
-        jac = np.vstack([jac_p[:, arm], 0.1 * jac_r[:, arm]])  # metres weigh more than radians
-        error = np.concatenate([error_pos, 0.1 * error_rot_world])
-        step = jac.T @ np.linalg.solve(jac @ jac.T + damping * np.eye(6), error)
-        q[arm] = np.clip(q[arm] + step, low[arm], high[arm])
-    scratch.qpos[:len(JOINTS)] = q
-    mujoco.mj_kinematics(model, scratch)
-    return q, float(np.linalg.norm(position - scratch.site_xpos[site]))
-
-
-def min_jerk(s: float) -> float:
-    s = min(max(s, 0.0), 1.0)
-    return s * s * s * (10 - 15 * s + 6 * s * s)
-
-
-@dataclass
-class Segment:
-    duration: float
-    goal: np.ndarray  # joint angles at the end (radians)
-
-
-class ScriptedExpert:
-    """A pick-and-place plan for the scene's current state, varied by `rng` (speed, approach height,
-    grasp point, release height). `goal(t)` gives the joint goals (radians) t seconds after start.
-    `check(scene, t)`, called every tick, notices a grasp that lifted nothing and plans a new attempt
-    from where the arm and the cube are then (at most MAX_ATTEMPTS)."""
-
-    MAX_ATTEMPTS = 3
-
-    def __init__(self, scene: Scene, rng: np.random.Generator):
-        self.rng, self.attempts = rng, 0
-        self._plan(scene, 0.0)
-
-    def _plan(self, scene: Scene, t0: float) -> None:
-        model, rng = scene.model, self.rng
-        scratch = mujoco.MjData(model)
-        cube, cube_yaw = scene.cube_position(), scene.cube_yaw()
-        q = scene.joint_angles()
-        # Of the four ways to grip a cube (every quarter turn), the one needing the least wrist roll.
-        best = None
-        for k in range(-2, 3):
-            yaw = cube_yaw + k * math.pi / 2
-            above = cube + [0.0, 0.0, 0.08]
-            solution, err = solve_ik(model, scratch, above, down_orientation(yaw), q)
-            score = abs(solution[4]) + 10 * err
-            if best is None or score < best[0]:
-                best = (score, yaw)
-        yaw = best[1]
-        speed = rng.uniform(0.8, 1.25)
-        hover = rng.uniform(0.06, 0.10)
-        lift = rng.uniform(0.09, 0.13)
-        grasp_at = cube + [*rng.normal(0.0, 0.002, 2), 0.0]
-        grasp_at[2] = GRASP_HEIGHT
-        box = np.array([BOX_CENTRE[0], BOX_CENTRE[1], 0.0]) + [*rng.uniform(-0.01, 0.01, 2), 0.0]
-        release = rng.uniform(0.05, 0.07)
-        box_yaw = math.atan2(box[1], box[0]) - math.atan2(cube[1], cube[0]) + yaw  # carried without roll
-
-        def pose(position, yaw_, gripper):
-            nonlocal q
-            q, _ = solve_ik(model, scratch, np.asarray(position, float), down_orientation(yaw_), q)
-            q = q.copy()
-            q[5] = gripper
-            return q
-
-        plan = [  # (seconds at speed 1, where)
-            (1.6, pose(cube + [0, 0, hover], yaw, OPEN)),
-            (1.2, pose(grasp_at, yaw, OPEN)),
-            (0.8, pose(grasp_at, yaw, CLOSED)),
-            (0.8, pose(grasp_at + [0, 0, lift], yaw, CLOSED)),  # the grasp is judged at the end of this
-            (1.4, pose(box + [0, 0, lift], box_yaw, CLOSED)),
-            (0.8, pose(box + [0, 0, release], box_yaw, CLOSED)),
-            (0.5, pose(box + [0, 0, release], box_yaw, OPEN)),
-            (1.0, pose(box + [0, 0, release + 0.08], box_yaw, OPEN)),
-        ]
-        self.t0, self.start = t0, scene.joint_angles()
-        self.segments = [Segment(seconds / speed, goal) for seconds, goal in plan]
-        self.lifted_at = t0 + sum(s.duration for s in self.segments[:4])
-        self.duration = t0 + sum(s.duration for s in self.segments)
-        self.attempts += 1
-
-    def check(self, scene: Scene, t: float) -> None:
-        if self.lifted_at <= t and self.attempts < self.MAX_ATTEMPTS:
-            self.lifted_at = math.inf
-            if scene.cube_position()[2] < CUBE_HALF + 0.02:  # still on the table: try again
-                self._plan(scene, t)
-
-    def goal(self, t: float) -> np.ndarray:
-        previous, t = self.start, t - self.t0
-        for segment in self.segments:
-            if t < segment.duration:
-                return previous + (segment.goal - previous) * min_jerk(t / segment.duration)
-            t -= segment.duration
-            previous = segment.goal
-        return previous.copy()
-
-# ---------------------------------------------------------------------------------------------
-# 6. Recording demonstrations, closed-loop evaluation, video
-# ---------------------------------------------------------------------------------------------
-
-
-def expert_episode(sim_robot: SimRobot, seed: int, fps: int, noise: float = 0.0, tail_s: float = 1.0) -> dict | None:
-    """One scripted demonstration from `seed`, recorded as LeRobot records a real arm: each tick the
-    observation (state, both cameras), then the action. None if the expert failed.
-
-    With `noise` (radians), the arm executes the expert's goals plus a slowly wandering offset
-    (Ornstein-Uhlenbeck, 0.5 s time constant) while the dataset records the expert's own goals
-    (DART, Laskey et al. 2017): the policy then sees states off the expert's path labelled with
-    the way back, and the grasps the noise spoils with the expert's second attempt."""
-    sim_robot.reset(seed)
-    rng = np.random.default_rng(seed)
-    expert = ScriptedExpert(sim_robot.scene, rng)
-    robot, clock = sim_robot.robot, sim_robot.clock
-    low, high = so100.unit_limits(sim_robot.bus.calibration)
-    episode: dict = {"task": sim_robot.scene.task(), "observation.state": [], "action": []}
-    episode.update({key: [] for key in sim_robot.cameras})
-    offset, dt, tau = np.zeros(len(JOINTS)), 1.0 / fps, 0.5
-    k = 0
-    while k * dt < expert.duration + tail_s:
-        expert.check(sim_robot.scene, k * dt)
-        goal = expert.goal(k * dt)
-        episode["observation.state"].append(robot.read())
-        for key, camera in sim_robot.cameras.items():
-            episode[key].append(camera.read())
-        episode["action"].append(np.clip(sim_robot.units(goal), low, high).astype(np.float32))
-        offset[:5] += -offset[:5] * dt / tau + noise * math.sqrt(2 * dt / tau) * rng.normal(size=5)
-        robot.write(sim_robot.units(goal + offset))
-        clock.sleep(dt)
-        k += 1
-    if not sim_robot.scene.success():
-        return None
-    episode["observation.state"] = np.stack(episode["observation.state"])
-    episode["action"] = np.stack(episode["action"])
-    return episode
-
-
-def record(out: str | Path, episodes: int, seed: int = 0, fps: int = FPS, noise: float = 0.0,
-           image_size: tuple[int, int] = IMAGE_SIZE, log: Callable[[str], None] = print, cubes: int = 1) -> dict:
-    """A LeRobot v3.0 dataset of `episodes` successful demonstrations at `out`, from seeds
-    seed, seed+1, ... (a seed where the expert fails is skipped). Returns what was recorded. With two
-    cubes each episode's task names the cube the expert moves."""
-    import data
-
-    used, failed = [], []
-
-    def demonstrations() -> Iterator[dict]:
-        with SimRobot(image_size, cubes=cubes) as sim_robot:
-            s, start = seed, time.monotonic()
-            while len(used) < episodes:
-                episode = expert_episode(sim_robot, s, fps, noise)
-                (used if episode is not None else failed).append(s)
-                if episode is not None:
-                    log(f"episode {len(used)}/{episodes} (seed {s}): {len(episode['action'])} frames, "
-                        f"{time.monotonic() - start:.0f} s")
-                    yield episode
-                elif len(failed) > max(10, episodes):
-                    raise SimError(f"the scripted expert failed on {len(failed)} seeds ({failed[:10]} ...)")
-                s += 1
-
-    data.write_dataset(out, demonstrations(), fps=fps, robot_type=ROBOT_TYPE,
-                       state_names=FEATURE_NAMES, action_names=FEATURE_NAMES)
-    return {"dataset": str(out), "episodes": len(used), "seeds": [used[0], used[-1]] if used else [],
-            "expert_failures": failed}
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a success rate (sound at 0 and n successes, unlike p +- 2se)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-@dataclass
-class EvalConfig:
-    episodes: int = 50
-    seed: int = 10_000  # episode i uses seed + i; recording uses small seeds, so these are held out
-    fps: float = FPS
-    time_limit_s: float = 25.0
-    sync: bool = False
-    threshold: float = 0.7  # g
-    n_action_steps: int | None = None  # --sync: actions executed per chunk
-    latency_s: float = 0.0  # added to the measured inference time (a slower model, a remote server)
-    measure_latency: bool = True  # False: the policy costs no time (only latency_s), fully repeatable
-    cube_speed: float = 0.0  # m/s: the cube slides in a random direction (a moving object)
-    instruction: str = "named"  # two cubes: "named" (the scene's), "other" (names the other cube), "empty"
-    video: str | None = None
-    video_episodes: int = 4
-
-
-def evaluate(sim_robot: SimRobot, policy_fn: Callable, spec, config: EvalConfig,
-             log: Callable[[str], None] = print) -> dict:
-    """Closed-loop success rate of a policy through infer_async.RobotClient (the queue, threshold g
-    and aggregation a real arm uses). Success: the cube in the box and at rest for SETTLE_S,
-    read from the physics. Completion time: simulated seconds from the start to that moment."""
-    clock = sim_robot.clock
-    results, frames = [], []
-    for i in range(config.episodes):
-        seed = config.seed + i
-        sim_robot.reset(seed)
-        task = instruct(sim_robot.scene, config.instruction)
-        if config.cube_speed > 0:
-            heading = np.random.default_rng([seed, 1]).uniform(0, 2 * math.pi)
-            sim_robot.scene.cube_velocity = config.cube_speed * np.array([math.cos(heading), math.sin(heading)])
-        client = infer_async.RobotClient(
-            sim_robot.robot, sim_robot.cameras_for(spec),
-            clock.timed(policy_fn, config.latency_s, config.measure_latency), spec, task,
-            infer_async.ClientConfig(fps=config.fps, threshold=config.threshold, sync=config.sync,
-                                     n_action_steps=config.n_action_steps),
-            clock=clock.now, sleep=clock.sleep)
-        clock.attach(client.server)
-        film = config.video is not None and i < config.video_episodes
-        episode_frames = []
-
-        def done() -> bool:
-            if film:
-                episode_frames.append(np.concatenate([sim_robot.scene.render(c) for c in CAMERAS], axis=1))
-            return sim_robot.task_done()
-
-        metrics = client.run(duration=config.time_limit_s, until=done)
-        clock.attach(None)
-        completed = sim_robot.completed_at
-        success = completed is not None
-        latencies = [latency for _, latency in metrics.latencies]
-        scene = sim_robot.scene
-        results.append({"seed": seed, "success": success, "completion_s": completed,
-                        "idle_ticks": metrics.idle_ticks, "ticks": metrics.ticks, "latencies": latencies,
-                        "task": task, "other_cube_in_box": any(scene.cube_in_box(c) for c in range(len(scene.cubes))
-                                                               if c != scene.target)})
-        outcome = f"success at {completed:.1f} s" if success else "failure"
-        if film:
-            frames.extend(annotate(f, f"seed {seed}: {outcome}", success) for f in episode_frames)
-        log(f"episode {i + 1}/{config.episodes} (seed {seed}): {outcome}, idle ticks {metrics.idle_ticks}")
-    if config.video is not None:
-        write_video(config.video, frames, config.fps)
-    return summarise(results, config)
-
-
-def instruct(scene: Scene, instruction: str) -> str:
-    """The instruction an episode gets. "other" re-targets the scene at the cube the scene did not
-    name, so success then means that cube moved; "empty" keeps the named cube as the one judged."""
-    if instruction == "named":
-        return scene.task()
-    if len(scene.cubes) < 2:
-        raise SimError(f"instruction {instruction!r} needs the two-cube scene (--cubes 2)")
-    if instruction == "other":
-        scene.target = 1 - scene.target
-        return scene.task()
-    if instruction == "empty":
-        return ""
-    raise SimError(f"unknown instruction {instruction!r}: named, other or empty")
-
-
-def summarise(results: list[dict], config: EvalConfig) -> dict:
-    successes = sum(r["success"] for r in results)
-    times = [r["completion_s"] for r in results if r["success"]]
-    latencies = np.array([x for r in results for x in r["latencies"]] or [np.nan])
-    return {
-        "success_rate": successes / len(results), "episodes": len(results), "successes": successes,
-        "ci95": [round(x, 4) for x in wilson_interval(successes, len(results))],
-        "mean_completion_s": round(float(np.mean(times)), 3) if times else None,
-        "idle_ticks": int(sum(r["idle_ticks"] for r in results)),
-        "ticks": int(sum(r["ticks"] for r in results)),
-        "latency_ms_mean": round(float(np.nanmean(latencies)) * 1000, 1),
-        "latency_ms_p95": round(float(np.nanpercentile(latencies, 95)) * 1000, 1),
-        "control_period_ms": round(1000 / config.fps, 1),
-        "mode": "sync" if config.sync else "async", "threshold": 0.0 if config.sync else config.threshold,
-        "added_latency_s": config.latency_s, "cube_speed": config.cube_speed,
-        "seeds": [config.seed, config.seed + len(results) - 1],
-        "instruction": config.instruction, "other_cube_in_box": int(sum(r.get("other_cube_in_box", False) for r in results)),
-    }
-
-
-def annotate(frame: np.ndarray, label: str, success: bool, scale: int = 2) -> np.ndarray:
-    from PIL import Image, ImageDraw
-
-    image = Image.fromarray(frame).resize((frame.shape[1] * scale, frame.shape[0] * scale), Image.NEAREST)
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([0, 0, image.width, 14], fill=(0, 0, 0))
-    draw.text((4, 2), label, fill=(80, 230, 80) if success else (240, 80, 80))
-    return np.asarray(image)
-
-
-def write_video(path: str | Path, frames: list[np.ndarray], fps: float) -> None:
-    """H.264 mp4 of the frames (PyAV)."""
-    import av
-
-    if not frames:
-        return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    height, width = frames[0].shape[:2]
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=int(round(fps)))
-        stream.width, stream.height, stream.pix_fmt = width - width % 2, height - height % 2, "yuv420p"
-        for frame in frames:
-            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:stream.height, :stream.width]),
-                                                 format="rgb24")
-            for packet in stream.encode(picture):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
-def expert_policy(sim_robot: SimRobot, fps: float, chunk_size: int = 30):
-    """The scripted expert as a policy (observation -> chunk), and its infer_async.PolicySpec: a
-    check that evaluation scores a perfect policy as perfect. It plans from the scene (it is an
-    oracle) on the first observation of each episode."""
-    plan: dict = {}
-
-    def run(observation) -> np.ndarray:
-        if observation.timestep == 0 or "expert" not in plan:
-            plan["expert"] = ScriptedExpert(sim_robot.scene, np.random.default_rng(0))
-        expert = plan["expert"]
-        return np.stack([sim_robot.units(expert.goal((observation.timestep + i) / fps)) for i in range(chunk_size)])
-
-    cameras = {key: sim_robot.scene.image_size for key in sim_robot.cameras}
-    return run, infer_async.PolicySpec(cameras, len(JOINTS), len(JOINTS), chunk_size, chunk_size)
-
-
-def random_policy(sim_robot: SimRobot, chunk_size: int = 30, seed: int = 0):
-    """Uniformly random goals within the joint ranges: what a policy that learnt nothing scores."""
-    rng = np.random.default_rng(seed)
-    low, high = so100.unit_limits(sim_robot.bus.calibration)
-
-    def run(observation) -> np.ndarray:
-        return rng.uniform(low, high, size=(chunk_size, len(JOINTS)))
-
-    cameras = {key: sim_robot.scene.image_size for key in sim_robot.cameras}
-    return run, infer_async.PolicySpec(cameras, len(JOINTS), len(JOINTS), chunk_size, chunk_size)
-
-# ---------------------------------------------------------------------------------------------
 # 7. Command line
 # ---------------------------------------------------------------------------------------------
 
 
-# Argument types: one line naming the flag and its allowed range on a mistake (infer_async's).
-positive_int, non_negative_int = infer_async.number(int, low=1), infer_async.number(int, low=0)
-positive_float, non_negative_float = infer_async.POSITIVE, infer_async.NON_NEGATIVE
-unit_interval = infer_async.number(float, 0.0, 1.0)
+positive_int, non_negative_int = cli.integer(1), cli.integer(0)
+positive_float, non_negative_float = cli.number(above=0), cli.number(0)
+unit_interval = cli.number(0, 1)
 
 
 def image_size(text: str) -> tuple[int, int]:
@@ -1432,7 +1432,7 @@ def image_size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = infer_async.Parser(description="An SO-100 in MuJoCo: scripted demonstrations and closed-loop "
+    p = cli.Parser(description="An SO-100 in MuJoCo: scripted demonstrations and closed-loop "
                                        "evaluation of a policy on pick-and-place.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("record", help="record scripted demonstrations as a LeRobot v3.0 dataset")
