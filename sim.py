@@ -1331,26 +1331,14 @@ class SimulatedArm:
 
     @staticmethod
     def _take_instruction(buffer: bytearray) -> tuple[int, int, bytes] | None:
+        """The next whole instruction packet in `buffer`; one with a bad checksum is dropped unanswered,
+        as a servo drops it."""
         while True:
-            start = buffer.find(b"\xff\xff")
-            if start < 0:
-                del buffer[: len(buffer) - 1 if buffer.endswith(b"\xff") else len(buffer)]
-                return None
-            del buffer[:start]
-            if len(buffer) < 4:
-                return None
-            servo_id, length = buffer[2], buffer[3]
-            if servo_id == 0xFF or length < 2:
-                del buffer[:1]
+            try:
+                packet = so100.parse_packet(buffer, instruction=True)
+            except so100.ChecksumError:
                 continue
-            if len(buffer) < 4 + length:
-                return None
-            packet = bytes(buffer[: 4 + length])
-            if so100.checksum(packet[2:-1]) != packet[-1]:
-                del buffer[:1]
-                continue
-            del buffer[: 4 + length]
-            return servo_id, packet[4], packet[5:-1]
+            return None if packet is None else (packet.servo_id, packet.code, packet.params)
 
     def _handle(self, servo_id: int, instruction: int, params: bytes) -> bytes:
         """Apply one instruction packet; return the bytes the bus answers with."""
