@@ -43,10 +43,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def _bounded(kind: type, noun: str, minimum: float | None, maximum: float | None,
              above: float | None, below: float | None) -> Callable[[str], float]:
+    spec = "d" if kind is int else "g"  # an integer bound in full (2**32 - 1, not 4.29497e+09)
     if minimum is not None and maximum is not None:
-        allowed = f"{noun} from {minimum:g} to {maximum:g}"
+        allowed = f"{noun} from {minimum:{spec}} to {maximum:{spec}}"
     else:
-        parts = [f"{op} {value:g}" for op, value in ((">=", minimum), (">", above), ("<=", maximum), ("<", below))
+        parts = [f"{op} {value:{spec}}" for op, value in ((">=", minimum), (">", above), ("<=", maximum), ("<", below))
                  if value is not None]
         allowed = f"{noun} {' and '.join(parts)}" if parts else noun
 
