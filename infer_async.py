@@ -1,37 +1,36 @@
 """Asynchronous inference for SmolVLA on an SO-100 arm (SmolVLA paper, Algorithm 1).
 
+The arm executes one action per control tick from a queue while the policy, on a thread of its own
+(or on another machine), computes the next chunk of actions from a recent observation, so the arm
+does not stop and wait for the model:
+
+    every tick:   execute the queue's next action
+                  if queue size / chunk size <= g and no observation is with the policy:
+                      send the present observation (skipped there if the joints barely moved)
+    on a chunk:   merge it into the queue: actions for timesteps already executed are dropped,
+                  those overlapping queued ones are blended, the rest appended
+
+Timesteps count executed actions: an observation is stamped with the timestep of the next action
+the robot will execute, and action i of the chunk computed from it is meant for timestep + i.
+
+Read top to bottom: ActionQueue (aggregation of overlapping chunks), PolicyServer (the policy's
+thread), RobotClient (the control loop) and drive() (every way out stops the arm safely). Then the
+machinery: metrics, loading a local policy and checking that it fits the arm, cameras, the command
+line. Remote mode, the policy on a GPU machine over TCP, is remote.py.
+
     python infer_async.py --port /dev/ttyACM0 --policy <hub id or dir> --task "Pick up the cube." \\
         --camera top=/dev/video0 --camera wrist=/dev/video2
     python infer_async.py --sim                                   # the MuJoCo arm (sim.py), closed loop
     python infer_async.py serve --policy <id or dir>              # on the GPU machine, then
     python infer_async.py --server 127.0.0.1:8765 --port ... --task ... --camera ...
-
-Read top to bottom:
-  1. observations, errors, aggregation of overlapping chunks
-  2. ActionQueue: timestep-stamped actions, stale ones dropped, overlaps blended, seams eased in
-  3. Metrics
-  4. PolicyServer: a thread running the policy on the newest observation, skipping similar ones
-  5. the local policy (flow.SmolVLA) as a function observation -> chunk
-  6. the wire format and remote mode (TCP): length-prefixed JSON header + safetensors bytes
-  7. cameras: PyAV capture threads keeping the newest frame
-  8. RobotClient: the control loop; drive() with its safe stop
-  9. the command line
-
-Timesteps count executed actions: an observation is stamped with the timestep of the next action
-the robot will execute, and action i of the chunk computed from it is meant for timestep + i.
 """
 
 from __future__ import annotations
 
 import argparse
-import hmac
 import json
-import math
 import os
 import signal
-import socket
-import socketserver
-import struct
 import sys
 import threading
 import time
@@ -41,11 +40,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from safetensors.numpy import load as load_tensors
-from safetensors.numpy import save as save_tensors
 
 import so100
+from cli import HelpFormatter, Parser, integer, number
 
+# flow.STATE and flow.IMAGE_PREFIX, spelled out: importing flow would import torch, which the robot
+# computer does not need in remote mode (tests/test_infer_async.py checks that the two agree).
 STATE = "observation.state"
 IMAGE_PREFIX = "observation.images."
 DEMO_POLICY = "outputs/demo/checkpoints/last/pretrained_model"  # written by `python train.py`
@@ -53,7 +53,7 @@ DEFAULT_FPS = 30.0  # real SO-100 datasets; a policy trained here records its da
 DATASET_INFO = "train_dataset.json"  # written by train.py beside a policy: its dataset and that dataset's fps
 
 # ---------------------------------------------------------------------------------------------
-# 1. Observations, errors, aggregation
+# 1. Observations, policies, errors
 # ---------------------------------------------------------------------------------------------
 
 
@@ -84,32 +84,6 @@ class PolicySpec:
     state_mean: list[float] | None = None  # robot units
     action_mean: list[float] | None = None
 
-    def to_json(self) -> dict:
-        return {"cameras": {k: list(v) for k, v in self.cameras.items()}, "state_dim": self.state_dim,
-                "action_dim": self.action_dim, "chunk_size": self.chunk_size, "n_action_steps": self.n_action_steps,
-                "state_names": self.state_names, "action_names": self.action_names,
-                "state_mean": self.state_mean, "action_mean": self.action_mean}
-
-    @classmethod
-    def from_json(cls, raw: dict) -> "PolicySpec":
-        try:
-            cameras = {str(k): (int(h), int(w)) for k, (h, w) in raw["cameras"].items()}
-            spec = cls(cameras, int(raw["state_dim"]), int(raw["action_dim"]), int(raw["chunk_size"]),
-                       int(raw["n_action_steps"]))
-            for key, dim in (("state", spec.state_dim), ("action", spec.action_dim)):
-                names, mean = raw.get(f"{key}_names"), raw.get(f"{key}_mean")  # absent from older servers
-                if names is not None:
-                    if not isinstance(names, list) or len(names) != dim or not all(isinstance(n, str) for n in names):
-                        raise ValueError(f"{key}_names must be {dim} strings")
-                    setattr(spec, f"{key}_names", list(names))
-                if mean is not None:
-                    if not isinstance(mean, list) or len(mean) != dim or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in mean):
-                        raise ValueError(f"{key}_mean must be {dim} finite numbers")
-                    setattr(spec, f"{key}_mean", [float(v) for v in mean])
-            return spec
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise WireError(f"malformed policy description from the server: {err}") from err
-
 
 class InferError(Exception):
     """An error with a message meant for the user (the command line prints it and exits)."""
@@ -122,10 +96,9 @@ class PolicyError(InferError):
 class CameraError(InferError):
     """A camera cannot be opened or stopped delivering frames."""
 
-
-class WireError(InferError):
-    """A malformed, oversized or refused message in remote mode."""
-
+# ---------------------------------------------------------------------------------------------
+# 2. The action queue: timestep-stamped actions, overlapping chunks blended
+# ---------------------------------------------------------------------------------------------
 
 # How an action already queued for a timestep (old) and a newer chunk's action for the same
 # timestep (new) combine. The newer chunk saw a more recent observation, so `weighted` trusts it
@@ -144,10 +117,6 @@ def aggregate_average(old: np.ndarray, new: np.ndarray) -> np.ndarray:
 
 AGGREGATES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "weighted": aggregate_weighted, "latest": aggregate_latest, "average": aggregate_average}
-
-# ---------------------------------------------------------------------------------------------
-# 2. The action queue
-# ---------------------------------------------------------------------------------------------
 
 
 class ActionQueue:
@@ -223,90 +192,7 @@ class ActionQueue:
             self._actions.clear()
 
 # ---------------------------------------------------------------------------------------------
-# 3. Metrics
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Metrics:
-    """Counters of one run. Each field is written by one thread only (the control loop or the
-    policy thread), so no lock is needed; times are seconds since the start of the run."""
-    mode: str = "async"
-    fps: float = 30.0
-    chunk_size: int = 50
-    threshold: float = 0.7
-    start: float = 0.0  # clock() at the start of the run
-    ticks: int = 0
-    actions_executed: int = 0
-    startup_ticks: int = 0  # empty queue before the first action: waiting for the first chunk
-    idle_ticks: int = 0  # empty queue after the first action: the robot stood still
-    late_ticks: int = 0  # ticks the loop could not keep (it resynchronises instead of bursting)
-    observations_sent: int = 0
-    observations_skipped: int = 0  # too similar to the last processed one (server side)
-    chunks_received: int = 0
-    stale_actions_dropped: int = 0  # actions for timesteps executed while the chunk was computed
-    latencies: list[tuple[float, float]] = field(default_factory=list)  # (time, seconds) per chunk
-    queue_sizes: list[tuple[float, int]] = field(default_factory=list)  # (time, size) per tick
-
-    def latency_stats_ms(self) -> dict[str, float | None]:
-        values = np.array([s for _, s in self.latencies]) * 1000
-        if values.size == 0:
-            return {"mean": None, "p95": None, "max": None}
-        return {"mean": float(values.mean()), "p95": float(np.percentile(values, 95)), "max": float(values.max())}
-
-    def summary(self) -> dict:
-        elapsed = self.queue_sizes[-1][0] if self.queue_sizes else 0.0
-        sizes = [n for _, n in self.queue_sizes]
-        return {"mode": self.mode, "fps": self.fps, "chunk_size": self.chunk_size, "threshold": self.threshold,
-                "duration_s": elapsed, "ticks": self.ticks, "actions_executed": self.actions_executed,
-                "idle_ticks": self.idle_ticks, "startup_ticks": self.startup_ticks, "late_ticks": self.late_ticks,
-                "observations_sent": self.observations_sent, "observations_skipped": self.observations_skipped,
-                "chunks_received": self.chunks_received, "stale_actions_dropped": self.stale_actions_dropped,
-                "latency_ms": self.latency_stats_ms(),
-                "queue_size_mean": float(np.mean(sizes)) if sizes else None}
-
-    def live_line(self) -> str:
-        lat = self.latency_stats_ms()
-        latency = "-" if lat["mean"] is None else f"{lat['mean']:.0f} ms (p95 {lat['p95']:.0f})"
-        queue = self.queue_sizes[-1][1] if self.queue_sizes else 0
-        elapsed = self.queue_sizes[-1][0] if self.queue_sizes else 0.0
-        return (f"{elapsed:6.1f} s | actions {self.actions_executed} | queue {queue:3d}/{self.chunk_size} | "
-                f"idle ticks {self.idle_ticks} | latency {latency} | skipped {self.observations_skipped}")
-
-    def report(self) -> str:
-        s = self.summary()
-        lat = s["latency_ms"]
-        latency = "no chunk received" if lat["mean"] is None else (
-            f"mean {lat['mean']:.1f} ms, p95 {lat['p95']:.1f} ms, max {lat['max']:.1f} ms")
-        return "\n".join([
-            f"{s['mode']} run: {s['duration_s']:.1f} s, {s['ticks']} ticks at {s['fps']:g} fps",
-            f"  actions executed    {s['actions_executed']}",
-            f"  idle ticks          {s['idle_ticks']} (empty queue after the first action; "
-            f"{s['startup_ticks']} more waiting for the first chunk, {s['late_ticks']} late)",
-            f"  inference latency   {latency} over {s['chunks_received']} chunks",
-            f"  observations        {s['observations_sent']} sent, {s['observations_skipped']} skipped as similar",
-            f"  stale actions       {s['stale_actions_dropped']} dropped",
-            f"  queue size          mean {s['queue_size_mean'] or 0:.1f} of {s['chunk_size']}"])
-
-    def write_json(self, path: str | Path) -> None:
-        out = self.summary()
-        out["queue_size"] = [[round(t, 4), n] for t, n in self.queue_sizes]
-        out["latency_s"] = [[round(t, 4), round(s, 6)] for t, s in self.latencies]
-        Path(path).write_text(json.dumps(out, indent=1))
-
-    def plot(self, path: str | Path) -> None:
-        from plot import Panel, save_panels
-
-        times, sizes = [t for t, _ in self.queue_sizes], [float(n) for _, n in self.queue_sizes]
-        queue = {"queue size": (times, sizes)}
-        if times and self.threshold > 0:
-            queue[f"threshold g={self.threshold:g}"] = ([times[0], times[-1]], [self.threshold * self.chunk_size] * 2)
-        latency = {"latency": ([t for t, _ in self.latencies], [s * 1000 for _, s in self.latencies])}
-        save_panels(str(path), [Panel(queue, "action queue", "time (s)", "actions", ylim=(0, 1.05 * self.chunk_size)),
-                                Panel(latency, "inference latency (observation to chunk)", "time (s)", "ms")])
-
-# ---------------------------------------------------------------------------------------------
-# 4. The policy server thread
+# 3. The policy server: a thread running the policy on the newest observation
 # ---------------------------------------------------------------------------------------------
 
 
@@ -395,425 +281,8 @@ class PolicyServer:
             self.on_chunk(observation.timestep, chunk, self.clock() - observation.captured_at)
 
 # ---------------------------------------------------------------------------------------------
-# 5. The local policy
+# 4. The robot client: the control loop
 # ---------------------------------------------------------------------------------------------
-
-
-def load_policy(policy: str, vlm: str | None = None, device: str | None = None, fast: bool = False):
-    """flow.SmolVLA from a Hub id or directory (fast: the int8 CPU mode). Imported here: in remote
-    mode the robot computer needs neither torch nor the model code."""
-    from flow import SmolVLA
-
-    if fast and device not in (None, "cpu"):
-        raise InferError(f"--fast is the int8 CPU mode; it cannot run on --device {device}")
-    try:
-        return SmolVLA.from_pretrained(policy, vlm=vlm, device="cpu" if fast else device, fast=fast)
-    except (FileNotFoundError, ValueError, KeyError, OSError) as err:
-        raise InferError(f"cannot load the policy {policy}: {err}") from err
-
-
-def recorded_fps(policy_dir: str | Path) -> float | None:
-    """The frame rate of the dataset a policy was trained on, when train.py recorded it (a policy
-    runs at the rate of its data: each action is one frame's step)."""
-    try:
-        return float(json.loads((Path(policy_dir) / DATASET_INFO).read_text())["fps"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def warm_up(policy_fn: Callable[[Observation], np.ndarray], spec: PolicySpec) -> None:
-    """One inference on a blank observation: the first call is several times slower (memory
-    allocation, kernel selection), and would otherwise stall the start of the run."""
-    images = {key: np.zeros((height, width, 3), np.uint8) for key, (height, width) in spec.cameras.items()}
-    policy_fn(Observation(0, np.zeros(spec.state_dim, np.float32), images, ""))
-
-
-def feature_names(feature: dict) -> list[str] | None:
-    """The "names" of a state/action feature: a list, or LeRobot v2's {"motors": [...]}; None if absent."""
-    names = feature.get("names")
-    if isinstance(names, dict) and len(names) == 1:
-        names = next(iter(names.values()))
-    return [str(n) for n in names] if isinstance(names, list) else None
-
-
-def policy_spec(policy) -> PolicySpec:
-    """Camera keys as the robot names them: a policy whose preprocessor renames data cameras onto
-    its slots (e.g. top -> camera1) expects the data names."""
-    data_name = {slot: name for name, slot in getattr(policy, "rename_map", {}).items()}
-    features, action = policy.config.input_features, policy.config.output_features["action"]
-    cameras = {data_name.get(k, k): tuple(int(s) for s in features[k]["shape"][1:]) for k in policy.camera_keys}
-    stats = policy.normalizer.stats
-
-    def mean(key: str) -> list[float] | None:
-        return [float(v) for v in stats[key]["mean"].flatten()] if "mean" in stats.get(key, {}) else None
-
-    return PolicySpec(cameras, int(features[STATE]["shape"][0]), int(action["shape"][0]),
-                      int(policy.config.chunk_size), int(policy.config.n_action_steps),
-                      feature_names(features[STATE]), feature_names(action), mean(STATE), mean("action"))
-
-
-def make_policy_fn(policy) -> Callable[[Observation], np.ndarray]:
-    """observation -> chunk (chunk_size, action_dim) in robot units, running flow.SmolVLA."""
-    import torch
-
-    def run(observation: Observation) -> np.ndarray:
-        # torch.tensor copies: arrays received over the wire are read-only views of the message.
-        batch = {key: torch.tensor(image).permute(2, 0, 1)[None].float() / 255
-                 for key, image in observation.images.items()}
-        batch[STATE] = torch.tensor(observation.state, dtype=torch.float32)[None]
-        batch["task"] = [observation.task]
-        return policy.predict_chunk(batch)[0].float().cpu().numpy()
-
-    return run
-
-# ---------------------------------------------------------------------------------------------
-# 6. The wire format and remote mode
-# ---------------------------------------------------------------------------------------------
-# A frame is a 12-byte prefix (magic b"SVLA", header length, payload length; big-endian uint32),
-# a UTF-8 JSON object, and a payload of safetensors bytes (tensors as raw little-endian bytes
-# with a JSON index; nothing in it is executed). Both lengths are checked against their limits
-# before anything else is read, so an oversized message costs 12 bytes.
-#   client -> server  {"type": "hello", "version": 1, "token": "..."}
-#   server -> client  {"type": "spec", "spec": PolicySpec}           or {"type": "error", "message"}
-#   client -> server  {"type": "infer", "timestep": t, "task": "..."} + observation.state, cameras
-#   server -> client  {"type": "chunk", "timestep": t} + action       or {"type": "error", "message"}
-# The server's policy is fixed when it starts: no message can name a file or a model.
-
-MAGIC = b"SVLA"
-PROTOCOL_VERSION = 1
-PREFIX = struct.Struct(">4sII")
-MAX_HEADER_BYTES = 64 * 1024
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-MAX_TASK_CHARS = 2000
-
-
-def send_frame(sock: socket.socket, header: dict, tensors: dict[str, np.ndarray] | None = None) -> None:
-    body = json.dumps(header).encode()
-    payload = save_tensors({k: np.ascontiguousarray(v) for k, v in tensors.items()}) if tensors else b""
-    sock.sendall(PREFIX.pack(MAGIC, len(body), len(payload)) + body + payload)
-
-
-def recv_exact(sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        part = sock.recv(min(size - len(data), 1 << 20))
-        if not part:
-            raise ConnectionError("the connection closed mid-message" if data else "the connection closed")
-        data += part
-    return bytes(data)
-
-
-def recv_frame(sock: socket.socket, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[dict, dict[str, np.ndarray]]:
-    magic, header_len, payload_len = PREFIX.unpack(recv_exact(sock, PREFIX.size))
-    if magic != MAGIC:
-        raise WireError(f"not an infer_async message (starts with {magic!r})")
-    if header_len > MAX_HEADER_BYTES:
-        raise WireError(f"message header of {header_len} bytes exceeds the limit of {MAX_HEADER_BYTES}")
-    if payload_len > max_bytes:
-        raise WireError(f"message of {payload_len} bytes exceeds the limit of {max_bytes}")
-    try:
-        header = json.loads(recv_exact(sock, header_len).decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WireError(f"malformed message header: {err}") from err
-    if not isinstance(header, dict) or not isinstance(header.get("type"), str):
-        raise WireError("malformed message header: not a JSON object with a 'type'")
-    payload = recv_exact(sock, payload_len)
-    try:
-        tensors = load_tensors(payload) if payload else {}
-    except Exception as err:  # safetensors raises its own error type on garbage
-        raise WireError(f"malformed tensor payload: {err}") from err
-    return header, tensors
-
-
-def observation_tensors(observation: Observation) -> dict[str, np.ndarray]:
-    return {STATE: np.asarray(observation.state, np.float32), **observation.images}
-
-
-def decode_observation(header: dict, tensors: dict[str, np.ndarray], spec: PolicySpec) -> Observation:
-    """Checks a received observation against the policy: exactly its keys, shapes and dtypes."""
-    timestep, task = header.get("timestep"), header.get("task")
-    if not isinstance(timestep, int) or timestep < 0:
-        raise WireError(f"bad timestep {timestep!r}")
-    if not isinstance(task, str) or len(task) > MAX_TASK_CHARS:
-        raise WireError(f"the task must be a string of at most {MAX_TASK_CHARS} characters")
-    expected = {STATE, *spec.cameras}
-    if set(tensors) != expected:
-        raise WireError(f"observation keys {sorted(tensors)} do not match the policy's {sorted(expected)}")
-    state = tensors[STATE]
-    if state.dtype != np.float32 or state.shape != (spec.state_dim,) or not np.all(np.isfinite(state)):
-        raise WireError(f"{STATE} must be finite float32 ({spec.state_dim},), got {state.dtype} {state.shape}")
-    for key, (height, width) in spec.cameras.items():
-        if tensors[key].dtype != np.uint8 or tensors[key].shape != (height, width, 3):
-            raise WireError(f"{key} must be uint8 ({height}, {width}, 3), got {tensors[key].dtype} {tensors[key].shape}")
-    return Observation(timestep, state, {k: tensors[k] for k in spec.cameras}, task)
-
-
-class PolicyTCPServer(socketserver.ThreadingTCPServer):
-    """Serves one fixed policy over TCP; a lock runs one inference at a time."""
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], policy_fn: Callable[[Observation], np.ndarray], spec: PolicySpec,
-                 token: str | None = None, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, read_timeout: float = 60.0,
-                 log: Callable[[str], None] = lambda message: None):
-        self.policy_fn, self.spec, self.token, self.max_bytes = policy_fn, spec, token, max_bytes
-        self.read_timeout, self.log = read_timeout, log
-        self.policy_lock = threading.Lock()
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, PolicyConnection)
-
-
-class PolicyConnection(socketserver.BaseRequestHandler):
-    server: PolicyTCPServer
-
-    def handle(self) -> None:
-        sock, server = self.request, self.server
-        sock.settimeout(server.read_timeout)
-        peer = f"{self.client_address[0]}:{self.client_address[1]}"
-        try:
-            if not self._hello(sock, server):
-                server.log(f"{peer}: refused (wrong or missing token)")
-                return
-            server.log(f"{peer}: connected")
-            while True:
-                header, tensors = recv_frame(sock, server.max_bytes)
-                if header["type"] != "infer":
-                    raise WireError(f"unexpected message type {header['type']!r}")
-                observation = decode_observation(header, tensors, server.spec)
-                try:
-                    with server.policy_lock:
-                        chunk = np.asarray(server.policy_fn(observation), np.float32)
-                except Exception as err:
-                    send_frame(sock, {"type": "error", "message": f"the policy failed: {type(err).__name__}: {err}"})
-                    raise
-                send_frame(sock, {"type": "chunk", "timestep": observation.timestep}, {"action": chunk})
-        except WireError as err:
-            server.log(f"{peer}: {err}; closing")
-            try:
-                send_frame(sock, {"type": "error", "message": str(err)})
-            except OSError:
-                pass
-        except (ConnectionError, socket.timeout, OSError) as err:
-            server.log(f"{peer}: disconnected ({err})")
-        except Exception as err:
-            server.log(f"{peer}: policy error {type(err).__name__}: {err}")
-
-    @staticmethod
-    def _hello(sock: socket.socket, server: PolicyTCPServer) -> bool:
-        header, _ = recv_frame(sock, max_bytes=0)
-        if header["type"] != "hello" or header.get("version") != PROTOCOL_VERSION:
-            raise WireError(f"expected a version {PROTOCOL_VERSION} hello, got {header['type']!r} "
-                            f"version {header.get('version')!r}")
-        if server.token is not None:
-            given = header.get("token")
-            # compare_digest takes the same time wherever the strings differ: no timing oracle.
-            if not isinstance(given, str) or not hmac.compare_digest(given.encode(), server.token.encode()):
-                send_frame(sock, {"type": "error", "message": "wrong or missing token"})
-                return False
-        send_frame(sock, {"type": "spec", "spec": server.spec.to_json()})
-        return True
-
-
-class RemotePolicy:
-    """A policy_fn that runs on a PolicyTCPServer: connect() once, then call with observations."""
-
-    def __init__(self, host: str, port: int, token: str | None = None, timeout: float = 30.0,
-                 max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
-        self.address, self.token, self.timeout, self.max_bytes = (host, port), token, timeout, max_bytes
-        self.sock: socket.socket | None = None
-
-    def connect(self) -> PolicySpec:
-        try:
-            self.sock = socket.create_connection(self.address, timeout=self.timeout)
-        except OSError as err:
-            raise WireError(f"cannot reach the policy server at {self.address[0]}:{self.address[1]}: {err}") from err
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames go out at once
-        header, _ = self._exchange({"type": "hello", "version": PROTOCOL_VERSION, "token": self.token})
-        return PolicySpec.from_json(header.get("spec", {}))
-
-    def _exchange(self, header: dict, tensors: dict[str, np.ndarray] | None = None) -> tuple[dict, dict]:
-        if self.sock is None:
-            raise WireError("not connected: call connect() first")
-        try:
-            send_frame(self.sock, header, tensors)
-            header, tensors = recv_frame(self.sock, self.max_bytes)
-        except OSError as err:  # refused, reset, timed out, closed
-            raise WireError(f"the policy server at {self.address[0]}:{self.address[1]} failed: {err}") from err
-        if header["type"] == "error":
-            raise WireError(f"the policy server says: {header.get('message')}")
-        return header, tensors
-
-    def __call__(self, observation: Observation) -> np.ndarray:
-        header, tensors = self._exchange({"type": "infer", "timestep": observation.timestep,
-                                          "task": observation.task}, observation_tensors(observation))
-        if header["type"] != "chunk" or header.get("timestep") != observation.timestep or "action" not in tensors:
-            raise WireError(f"unexpected reply from the policy server: {header}")
-        return tensors["action"]
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-# ---------------------------------------------------------------------------------------------
-# 7. Cameras
-# ---------------------------------------------------------------------------------------------
-
-
-def default_camera_format() -> str | None:
-    """FFmpeg's capture device for this system: V4L2 on Linux, AVFoundation on macOS."""
-    return {"linux": "v4l2", "darwin": "avfoundation"}.get(sys.platform)
-
-
-class Camera:
-    """A PyAV capture thread that keeps only the newest frame, resized to the policy's size.
-
-    read() never returns a frame older than `timeout` seconds: a camera that stops delivering (or
-    whose stream ends or fails) raises CameraError instead of feeding a stale image to the policy.
-    """
-
-    def __init__(self, key: str, device: str, size: tuple[int, int], input_format: str | None = None,
-                 options: dict[str, str] | None = None, timeout: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic):
-        self.key, self.device, self.size, self.clock = key, device, size, clock  # size: (height, width)
-        self.input_format = input_format if input_format is not None else default_camera_format()
-        self.options = dict(options or {})
-        if self.input_format == "avfoundation":  # it refuses the default 29.97 on most webcams
-            self.options.setdefault("framerate", "30")
-        self.timeout = timeout
-        self._frame: np.ndarray | None = None
-        self._frame_time = 0.0
-        self._error: str | None = None
-        self._first = threading.Event()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._container = None
-        self._thread: threading.Thread | None = None
-
-    def start(self, first_frame_timeout: float = 10.0) -> "Camera":
-        import av
-
-        try:
-            self._container = av.open(self.device, format=self.input_format, options=self.options)
-        except (av.FFmpegError, OSError) as err:
-            raise CameraError(f"camera {self.key}: cannot open {self.device} "
-                              f"(format {self.input_format or 'auto'}): {err}") from err
-        self._thread = threading.Thread(target=self._capture, name=f"camera-{self.key}", daemon=True)
-        self._thread.start()
-        if not self._first.wait(first_frame_timeout) and self._error is None:
-            raise CameraError(f"camera {self.key} ({self.device}) delivered no frame in {first_frame_timeout:g} s")
-        self.read()  # raises if the stream already failed
-        return self
-
-    def _capture(self) -> None:
-        height, width = self.size
-        try:
-            for frame in self._container.decode(video=0):
-                image = frame.to_ndarray(width=width, height=height, format="rgb24")
-                with self._lock:
-                    self._frame, self._frame_time = image, self.clock()
-                self._first.set()
-                if self._stop.is_set():
-                    return
-            self._error = "the video stream ended"
-        except Exception as err:  # a capture device that fails (unplugged...) surfaces in read()
-            self._error = f"{type(err).__name__}: {err}"
-        finally:
-            self._first.set()
-
-    def read(self) -> np.ndarray:
-        with self._lock:
-            frame, frame_time, error = self._frame, self._frame_time, self._error
-        if error is not None and not self._stop.is_set():
-            raise CameraError(f"camera {self.key} ({self.device}) stopped: {error}")
-        age = self.clock() - frame_time
-        if frame is None or age > self.timeout:
-            raise CameraError(f"camera {self.key} ({self.device}) delivered no frame for {age:.1f} s "
-                              f"(timeout {self.timeout:g} s)")
-        return frame
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2)
-        if self._container is not None and (self._thread is None or not self._thread.is_alive()):
-            self._container.close()  # a thread stuck in a dead device keeps it; it is a daemon
-
-
-def parse_camera(text: str) -> tuple[str, str]:
-    """'top=/dev/video0' -> ('observation.images.top', '/dev/video0'); a full key works too."""
-    name, sep, device = text.partition("=")
-    if not sep or not name or not device:
-        raise InferError(f"--camera expects NAME=DEVICE (e.g. top=/dev/video0), got {text!r}")
-    return (name if name.startswith(IMAGE_PREFIX) else IMAGE_PREFIX + name), device
-
-# ---------------------------------------------------------------------------------------------
-# 8. The robot client
-# ---------------------------------------------------------------------------------------------
-
-
-def joint_of(name: str) -> tuple[str, bool]:
-    """A dataset's name for an SO-100 value -> (joint, legacy units?). LeRobot 0.3 and later name
-    them `shoulder_pan.pos`; this project's demo `shoulder_pan`; datasets recorded before mid-2025
-    `main_shoulder_pan`, in the legacy units (so100.to_legacy)."""
-    legacy = name.startswith("main_")
-    return name.removeprefix("main_").removesuffix(".pos"), legacy
-
-
-def unit_bounds(legacy: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The widest values an SO-100 joint can report: degrees within half a turn of the middle of
-    its calibrated range, the gripper in 0..100 percent; in legacy units, shifted accordingly."""
-    low = np.array([-180.0] * 5 + [0.0])
-    high = np.array([180.0] * 5 + [100.0])
-    if not legacy:
-        return low, high
-    ends = np.stack([so100.to_legacy(low), so100.to_legacy(high)])  # 90 - lift flips that joint's ends
-    return ends.min(0), ends.max(0)
-
-
-def check_policy_fits_arm(spec: PolicySpec, legacy: bool) -> list[str]:
-    """Raises InferError if the policy cannot have been trained on this arm in these units (legacy:
-    the arm reads and writes in the old `main_*` units); returns what could not be checked.
-
-    Checked: 6 state and 6 action values; their names, where the checkpoint records them: the SO-100's
-    joints in order, `main_*` names only with --legacy; the state and action means of the
-    normalisation stats within what a joint can report in these units (raw servo steps, 0..4095,
-    fail it). Not checkable from a checkpoint: LeRobot's RANGE_M100_100 joint units (-100..100 over
-    the calibrated range, the default of its SO-100 driver) against degrees."""
-    joints, units = list(so100.JOINT_NAMES), ("legacy `main_*` degrees" if legacy else "degrees")
-    for key, dim in ((STATE, spec.state_dim), ("action", spec.action_dim)):
-        if dim != len(joints):
-            raise InferError(f"the policy's {key} has {dim} values; the SO-100 has {len(joints)} "
-                             f"({', '.join(joints)}): the policy was trained for another robot")
-    unchecked = []
-    for key, names, mean in ((STATE, spec.state_names, spec.state_mean), ("action", spec.action_names, spec.action_mean)):
-        if names is None:
-            unchecked.append(f"{key} names")
-        else:
-            found = [joint_of(n) for n in names]
-            if [joint for joint, _ in found] != joints:
-                raise InferError(f"the policy's {key} names {names} are not the SO-100's joints in its order "
-                                 f"({', '.join(joints)})")
-            legacy_names = [old for _, old in found]
-            if any(legacy_names) and not all(legacy_names):
-                raise InferError(f"the policy's {key} names {names} mix legacy `main_*` and current names")
-            if all(legacy_names) and not legacy:
-                raise InferError(f"the policy's {key} names ({names[0]}, ...) are `main_*`: it was trained in "
-                                 "legacy SO-100 units; add --legacy")
-            if not any(legacy_names) and legacy:
-                raise InferError(f"the policy's {key} names ({names[0]}, ...) are in current LeRobot units, "
-                                 "not legacy `main_*` ones: drop --legacy")
-        if mean is None:
-            unchecked.append(f"{key} units")
-            continue
-        low, high = unit_bounds(legacy)
-        for joint, value, lo, hi in zip(joints, mean, low, high):
-            if not lo <= value <= hi:
-                raise InferError(
-                    f"the policy's {key} mean for {joint} is {value:.1f}, outside the {lo:g}..{hi:g} that joint "
-                    f"can report in {units}: the policy was trained in other units (raw servo steps?) or for "
-                    "another robot")
-    return unchecked
 
 
 @dataclass
@@ -922,14 +391,9 @@ class RobotClient:
                 print_live(self.metrics.live_line(), end=True)
         return self.metrics
 
-
-def print_live(line: str, end: bool = False) -> None:
-    """One line rewritten in place on a terminal; plain lines in a log."""
-    if sys.stderr.isatty():
-        sys.stderr.write("\r" + line + "\x1b[K" + ("\n" if end else ""))
-    else:
-        sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+# ---------------------------------------------------------------------------------------------
+# 5. Stopping safely: every way out holds the pose, then torque off
+# ---------------------------------------------------------------------------------------------
 
 
 def safe_stop(robot, hold_seconds: float = 0.3) -> list[str]:
@@ -993,54 +457,346 @@ def drive(client: RobotClient, duration: float | None = None, max_actions: int |
     print(f"{reason}: the arm held its pose, then torque went off", file=sys.stderr)
     return status
 
+# =============================================================================================
+# Machinery: metrics, the local policy, checks, cameras, the command line
+# =============================================================================================
+
 # ---------------------------------------------------------------------------------------------
-# 9. Command line
+# 6. Metrics
 # ---------------------------------------------------------------------------------------------
 
 
-class Parser(argparse.ArgumentParser):
-    """A mistake on the command line is one line (the flag, what it allows, what was given) and exit
-    status 2, without the long usage text."""
+@dataclass
+class Metrics:
+    """Counters of one run. Each field is written by one thread only (the control loop or the
+    policy thread), so no lock is needed; times are seconds since the start of the run."""
+    mode: str = "async"
+    fps: float = 30.0
+    chunk_size: int = 50
+    threshold: float = 0.7
+    start: float = 0.0  # clock() at the start of the run
+    ticks: int = 0
+    actions_executed: int = 0
+    startup_ticks: int = 0  # empty queue before the first action: waiting for the first chunk
+    idle_ticks: int = 0  # empty queue after the first action: the robot stood still
+    late_ticks: int = 0  # ticks the loop could not keep (it resynchronises instead of bursting)
+    observations_sent: int = 0
+    observations_skipped: int = 0  # too similar to the last processed one (server side)
+    chunks_received: int = 0
+    stale_actions_dropped: int = 0  # actions for timesteps executed while the chunk was computed
+    latencies: list[tuple[float, float]] = field(default_factory=list)  # (time, seconds) per chunk
+    queue_sizes: list[tuple[float, int]] = field(default_factory=list)  # (time, size) per tick
 
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+    def latency_stats_ms(self) -> dict[str, float | None]:
+        values = np.array([s for _, s in self.latencies]) * 1000
+        if values.size == 0:
+            return {"mean": None, "p95": None, "max": None}
+        return {"mean": float(values.mean()), "p95": float(np.percentile(values, 95)), "max": float(values.max())}
+
+    def summary(self) -> dict:
+        elapsed = self.queue_sizes[-1][0] if self.queue_sizes else 0.0
+        sizes = [n for _, n in self.queue_sizes]
+        return {"mode": self.mode, "fps": self.fps, "chunk_size": self.chunk_size, "threshold": self.threshold,
+                "duration_s": elapsed, "ticks": self.ticks, "actions_executed": self.actions_executed,
+                "idle_ticks": self.idle_ticks, "startup_ticks": self.startup_ticks, "late_ticks": self.late_ticks,
+                "observations_sent": self.observations_sent, "observations_skipped": self.observations_skipped,
+                "chunks_received": self.chunks_received, "stale_actions_dropped": self.stale_actions_dropped,
+                "latency_ms": self.latency_stats_ms(),
+                "queue_size_mean": float(np.mean(sizes)) if sizes else None}
+
+    def live_line(self) -> str:
+        lat = self.latency_stats_ms()
+        latency = "-" if lat["mean"] is None else f"{lat['mean']:.0f} ms (p95 {lat['p95']:.0f})"
+        queue = self.queue_sizes[-1][1] if self.queue_sizes else 0
+        elapsed = self.queue_sizes[-1][0] if self.queue_sizes else 0.0
+        return (f"{elapsed:6.1f} s | actions {self.actions_executed} | queue {queue:3d}/{self.chunk_size} | "
+                f"idle ticks {self.idle_ticks} | latency {latency} | skipped {self.observations_skipped}")
+
+    def report(self) -> str:
+        s = self.summary()
+        lat = s["latency_ms"]
+        latency = "no chunk received" if lat["mean"] is None else (
+            f"mean {lat['mean']:.1f} ms, p95 {lat['p95']:.1f} ms, max {lat['max']:.1f} ms")
+        return "\n".join([
+            f"{s['mode']} run: {s['duration_s']:.1f} s, {s['ticks']} ticks at {s['fps']:g} fps",
+            f"  actions executed    {s['actions_executed']}",
+            f"  idle ticks          {s['idle_ticks']} (empty queue after the first action; "
+            f"{s['startup_ticks']} more waiting for the first chunk, {s['late_ticks']} late)",
+            f"  inference latency   {latency} over {s['chunks_received']} chunks",
+            f"  observations        {s['observations_sent']} sent, {s['observations_skipped']} skipped as similar",
+            f"  stale actions       {s['stale_actions_dropped']} dropped",
+            f"  queue size          mean {s['queue_size_mean'] or 0:.1f} of {s['chunk_size']}"])
+
+    def write_json(self, path: str | Path) -> None:
+        out = self.summary()
+        out["queue_size"] = [[round(t, 4), n] for t, n in self.queue_sizes]
+        out["latency_s"] = [[round(t, 4), round(s, 6)] for t, s in self.latencies]
+        Path(path).write_text(json.dumps(out, indent=1))
+
+    def plot(self, path: str | Path) -> None:
+        from plot import Panel, save_panels
+
+        times, sizes = [t for t, _ in self.queue_sizes], [float(n) for _, n in self.queue_sizes]
+        queue = {"queue size": (times, sizes)}
+        if times and self.threshold > 0:
+            queue[f"threshold g={self.threshold:g}"] = ([times[0], times[-1]], [self.threshold * self.chunk_size] * 2)
+        latency = {"latency": ([t for t, _ in self.latencies], [s * 1000 for _, s in self.latencies])}
+        save_panels(str(path), [Panel(queue, "action queue", "time (s)", "actions", ylim=(0, 1.05 * self.chunk_size)),
+                                Panel(latency, "inference latency (observation to chunk)", "time (s)", "ms")])
 
 
-def number(kind: type, low: float | None = None, high: float | None = None, above: float | None = None):
-    """An argparse type: a finite int or float in [low, high], or greater than `above`."""
-    noun = "an integer" if kind is int else "a number"
-    if above is not None:
-        allowed = f"{noun} > {above:g}"
-    elif high is None:
-        allowed = f"{noun} >= {low:g}"
+def print_live(line: str, end: bool = False) -> None:
+    """One line rewritten in place on a terminal; plain lines in a log."""
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + line + "\x1b[K" + ("\n" if end else ""))
     else:
-        allowed = f"{noun} in [{low:g}, {high:g}]"
+        sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
-    def parse(text: str):
+# ---------------------------------------------------------------------------------------------
+# 7. The local policy (flow.SmolVLA) as a function observation -> chunk
+# ---------------------------------------------------------------------------------------------
+
+
+def load_policy(policy: str, vlm: str | None = None, device: str | None = None, fast: bool = False):
+    """flow.SmolVLA from a Hub id or directory (fast: the int8 CPU mode). Imported here: in remote
+    mode the robot computer needs neither torch nor the model code."""
+    from flow import SmolVLA
+
+    if fast and device not in (None, "cpu"):
+        raise InferError(f"--fast is the int8 CPU mode; it cannot run on --device {device}")
+    try:
+        return SmolVLA.from_pretrained(policy, vlm=vlm, device="cpu" if fast else device, fast=fast)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as err:
+        raise InferError(f"cannot load the policy {policy}: {err}") from err
+
+
+def recorded_fps(policy_dir: str | Path) -> float | None:
+    """The frame rate of the dataset a policy was trained on, when train.py recorded it (a policy
+    runs at the rate of its data: each action is one frame's step)."""
+    try:
+        return float(json.loads((Path(policy_dir) / DATASET_INFO).read_text())["fps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def warm_up(policy_fn: Callable[[Observation], np.ndarray], spec: PolicySpec) -> None:
+    """One inference on a blank observation: the first call is several times slower (memory
+    allocation, kernel selection), and would otherwise stall the start of the run."""
+    images = {key: np.zeros((height, width, 3), np.uint8) for key, (height, width) in spec.cameras.items()}
+    policy_fn(Observation(0, np.zeros(spec.state_dim, np.float32), images, ""))
+
+
+def feature_names(feature: dict) -> list[str] | None:
+    """The "names" of a state/action feature: a list, or LeRobot v2's {"motors": [...]}; None if absent."""
+    names = feature.get("names")
+    if isinstance(names, dict) and len(names) == 1:
+        names = next(iter(names.values()))
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def policy_spec(policy) -> PolicySpec:
+    """Camera keys as the robot names them: a policy whose preprocessor renames data cameras onto
+    its slots (e.g. top -> camera1) expects the data names."""
+    data_name = {slot: name for name, slot in getattr(policy, "rename_map", {}).items()}
+    features, action = policy.config.input_features, policy.config.output_features["action"]
+    cameras = {data_name.get(k, k): tuple(int(s) for s in features[k]["shape"][1:]) for k in policy.camera_keys}
+    stats = policy.normalizer.stats
+
+    def mean(key: str) -> list[float] | None:
+        return [float(v) for v in stats[key]["mean"].flatten()] if "mean" in stats.get(key, {}) else None
+
+    return PolicySpec(cameras, int(features[STATE]["shape"][0]), int(action["shape"][0]),
+                      int(policy.config.chunk_size), int(policy.config.n_action_steps),
+                      feature_names(features[STATE]), feature_names(action), mean(STATE), mean("action"))
+
+
+def make_policy_fn(policy) -> Callable[[Observation], np.ndarray]:
+    """observation -> chunk (chunk_size, action_dim) in robot units, running flow.SmolVLA."""
+    import torch
+
+    def run(observation: Observation) -> np.ndarray:
+        # torch.tensor copies: arrays received over the wire are read-only views of the message.
+        batch = {key: torch.tensor(image).permute(2, 0, 1)[None].float() / 255
+                 for key, image in observation.images.items()}
+        batch[STATE] = torch.tensor(observation.state, dtype=torch.float32)[None]
+        batch["task"] = [observation.task]
+        return policy.predict_chunk(batch)[0].float().cpu().numpy()
+
+    return run
+
+
+def prepare_policy(path: str, vlm: str | None = None, device: str | None = None,
+                   fast: bool = False) -> tuple[object, Callable[[Observation], np.ndarray], PolicySpec]:
+    """(policy, policy_fn, spec) for a control loop: loaded, and warmed up by one inference."""
+    policy = load_policy(path, vlm, device, fast)
+    spec, policy_fn = policy_spec(policy), make_policy_fn(policy)
+    warm_up(policy_fn, spec)
+    return policy, policy_fn, spec
+
+# ---------------------------------------------------------------------------------------------
+# 8. Does the policy fit the arm?
+# ---------------------------------------------------------------------------------------------
+
+
+def joint_of(name: str) -> tuple[str, bool]:
+    """A dataset's name for an SO-100 value -> (joint, legacy units?). LeRobot 0.3 and later name
+    them `shoulder_pan.pos`; this project's demo `shoulder_pan`; datasets recorded before mid-2025
+    `main_shoulder_pan`, in the legacy units (so100.to_legacy)."""
+    legacy = name.startswith("main_")
+    return name.removeprefix("main_").removesuffix(".pos"), legacy
+
+
+def unit_bounds(legacy: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The widest values an SO-100 joint can report: degrees within half a turn of the middle of
+    its calibrated range, the gripper in 0..100 percent; in legacy units, shifted accordingly."""
+    low = np.array([-180.0] * 5 + [0.0])
+    high = np.array([180.0] * 5 + [100.0])
+    if not legacy:
+        return low, high
+    ends = np.stack([so100.to_legacy(low), so100.to_legacy(high)])  # 90 - lift flips that joint's ends
+    return ends.min(0), ends.max(0)
+
+
+def check_policy_fits_arm(spec: PolicySpec, legacy: bool) -> list[str]:
+    """Raises InferError if the policy cannot have been trained on this arm in these units (legacy:
+    the arm reads and writes in the old `main_*` units); returns what could not be checked.
+
+    Checked: 6 state and 6 action values; their names, where the checkpoint records them: the SO-100's
+    joints in order, `main_*` names only with --legacy; the state and action means of the
+    normalisation stats within what a joint can report in these units (raw servo steps, 0..4095,
+    fail it). Not checkable from a checkpoint: LeRobot's RANGE_M100_100 joint units (-100..100 over
+    the calibrated range, the default of its SO-100 driver) against degrees."""
+    joints, units = list(so100.JOINT_NAMES), ("legacy `main_*` degrees" if legacy else "degrees")
+    for key, dim in ((STATE, spec.state_dim), ("action", spec.action_dim)):
+        if dim != len(joints):
+            raise InferError(f"the policy's {key} has {dim} values; the SO-100 has {len(joints)} "
+                             f"({', '.join(joints)}): the policy was trained for another robot")
+    unchecked = []
+    for key, names, mean in ((STATE, spec.state_names, spec.state_mean), ("action", spec.action_names, spec.action_mean)):
+        if names is None:
+            unchecked.append(f"{key} names")
+        else:
+            found = [joint_of(n) for n in names]
+            if [joint for joint, _ in found] != joints:
+                raise InferError(f"the policy's {key} names {names} are not the SO-100's joints in its order "
+                                 f"({', '.join(joints)})")
+            legacy_names = [old for _, old in found]
+            if any(legacy_names) and not all(legacy_names):
+                raise InferError(f"the policy's {key} names {names} mix legacy `main_*` and current names")
+            if all(legacy_names) and not legacy:
+                raise InferError(f"the policy's {key} names ({names[0]}, ...) are `main_*`: it was trained in "
+                                 "legacy SO-100 units; add --legacy")
+            if not any(legacy_names) and legacy:
+                raise InferError(f"the policy's {key} names ({names[0]}, ...) are in current LeRobot units, "
+                                 "not legacy `main_*` ones: drop --legacy")
+        if mean is None:
+            unchecked.append(f"{key} units")
+            continue
+        low, high = unit_bounds(legacy)
+        for joint, value, lo, hi in zip(joints, mean, low, high):
+            if not lo <= value <= hi:
+                raise InferError(
+                    f"the policy's {key} mean for {joint} is {value:.1f}, outside the {lo:g}..{hi:g} that joint "
+                    f"can report in {units}: the policy was trained in other units (raw servo steps?) or for "
+                    "another robot")
+    return unchecked
+
+# ---------------------------------------------------------------------------------------------
+# 9. Cameras: PyAV capture threads keeping the newest frame
+# ---------------------------------------------------------------------------------------------
+
+
+def default_camera_format() -> str | None:
+    """FFmpeg's capture device for this system: V4L2 on Linux, AVFoundation on macOS."""
+    return {"linux": "v4l2", "darwin": "avfoundation"}.get(sys.platform)
+
+
+class Camera:
+    """A PyAV capture thread that keeps only the newest frame, resized to the policy's size.
+
+    read() never returns a frame older than `timeout` seconds: a camera that stops delivering (or
+    whose stream ends or fails) raises CameraError instead of feeding a stale image to the policy.
+    """
+
+    def __init__(self, key: str, device: str, size: tuple[int, int], input_format: str | None = None,
+                 options: dict[str, str] | None = None, timeout: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.key, self.device, self.size, self.clock = key, device, size, clock  # size: (height, width)
+        self.input_format = input_format if input_format is not None else default_camera_format()
+        self.options = dict(options or {})
+        if self.input_format == "avfoundation":  # it refuses the default 29.97 on most webcams
+            self.options.setdefault("framerate", "30")
+        self.timeout = timeout
+        self._frame: np.ndarray | None = None
+        self._frame_time = 0.0
+        self._error: str | None = None
+        self._first = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._container = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, first_frame_timeout: float = 10.0) -> "Camera":
+        import av
+
         try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
-        if (not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high)
-                or (above is not None and value <= above)):
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
-        return value
+            self._container = av.open(self.device, format=self.input_format, options=self.options)
+        except (av.FFmpegError, OSError) as err:
+            raise CameraError(f"camera {self.key}: cannot open {self.device} "
+                              f"(format {self.input_format or 'auto'}): {err}") from err
+        self._thread = threading.Thread(target=self._capture, name=f"camera-{self.key}", daemon=True)
+        self._thread.start()
+        if not self._first.wait(first_frame_timeout) and self._error is None:
+            raise CameraError(f"camera {self.key} ({self.device}) delivered no frame in {first_frame_timeout:g} s")
+        self.read()  # raises if the stream already failed
+        return self
 
-    return parse
+    def _capture(self) -> None:
+        height, width = self.size
+        try:
+            for frame in self._container.decode(video=0):
+                image = frame.to_ndarray(width=width, height=height, format="rgb24")
+                with self._lock:
+                    self._frame, self._frame_time = image, self.clock()
+                self._first.set()
+                if self._stop.is_set():
+                    return
+            self._error = "the video stream ended"
+        except Exception as err:  # a capture device that fails (unplugged...) surfaces in read()
+            self._error = f"{type(err).__name__}: {err}"
+        finally:
+            self._first.set()
+
+    def read(self) -> np.ndarray:
+        with self._lock:
+            frame, frame_time, error = self._frame, self._frame_time, self._error
+        if error is not None and not self._stop.is_set():
+            raise CameraError(f"camera {self.key} ({self.device}) stopped: {error}")
+        age = self.clock() - frame_time
+        if frame is None or age > self.timeout:
+            raise CameraError(f"camera {self.key} ({self.device}) delivered no frame for {age:.1f} s "
+                              f"(timeout {self.timeout:g} s)")
+        return frame
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        if self._container is not None and (self._thread is None or not self._thread.is_alive()):
+            self._container.close()  # a thread stuck in a dead device keeps it; it is a daemon
 
 
-POSITIVE, NON_NEGATIVE = number(float, above=0), number(float, low=0)
+def parse_camera(text: str) -> tuple[str, str]:
+    """'top=/dev/video0' -> ('observation.images.top', '/dev/video0'); a full key works too."""
+    name, sep, device = text.partition("=")
+    if not sep or not name or not device:
+        raise InferError(f"--camera expects NAME=DEVICE (e.g. top=/dev/video0), got {text!r}")
+    return (name if name.startswith(IMAGE_PREFIX) else IMAGE_PREFIX + name), device
 
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Appends a flag's default unless it is empty or the help already speaks of it (which also
-    keeps a token taken from the environment out of --help)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" not in text and action.default not in (None, False, [], argparse.SUPPRESS):
-            text += " (default: %(default)s)"
-        return text
+# ---------------------------------------------------------------------------------------------
+# 10. Command line
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1065,11 +821,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--robot-id", help="the calibration's id in LeRobot's calibration directory")
     g.add_argument("--legacy", action="store_true",
                    help="old joint units of `main_*` datasets such as lerobot/svla_so100_pickplace")
-    g.add_argument("--max-relative-target", type=POSITIVE,
+    g.add_argument("--max-relative-target", type=number(above=0),
                    help="degrees: clamp each goal to present position +- this")
     g.add_argument("--sim", action="store_true",
                    help="the SO-100 in MuJoCo (sim.py): a cube to put in a box, its two cameras, real time")
-    g.add_argument("--sim-seed", type=number(int, low=0), default=10_000,
+    g.add_argument("--sim-seed", type=integer(0), default=10_000,
                    help="--sim: the scene (cube place and yaw); the demo records from seed 0 up, so the "
                         "default is one it never saw")
     g = p.add_argument_group("cameras")
@@ -1079,44 +835,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FFmpeg capture option for every camera, e.g. video_size=640x480, framerate=30, "
                         "input_format=mjpeg")
     g.add_argument("--camera-format", help="FFmpeg input format (default: v4l2 on Linux, avfoundation on macOS)")
-    g.add_argument("--camera-timeout", type=POSITIVE, default=1.0,
+    g.add_argument("--camera-timeout", type=number(above=0), default=1.0,
                    help="seconds: a camera whose newest frame is older than this stops the run")
     g = p.add_argument_group("control")
-    g.add_argument("--fps", type=POSITIVE, help=f"control ticks per second, one action each: use the training "
+    g.add_argument("--fps", type=number(above=0), help=f"control ticks per second, one action each: use the training "
                    f"data's frame rate (default: the one recorded beside the policy by train.py, else "
                    f"{DEFAULT_FPS:g})")
-    g.add_argument("--threshold", type=number(float, 0, 1), default=0.7,
+    g.add_argument("--threshold", type=number(0, 1), default=0.7,
                    help="g: send an observation when queue size / chunk size <= g")
     g.add_argument("--aggregate", choices=sorted(AGGREGATES), default="weighted",
                    help="overlapping actions: weighted = 0.3 old + 0.7 new, latest = new, average = 0.5 each")
-    g.add_argument("--ease-in", type=number(int, low=0), default=3, help="ticks of crossfade into each new chunk (0: off)")
-    g.add_argument("--similarity", type=NON_NEGATIVE, default=1.0,
+    g.add_argument("--ease-in", type=integer(0), default=3, help="ticks of crossfade into each new chunk (0: off)")
+    g.add_argument("--similarity", type=number(0), default=1.0,
                    help="skip an observation whose joints all lie within this many degrees (gripper: "
                         "percent) of the last one processed; 0 disables")
     g.add_argument("--sync", action="store_true", help="synchronous loop: infer, execute, repeat")
-    g.add_argument("--n-action-steps", type=number(int, low=1), help="--sync: actions executed per chunk (default: the policy's)")
+    g.add_argument("--n-action-steps", type=integer(1), help="--sync: actions executed per chunk (default: the policy's)")
     g = p.add_argument_group("run")
-    g.add_argument("--duration", type=POSITIVE, help="seconds, then the same safe stop as Ctrl-C")
+    g.add_argument("--duration", type=number(above=0), help="seconds, then the same safe stop as Ctrl-C")
     g.add_argument("--metrics-json", help="write the metrics here at exit")
     g.add_argument("--plot", help="PNG of queue size and latency over time, written at exit")
     g.add_argument("--quiet", action="store_true", help="no live status line")
-    return p
-
-
-def build_serve_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="infer_async.py serve", formatter_class=HelpFormatter,
-                                description="Serve one policy over TCP for `infer_async.py --server HOST:PORT`.")
-    p.add_argument("--policy", required=True, help="Hub id or directory, fixed for the server's lifetime")
-    p.add_argument("--vlm", help="VLM config/tokenizer (dir or Hub id) if not the policy's vlm_model_name")
-    p.add_argument("--device", help="cuda, cpu, mps (default: cuda if available)")
-    p.add_argument("--fast", action="store_true", help="real-time CPU mode: int8 linear layers (CPU only)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind; keep 127.0.0.1 and reach it through an SSH tunnel")
-    p.add_argument("--listen", type=number(int, 0, 65535), default=8765, help="TCP port (0: any free one)")
-    p.add_argument("--token", default=os.environ.get("INFER_ASYNC_TOKEN"),
-                   help="clients must present this token (default: $INFER_ASYNC_TOKEN)")
-    p.add_argument("--max-message-mb", type=POSITIVE, default=DEFAULT_MAX_MESSAGE_BYTES / 2**20,
-                   help="larger messages are refused before they are read")
     return p
 
 
@@ -1142,6 +881,8 @@ def check_client_args(args: argparse.Namespace) -> None:
 
 def open_policy(args: argparse.Namespace, stack: ExitStack) -> tuple[Callable[[Observation], np.ndarray], PolicySpec]:
     if args.server:
+        from remote import RemotePolicy  # sockets and the wire format, only in remote mode
+
         host, _, port = args.server.rpartition(":")
         remote = RemotePolicy(host.strip("[]"), int(port), args.token)
         stack.callback(remote.close)
@@ -1158,9 +899,7 @@ def open_policy(args: argparse.Namespace, stack: ExitStack) -> tuple[Callable[[O
         path, args.task = DEMO_POLICY, args.task or sim.TASK
     args.fps = args.fps or recorded_fps(path)
     print(f"loading {path} ...", file=sys.stderr, flush=True)
-    policy = load_policy(path, args.vlm, args.device, args.fast)
-    spec, policy_fn = policy_spec(policy), make_policy_fn(policy)
-    warm_up(policy_fn, spec)
+    policy, policy_fn, spec = prepare_policy(path, args.vlm, args.device, args.fast)
     mode = " (int8 fast mode)" if getattr(policy, "quantized", False) else ""
     print(f"policy on {policy.device}{mode}: chunk {spec.chunk_size}, cameras {sorted(spec.cameras)}", file=sys.stderr)
     return policy_fn, spec
@@ -1256,42 +995,15 @@ def client_main(argv: list[str]) -> int:
     return status
 
 
-def serve_main(argv: list[str]) -> int:
-    args = build_serve_parser().parse_args(argv)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
-        print(f"warning: serving on {args.host} without --token: anyone who can reach this port can drive "
-              "the policy. Prefer 127.0.0.1 with an SSH tunnel.", file=sys.stderr)
-    try:
-        policy = load_policy(args.policy, args.vlm, args.device, args.fast)
-    except InferError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    spec, policy_fn = policy_spec(policy), make_policy_fn(policy)
-    warm_up(policy_fn, spec)
-    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    try:
-        server = PolicyTCPServer((args.host, args.listen), policy_fn, spec, args.token,
-                                 int(args.max_message_mb * 2**20), log=log)
-    except OSError as err:  # the port is taken, the address is not this machine's
-        print(f"error: cannot listen on {args.host}:{args.listen} (--host, --listen): {err}", file=sys.stderr)
-        return 2
-    host, port = server.server_address[:2]
-    log(f"serving {args.policy} on {host}:{port} (chunk {spec.chunk_size}, cameras {sorted(spec.cameras)}"
-        f"{', token required' if args.token else ''}); Ctrl-C or SIGTERM stops")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        log("stopped")
-    finally:
-        server.server_close()
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         with sigterm_as_ctrl_c():
-            return serve_main(argv[1:]) if argv[:1] == ["serve"] else client_main(argv)
+            if argv[:1] == ["serve"]:
+                import remote
+
+                return remote.serve_main(argv[1:])
+            return client_main(argv)
     except KeyboardInterrupt as err:  # while loading: the arm, if connected, never had torque on
         word = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
         print(f"{word} while loading the policy" if argv[:1] == ["serve"]
@@ -1300,4 +1012,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the module `infer_async`, the one remote.py and sim.py import, so that their errors are
+    # this module's InferError (a script's __main__ would be a second copy, with a second class).
+    import infer_async
+
+    sys.exit(infer_async.main())

@@ -1,4 +1,4 @@
-"""infer_async.py and plot.py: queue arithmetic by hand, the control loop on the simulated arm with
+"""infer_async.py, remote.py and plot.py: queue arithmetic by hand, the control loop on the simulated arm with
 stand-in policies of controlled latency, the TCP wire format, PyAV capture, and the real tiny SmolVLA.
 
 Timing-based checks use margins of several times the latency, so a loaded machine cannot flip them.
@@ -24,6 +24,7 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 import infer_async as ia
+import remote
 from sim import SimulatedArm
 import so100
 from plot import COLOURS, Panel, save_line_plot, save_panels
@@ -396,7 +397,7 @@ def tcp_server():
         seen.append(obs)
         return obs.state[None, :] + np.arange(5, dtype=np.float32)[:, None]
 
-    server = ia.PolicyTCPServer(("127.0.0.1", 0), policy_fn, SPEC_2, token="s3cret", max_bytes=1 << 20)
+    server = remote.PolicyTCPServer(("127.0.0.1", 0), policy_fn, SPEC_2, token="s3cret", max_bytes=1 << 20)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server, seen
@@ -409,7 +410,7 @@ def raw_exchange(port: int, data: bytes) -> tuple[dict, float]:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         started = time.monotonic()
         sock.sendall(data)
-        header, _ = ia.recv_frame(sock)
+        header, _ = remote.recv_frame(sock)
         return header, time.monotonic() - started
 
 
@@ -422,21 +423,21 @@ def frame(header: dict, payload: bytes = b"") -> bytes:
 def test_frame_layout_matches_the_documented_bytes():
     left, right = socket.socketpair()
     with left, right:
-        ia.send_frame(left, {"type": "x"})
+        remote.send_frame(left, {"type": "x"})
         assert right.recv(100) == b"SVLA\x00\x00\x00\x0d\x00\x00\x00\x00" + b'{"type": "x"}'
 
 
 def test_remote_round_trip_of_an_observation_and_a_chunk(tcp_server):
     server, seen = tcp_server
-    remote = ia.RemotePolicy("127.0.0.1", server.server_address[1], token="s3cret")
+    policy = remote.RemotePolicy("127.0.0.1", server.server_address[1], token="s3cret")
     try:
-        assert remote.connect() == SPEC_2
+        assert policy.connect() == SPEC_2
         image = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
         state = np.array([1.5, -2, 3, 4, 5, 99], np.float32)
-        chunk = remote(ia.Observation(7, state, {TOP: image}, "pick up the cube"))
-        chunk_again = remote(ia.Observation(8, state + 1, {TOP: image}, "pick up the cube"))
+        chunk = policy(ia.Observation(7, state, {TOP: image}, "pick up the cube"))
+        chunk_again = policy(ia.Observation(8, state + 1, {TOP: image}, "pick up the cube"))
     finally:
-        remote.close()
+        policy.close()
     assert np.array_equal(chunk, state[None, :] + np.arange(5)[:, None])
     assert np.array_equal(chunk_again, chunk + 1)
     assert seen[0].timestep == 7 and seen[0].task == "pick up the cube"
@@ -446,10 +447,10 @@ def test_remote_round_trip_of_an_observation_and_a_chunk(tcp_server):
 @pytest.mark.parametrize("token", ["wrong", None, "s3cret "])
 def test_remote_refuses_a_wrong_or_missing_token(tcp_server, token):
     server, seen = tcp_server
-    remote = ia.RemotePolicy("127.0.0.1", server.server_address[1], token=token)
-    with pytest.raises(ia.WireError, match="token"):
-        remote.connect()
-    remote.close()
+    policy = remote.RemotePolicy("127.0.0.1", server.server_address[1], token=token)
+    with pytest.raises(remote.WireError, match="token"):
+        policy.connect()
+    policy.close()
     assert seen == []
 
 
@@ -459,10 +460,10 @@ def test_remote_refuses_an_oversized_message_before_reading_it(tcp_server):
     hello = frame({"type": "hello", "version": 1, "token": "s3cret"})
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(hello)
-        assert ia.recv_frame(sock)[0]["type"] == "spec"
+        assert remote.recv_frame(sock)[0]["type"] == "spec"
         # Announce a 2 MiB payload (limit 1 MiB) and send none of it: the refusal comes at once.
         sock.sendall(b"SVLA" + struct.pack(">II", 2, 2 << 20) + b"{}")
-        header, _ = ia.recv_frame(sock)
+        header, _ = remote.recv_frame(sock)
     assert header["type"] == "error" and "exceeds the limit" in header["message"]
     header, _ = raw_exchange(port, b"SVLA" + struct.pack(">II", 1 << 30, 0))  # an absurd header length
     assert header["type"] == "error" and "header" in header["message"]
@@ -478,26 +479,48 @@ def test_remote_refuses_a_pickle_payload(tcp_server):
     # A pickle where the tensor payload goes, after a good hello.
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(frame({"type": "hello", "version": 1, "token": "s3cret"}))
-        ia.recv_frame(sock)
+        remote.recv_frame(sock)
         sock.sendall(frame({"type": "infer", "timestep": 0, "task": "x"}, pickle.dumps(np.zeros(6))))
-        header, _ = ia.recv_frame(sock)
+        header, _ = remote.recv_frame(sock)
     assert header["type"] == "error" and "malformed tensor payload" in header["message"]
     assert seen == []
 
 
 def test_module_never_uses_pickle():
-    source = (ROOT / "infer_async.py").read_text()
-    assert "pickle" not in source and "torch.load" not in source and "eval(" not in source
+    for module in ("infer_async.py", "remote.py"):
+        source = (ROOT / module).read_text()
+        assert "pickle" not in source and "torch.load" not in source and "eval(" not in source
+
+
+def test_the_script_reports_an_unreachable_policy_server_in_one_line():
+    """remote.py's errors are the InferError that infer_async.py catches also when it runs as a script."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run([sys.executable, str(ROOT / "infer_async.py"), "--sim", "--server", f"127.0.0.1:{port}",
+                           "--task", "t"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1].startswith(f"error: cannot reach the policy server at 127.0.0.1:{port}")
+
+
+def test_the_robot_side_of_remote_mode_needs_no_torch():
+    """infer_async spells out flow's feature keys rather than import flow (and with it torch)."""
+    code = "import sys, infer_async, remote; print('torch' in sys.modules, 'flow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+    import flow
+
+    assert (ia.STATE, ia.IMAGE_PREFIX) == (flow.STATE, flow.IMAGE_PREFIX)
 
 
 def test_remote_refuses_an_observation_that_does_not_fit_the_policy(tcp_server):
     server, seen = tcp_server
-    remote = ia.RemotePolicy("127.0.0.1", server.server_address[1], token="s3cret")
-    remote.connect()
+    policy = remote.RemotePolicy("127.0.0.1", server.server_address[1], token="s3cret")
+    policy.connect()
     wrong_image = np.zeros((8, 6, 3), np.uint8)  # transposed
-    with pytest.raises(ia.WireError, match="uint8 \\(6, 8, 3\\)"):
-        remote(ia.Observation(0, np.zeros(6, np.float32), {TOP: wrong_image}, "x"))
-    remote.close()
+    with pytest.raises(remote.WireError, match="uint8 \\(6, 8, 3\\)"):
+        policy(ia.Observation(0, np.zeros(6, np.float32), {TOP: wrong_image}, "x"))
+    policy.close()
     assert seen == []
 
 
@@ -686,15 +709,15 @@ def test_command_line_errors_are_clear(argv, message, capsys):
     (["--duration", "0"], "--duration", "> 0"),
     (["--duration", "nan"], "--duration", "> 0"),
     (["--fps", "0"], "--fps", "> 0"),
-    (["--threshold", "1.5"], "--threshold", "in [0, 1]"),
-    (["--threshold", "-0.1"], "--threshold", "in [0, 1]"),
+    (["--threshold", "1.5"], "--threshold", "a number from 0 to 1"),
+    (["--threshold", "-0.1"], "--threshold", "a number from 0 to 1"),
     (["--ease-in", "-1"], "--ease-in", "integer >= 0"),
     (["--ease-in", "1.5"], "--ease-in", "integer >= 0"),
     (["--similarity", "-1"], "--similarity", ">= 0"),
     (["--n-action-steps", "0"], "--n-action-steps", "integer >= 1"),
     (["--camera-timeout", "0"], "--camera-timeout", "> 0"),
     (["--max-relative-target", "-5"], "--max-relative-target", "> 0"),
-    (["serve", "--policy", "p", "--listen", "70000"], "--listen", "in [0, 65535]"),
+    (["serve", "--policy", "p", "--listen", "70000"], "--listen", "an integer from 0 to 65535"),
     (["serve", "--policy", "p", "--max-message-mb", "0"], "--max-message-mb", "> 0"),
 ])
 def test_a_numeric_flag_out_of_range_is_one_line_and_exit_2(argv, flag, allowed, tmp_path, monkeypatch, capsys):
@@ -705,7 +728,7 @@ def test_a_numeric_flag_out_of_range_is_one_line_and_exit_2(argv, flag, allowed,
         ia.main(argv)
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"argument {flag}: must be" in err and allowed in err and repr(argv[-1]) in err
+    assert err.count("\n") == 1 and f"argument {flag}: expected" in err and allowed in err and repr(argv[-1]) in err
 
 
 def test_a_real_port_never_falls_back_to_the_demo_policy(tmp_path, monkeypatch, capsys):
@@ -768,11 +791,11 @@ def test_what_a_checkpoint_does_not_record_is_reported_unchecked():
 
 def test_the_spec_carries_names_and_means_over_the_wire():
     spec = spec_with(state_names=SO100_NAMES, action_names=LEGACY_NAMES, state_mean=REST_POSE, action_mean=REST_POSE)
-    assert ia.PolicySpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
-    older_server = {k: v for k, v in spec.to_json().items() if "names" not in k and "mean" not in k}
-    assert ia.PolicySpec.from_json(older_server) == spec_with()
-    with pytest.raises(ia.WireError, match="state_names must be 6 strings"):
-        ia.PolicySpec.from_json({**spec.to_json(), "state_names": "abcdef"})
+    assert remote.spec_from_json(json.loads(json.dumps(remote.spec_to_json(spec)))) == spec
+    older_server = {k: v for k, v in remote.spec_to_json(spec).items() if "names" not in k and "mean" not in k}
+    assert remote.spec_from_json(older_server) == spec_with()
+    with pytest.raises(remote.WireError, match="state_names must be 6 strings"):
+        remote.spec_from_json({**remote.spec_to_json(spec), "state_names": "abcdef"})
 
 
 # ---------------------------------------------------------------------------------------------
