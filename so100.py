@@ -320,6 +320,14 @@ class FeetechBus:
                 finally:
                     self._serial = None
 
+    def __enter__(self) -> "FeetechBus":
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info) -> bool:
+        self.close()
+        return False
+
     def who(self, servo_id: int) -> str:
         name = self.motor_names.get(servo_id)
         return f"servo {servo_id} ({name})" if name else f"servo {servo_id}"
@@ -602,13 +610,8 @@ def check_arm(port: str, *, reply_timeout: float = 0.05, attempts: int = 3) -> N
 
     This needs no calibration: a program calls it first so that a wrong port or an unpowered arm is
     reported before a missing calibration file (SO100() loads the calibration when it is built)."""
-    bus = FeetechBus(port, reply_timeout=reply_timeout, attempts=attempts,
-                     motor_names=MOTOR_NAMES)
-    bus.open()
-    try:
+    with FeetechBus(port, reply_timeout=reply_timeout, attempts=attempts, motor_names=MOTOR_NAMES) as bus:
         check_servos(bus, list(MOTOR_IDS.values()))
-    finally:
-        bus.close()
 
 
 class SO100:
@@ -1076,20 +1079,18 @@ def _record_calibration(bus: FeetechBus, ids: list[int], wait_for_enter: Callabl
 # ---------------------------------------------------------------------------------------------
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    bus = FeetechBus(args.port, motor_names=MOTOR_NAMES)
-    bus.open()
-    try:
-        calibration = run_calibration(bus)
-    except KeyboardInterrupt:
-        print("\ncalibration interrupted; nothing written to the calibration file", file=sys.stderr)
-        return 130
-    finally:
-        for servo_id in MOTOR_IDS.values():  # leave the arm limp
-            try:
-                bus.write_register(servo_id, "Torque_Enable", 0)
-            except FeetechError:
-                pass
-        bus.close()
+    with FeetechBus(args.port, motor_names=MOTOR_NAMES) as bus:
+        try:
+            calibration = run_calibration(bus)
+        except KeyboardInterrupt:
+            print("\ncalibration interrupted; nothing written to the calibration file", file=sys.stderr)
+            return 130
+        finally:
+            for servo_id in MOTOR_IDS.values():  # leave the arm limp
+                try:
+                    bus.write_register(servo_id, "Torque_Enable", 0)
+                except FeetechError:
+                    pass
     path = Path(args.output or default_calibration_path(args.id)).expanduser()
     existed = path.exists()
     save_calibration(calibration, path)
@@ -1116,15 +1117,11 @@ def _print_positions(names: Sequence[str], read: Callable[[], Sequence[float]], 
 
 def _cmd_read(args: argparse.Namespace) -> int:
     if args.raw:  # no calibration needed: raw Present_Position steps, torque left as it is
-        bus = FeetechBus(args.port, motor_names=MOTOR_NAMES)
-        bus.open()
-        try:
+        with FeetechBus(args.port, motor_names=MOTOR_NAMES) as bus:
             ids = list(MOTOR_IDS.values())
             check_servos(bus, ids)
             read = lambda: list(bus.sync_read_register("Present_Position", ids).values())  # noqa: E731
             _print_positions(list(JOINT_NAMES), read, args.once, args.hz)
-        finally:
-            bus.close()
         return 0
     check_arm(args.port)  # the port and the servos first: a wrong port is reported before a missing calibration
     arm = SO100(args.port, calibration=args.calibration, legacy=args.legacy, id=args.id)
