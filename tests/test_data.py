@@ -11,6 +11,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import huggingface_hub
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -347,21 +348,21 @@ def test_hub_id_goes_through_snapshot_download(tiny_v3_dataset, monkeypatch):
     root, _ = tiny_v3_dataset
     calls = []
 
-    def fake_snapshot_download(repo_id, repo_type=None, revision=None):
+    def fake_snapshot_download(repo_id, repo_type=None, revision=None, **_):
         calls.append((repo_id, repo_type, revision))
         return str(root)
 
-    monkeypatch.setattr(data, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     dataset = data.LeRobotDataset("lerobot/svla_so100_pickplace", revision="v3.0")
     assert calls == [("lerobot/svla_so100_pickplace", "dataset", "v3.0")]
     assert len(dataset) == sum(LENGTHS) and dataset.root == root
 
 
 def test_unknown_hub_id_and_missing_directory_are_clear_errors(monkeypatch, tmp_path):
-    def not_found(repo_id, repo_type=None, revision=None):
+    def not_found(repo_id, repo_type=None, revision=None, **_):
         raise FileNotFoundError(f"Repository Not Found for url: https://huggingface.co/api/datasets/{repo_id}")
 
-    monkeypatch.setattr(data, "snapshot_download", not_found)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", not_found)
     with pytest.raises(data.DatasetError, match="no such local directory.*nobody/nothing.*Repository Not Found"):
         data.LeRobotDataset("nobody/nothing")
     with pytest.raises(data.DatasetError, match="no such local directory"):
@@ -374,11 +375,11 @@ def test_mistyped_local_path_says_no_such_directory_as_well_as_the_hub_error(mon
     """'outputs/demo_datset' has the shape of a Hub id 'owner/name': the message must still say that
     no such local directory exists (and suggest the near one), not only that the download failed,
     and stay on one line when the Hub client's message does not."""
-    def offline(repo_id, repo_type=None, revision=None):
+    def offline(repo_id, repo_type=None, revision=None, **_):
         raise OSError("Got: ConnectError: [Errno -2] Name or service not known\nAn error happened while trying "
                       "to locate the files on the Hub.")
 
-    monkeypatch.setattr(data, "snapshot_download", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs" / "demo_dataset").mkdir(parents=True)
     with pytest.raises(data.DatasetError) as error:

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -79,6 +80,16 @@ def test_defaults_are_the_smolvla_fine_tuning_recipe():
         (64, 20_000, 1e-4, (0.9, 0.95), 1e-8, 1e-10)
     assert (args.warmup_steps, args.decay_steps, args.decay_lr, args.grad_clip) == (1_000, 30_000, 2.5e-6, 10.0)
     assert args.output_dir == "outputs/train" and not args.train_vision and not args.train_vlm
+
+
+def test_flags_given_override_the_demo_defaults_even_at_the_recipe_value():
+    """One parse tells the flags given from defaults: a flag given with the recipe's own value still
+    overrides the demo's (and, on --resume, the run's saved value)."""
+    args = train.parse_args(["--steps", "20000", "--num-workers", "4", "--no-train-vlm"])
+    assert (args.steps, args.num_workers, args.train_vlm) == (20_000, 4, False)
+    assert (args.batch_size, args.lr, args.output_dir, args.train_vision) == (32, 1e-3, "outputs/demo", True)
+    assert args.explicit == ["num_workers", "steps", "train_vlm"]
+    assert train.parse_args(["--data", "x"]).explicit == ["data"]
 
 
 def test_learning_rate_schedule_is_lerobots_cosine_decay_with_warmup():
@@ -456,11 +467,11 @@ def test_a_rerun_of_a_stopped_run_points_to_resume(dataset_dir, tmp_path, monkey
 def test_revision_reaches_the_hub_download(dataset_dir, tmp_path, monkeypatch):
     calls = []
 
-    def fake_snapshot_download(repo_id, repo_type=None, revision=None):
+    def fake_snapshot_download(repo_id, repo_type=None, revision=None, **_):
         calls.append((repo_id, repo_type, revision))
         return str(dataset_dir)
 
-    monkeypatch.setattr(data, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     argv = args_for(dataset_dir, tmp_path / "out", "--steps", "1")
     argv[argv.index("--data") + 1] = "someone/reach"
     train.main(argv + ["--revision", "v3.0"])
