@@ -801,7 +801,7 @@ def parse_camera(text: str) -> tuple[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
-        description="Run a SmolVLA policy on an SO-100 arm with asynchronous inference "
+        description="Run a SmolVLA policy on an SO-100 arm with asynchronous inference\n"
                     "(`python infer_async.py serve --help` for the remote policy server).",
         formatter_class=HelpFormatter)
     g = p.add_argument_group("policy")
