@@ -22,7 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
-from train import integer  # the argparse type train.py's flags use
+from cli import HelpFormatter, Parser, integer
 
 
 def emit(record: dict) -> None:
@@ -344,17 +344,6 @@ def bench_train(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """A command-line mistake is one line naming the flag and what it accepts (argparse's usage block
-    would bury it), with argparse's exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-# ---------------------------------------------------------------------------------------------
 # sim: control ticks per second of the MuJoCo SO-100 with both cameras, through the servo bus
 
 
@@ -413,13 +402,23 @@ def torch_device(text: str) -> str:
 FRAME_SIDE = integer(16, 4096)
 
 
+def add_model_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """The flags infer and train share: where the smolvla_base-sized model runs and what it sees."""
+    p.add_argument("--device", type=torch_device, default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--repeats", type=integer(1), default=3, help=f"timed {what} after one warm-up; the median is printed")
+    p.add_argument("--cameras", type=integer(1), default=2, help="camera images per observation")
+    p.add_argument("--height", type=FRAME_SIDE, default=480, help="camera frame height, 16 to 4096")
+    p.add_argument("--width", type=FRAME_SIDE, default=640, help="camera frame width, 16 to 4096")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("data", help="DataLoader random-access items/s, 2 cameras 480x640 AV1")
+    p = commands.add_parser("data", help="DataLoader random-access items/s, 2 cameras 480x640 AV1",
+                            formatter_class=HelpFormatter)
     p.add_argument("--workers", type=integer(0), default=2, help="DataLoader worker processes")
-    p.add_argument("--batch-size", type=integer(1), default=8)
+    p.add_argument("--batch-size", type=integer(1), default=8, help="items per batch")
     p.add_argument("--batches", type=integer(1), default=40, help="batches timed, after the warm-up")
     p.add_argument("--warmup", type=integer(0), default=4, help="batches read before timing")
     p.add_argument("--episodes", type=integer(1), default=8, help="episodes in the generated dataset")
@@ -428,30 +427,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where the generated dataset is kept between runs")
     p.set_defaults(run=bench_data)
 
-    infer = commands.add_parser("infer", help="one action chunk of the smolvla_base architecture (random weights)")
-    infer.add_argument("--device", type=torch_device, default="cpu")
+    infer = commands.add_parser("infer", help="one action chunk of the smolvla_base architecture (random weights)",
+                                formatter_class=HelpFormatter)
+    add_model_arguments(infer, "runs")
     infer.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="weights and activations (the checkpoint's float32 tensors stay float32)")
     infer.add_argument("--compile", action="store_true", help="torch.compile the denoising step")
     infer.add_argument("--fast", action="store_true",
                        help="also time the int8 CPU mode and its action difference (--device cpu only)")
     infer.add_argument("--batch", type=integer(1), nargs="+", default=[1, 8], help="batch sizes timed")
-    infer.add_argument("--repeats", type=integer(1), default=3, help="timed runs after one warm-up; the median is printed")
-    infer.add_argument("--cameras", type=integer(1), default=2)
-    infer.add_argument("--height", type=FRAME_SIDE, default=480, help="camera frame height, 16 to 4096")
-    infer.add_argument("--width", type=FRAME_SIDE, default=640, help="camera frame width, 16 to 4096")
     infer.set_defaults(run=bench_infer)
 
-    p = commands.add_parser("train", help="training samples/s of the smolvla_base architecture, with/without cached vision")
-    p.add_argument("--device", type=torch_device, default="cpu")
-    p.add_argument("--batch-size", type=integer(1), default=2)
-    p.add_argument("--repeats", type=integer(1), default=3, help="timed steps after one warm-up; the median is printed")
-    p.add_argument("--cameras", type=integer(1), default=2)
-    p.add_argument("--height", type=FRAME_SIDE, default=480, help="camera frame height, 16 to 4096")
-    p.add_argument("--width", type=FRAME_SIDE, default=640, help="camera frame width, 16 to 4096")
+    p = commands.add_parser("train", help="training samples/s of the smolvla_base architecture, with/without "
+                            "cached vision", formatter_class=HelpFormatter)
+    add_model_arguments(p, "steps")
+    p.add_argument("--batch-size", type=integer(1), default=2, help="samples per optimisation step")
     p.set_defaults(run=bench_train)
 
-    p = commands.add_parser("sim", help="control ticks/s of the MuJoCo SO-100 with both cameras (sim.py)")
+    p = commands.add_parser("sim", help="control ticks/s of the MuJoCo SO-100 with both cameras (sim.py)",
+                            formatter_class=HelpFormatter)
     p.add_argument("--ticks", type=integer(1), default=300, help="control ticks timed (default 300: 10 s at 30 fps)")
     p.set_defaults(run=bench_sim)
 

@@ -1,15 +1,16 @@
 """The action expert: a narrower Llama-style decoder over the action tokens.
 
-Expert layer i is paired with VLM layer i and reads that layer's prefix keys/values in one of two ways:
+Expert layer i is a `lm.DecoderLayer` paired with VLM layer i, and reads that layer's prefix
+keys/values in one of two ways:
 - self-attention layers (i % self_attn_every_n_layers == 0): the action tokens attend to the prefix
-  keys/values concatenated with their own (causal among themselves);
+  keys/values followed by their own (causal among themselves), held in a `lm.KVCache`;
 - cross-attention layers (the others): the action tokens attend only to the prefix, through the
   expert's own k/v projections applied to the VLM's (post-RoPE) keys and values.
 
 Everything derived from the prefix is the same at each of the denoising steps, so `prepare` computes
 it once per chunk (the reference recomputes the cross-attention projections at every step): the
-projected cross-attention keys/values, a preallocated key/value buffer per self-attention layer whose
-prefix part is filled once, the masks and the rotary tables.
+projected cross-attention keys/values, the prefix part of each self-attention layer's cache, the
+masks and the rotary tables. `forward` is then one denoising step's pass over the action tokens.
 """
 
 from __future__ import annotations
@@ -19,19 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lm import DecoderLayer, RMSNorm, additive_mask, apply_rope, attention, repeat_kv, rope_cos_sin
-
-
-def weight_dtype(linear: nn.Module) -> torch.dtype:
-    """The dtype a linear layer takes its input in (float32 for an int8 dynamically quantised one)."""
-    weight = linear.weight
-    return weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
-
-
-def expert_intermediate_size(hidden: int, multiplier: int = 4, multiple_of: int = 256) -> int:
-    """MLP width of the expert: 2/3 of 4x hidden, rounded up to a multiple of 256 (720 -> 2048)."""
-    size = int(multiplier * int(2 * hidden / 3))
-    return multiple_of * ((size + multiple_of - 1) // multiple_of)
+from lm import DecoderLayer, KVCache, RMSNorm, Rope, additive_mask, rope_cos_sin
 
 
 @dataclass
@@ -59,13 +48,13 @@ class ExpertConfig:
 class ExpertCache:
     """What the expert needs from one prefix, computed once per action chunk."""
 
-    keys: list[torch.Tensor]  # per layer (B, H, P[+S], D), kv heads already repeated to H
-    values: list[torch.Tensor]
-    prefix_len: int
+    # Per layer: the self-attention layer's KVCache (prefix part filled), or the cross-attention
+    # layer's projected prefix keys and values, each (B, kv_heads, P, D).
+    kv: list[KVCache | tuple[torch.Tensor, torch.Tensor]]
     self_mask: torch.Tensor  # (B, 1, S, P+S) additive
     cross_mask: torch.Tensor  # (B, 1, S, P) additive
-    self_rope: tuple[torch.Tensor, torch.Tensor]  # positions continue after the valid prefix tokens
-    cross_rope: tuple[torch.Tensor, torch.Tensor]  # positions restart at 0
+    self_rope: Rope  # positions continue after the valid prefix tokens
+    cross_rope: Rope  # positions restart at 0
 
 
 class ActionExpert(nn.Module):
@@ -78,17 +67,25 @@ class ActionExpert(nn.Module):
             for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # The self-attention layers' static caches at inference, reused from chunk to chunk (see
+        # `self_attention_cache`); not part of the checkpoint.
+        self.static_caches: dict[int, KVCache] = {}
 
-    @property
-    def groups(self) -> int:
-        return self.cfg.num_attention_heads // self.cfg.num_key_value_heads
+    def forward(self, x: torch.Tensor, cache: ExpertCache) -> torch.Tensor:
+        """Action tokens (B, S, hidden) -> final-normed hidden states (B, S, hidden)."""
+        for i, (layer, kv) in enumerate(zip(self.layers, cache.kv)):
+            if self.cfg.is_cross(i):
+                x = layer(x, cache.cross_rope, cache.cross_mask, cross_kv=kv)
+            else:
+                x = layer(x, cache.self_rope, cache.self_mask, cache=kv)
+        return self.norm(x)
 
     def prepare(self, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]], prefix_pad_mask: torch.Tensor,
                 chunk_size: int) -> ExpertCache:
         """Build the per-chunk cache from the VLM's prefix keys/values (B, kv_heads, P, D) per layer."""
         batch, prefix_len = prefix_pad_mask.shape
         dtype, device = prefix_kv[0][0].dtype, prefix_pad_mask.device
-        keys, values = [], []
+        kv = []
         for i, (layer, (k, v)) in enumerate(zip(self.layers, prefix_kv)):
             attn = layer.self_attn
             if self.cfg.is_cross(i):
@@ -97,17 +94,11 @@ class ActionExpert(nn.Module):
                 proj_dtype = weight_dtype(attn.k_proj)
                 k = attn.k_proj(k.transpose(1, 2).flatten(2).to(proj_dtype)).to(dtype)
                 v = attn.v_proj(v.transpose(1, 2).flatten(2).to(proj_dtype)).to(dtype)
-                k, v = attn.split_heads(k, attn.kv_heads), attn.split_heads(v, attn.kv_heads)
-                keys.append(repeat_kv(k, self.groups))
-                values.append(repeat_kv(v, self.groups))
+                kv.append((attn.split_heads(k, attn.kv_heads), attn.split_heads(v, attn.kv_heads)))
             else:
-                # Preallocated [prefix | actions] buffers: each denoising step overwrites the tail.
-                shape = (batch, attn.heads, prefix_len + chunk_size, attn.head_dim)
-                k_all, v_all = self.kv_buffers(i, shape, dtype, device)
-                k_all[:, :, :prefix_len] = repeat_kv(k, self.groups)
-                v_all[:, :, :prefix_len] = repeat_kv(v, self.groups)
-                keys.append(k_all)
-                values.append(v_all)
+                layer_cache = self.self_attention_cache(i, batch, prefix_len, chunk_size, dtype, device)
+                layer_cache.write_prefix(k, v)
+                kv.append(layer_cache)
 
         # Action token j sees every valid prefix token and the action tokens 0..j.
         prefix_allowed = prefix_pad_mask[:, None, :].expand(batch, chunk_size, prefix_len)
@@ -117,50 +108,37 @@ class ActionExpert(nn.Module):
         steps = torch.arange(chunk_size, device=device)[None, :]
         num_valid = prefix_pad_mask.sum(dim=1, keepdim=True)
         rope = lambda pos: rope_cos_sin(pos.expand(batch, -1), self.cfg.head_dim, self.cfg.rope_base)  # noqa: E731
-        return ExpertCache(
-            keys=keys, values=values, prefix_len=prefix_len,
-            self_mask=additive_mask(self_allowed, dtype), cross_mask=additive_mask(prefix_allowed, dtype),
-            self_rope=rope(num_valid + steps), cross_rope=rope(steps),
-        )
+        return ExpertCache(kv=kv, self_mask=additive_mask(self_allowed, dtype),
+                           cross_mask=additive_mask(prefix_allowed, dtype),
+                           self_rope=rope(num_valid + steps), cross_rope=rope(steps))
 
-    def kv_buffers(self, layer: int, shape: tuple[int, ...], dtype: torch.dtype,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Key and value buffers of a self-attention layer.
+    def self_attention_cache(self, layer: int, batch: int, prefix_len: int, chunk_size: int, dtype: torch.dtype,
+                             device: torch.device) -> KVCache:
+        """The [prefix | actions] key/value cache of a self-attention layer.
 
-        At inference (no autograd) they belong to the module, are reallocated only when the shape
-        changes and are marked as static addresses (gpt-fast's KV cache): a compiled denoising step
-        writes into the same tensors at every chunk, which CUDA-graph capture needs. So a policy
-        serves one chunk at a time. With autograd on (training) they are fresh tensors, since the
-        step's graph keeps them.
+        At inference (no autograd) it is kept in `static_caches` and reallocated only when the sizes
+        change: a compiled denoising step writes into the same tensors at every chunk, which CUDA-graph
+        capture needs. So a policy serves one chunk at a time. With autograd on (training) it is a
+        fresh cache, since the step's graph keeps its tensors.
         """
+        sizes = (batch, self.cfg.num_key_value_heads, prefix_len, chunk_size, self.cfg.head_dim, dtype, device)
         if torch.is_grad_enabled():
-            return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
-        buffers = []
-        for kind in ("key", "value"):
-            name = f"{kind}_buffer_{layer}"
-            buffer = getattr(self, name, None)
-            if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != device:
-                buffer = torch.empty(shape, dtype=dtype, device=device)
-                torch._dynamo.mark_static_address(buffer)
-                self.register_buffer(name, buffer, persistent=False)
-            buffers.append(buffer)
-        return buffers[0], buffers[1]
+            return KVCache(*sizes)
+        shape = (batch, self.cfg.num_key_value_heads, prefix_len + chunk_size, self.cfg.head_dim)
+        cache = self.static_caches.get(layer)
+        if cache is None or not cache.fits(shape, prefix_len, dtype, device):
+            cache = self.static_caches[layer] = KVCache(*sizes, static=True)
+        return cache
 
-    def forward(self, x: torch.Tensor, cache: ExpertCache) -> torch.Tensor:
-        """Action tokens (B, S, hidden) -> final-normed hidden states (B, S, hidden)."""
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            if self.cfg.is_cross(i):
-                cos, sin = cache.cross_rope
-                mask = cache.cross_mask
-            else:
-                cos, sin = cache.self_rope
-                mask = cache.self_mask
-                k = apply_rope(attn.split_heads(attn.k_proj(h), attn.kv_heads), cos, sin)
-                v = attn.split_heads(attn.v_proj(h), attn.kv_heads)
-                cache.keys[i][:, :, cache.prefix_len:] = repeat_kv(k, self.groups)
-                cache.values[i][:, :, cache.prefix_len:] = repeat_kv(v, self.groups)
-            q = apply_rope(attn.split_heads(attn.q_proj(h), attn.heads), cos, sin)
-            x = layer.finish(x, attention(q, cache.keys[i], cache.values[i], mask))
-        return self.norm(x)
+
+def weight_dtype(linear: nn.Module) -> torch.dtype:
+    """The dtype a linear layer takes its input in (float32 for an int8 dynamically quantised one,
+    whose `weight` is a method)."""
+    weight = linear.weight
+    return weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
+
+
+def expert_intermediate_size(hidden: int, multiplier: int = 4, multiple_of: int = 256) -> int:
+    """MLP width of the expert: 2/3 of 4x hidden, rounded up to a multiple of 256 (720 -> 2048)."""
+    size = int(multiplier * int(2 * hidden / 3))
+    return multiple_of * ((size + multiple_of - 1) // multiple_of)

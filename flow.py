@@ -8,12 +8,14 @@ Training regresses v onto u = noise - action at x_t = t*noise + (1-t)*action (fl
 Sampling starts from noise at t=1 and takes num_steps Euler steps x <- x + dt*v to t=0; the prefix
 goes through the VLM once per chunk and only the small expert runs at every step.
 
-This file also holds what turns robot data into model inputs and back: image preprocessing, the
-tokenizer, MEAN_STD normalisation, and checkpoints in LeRobot's layout (load and save).
+The policy, `SmolVLA`, comes first. After it, in marked sections: the normalisation of state and
+actions, the configuration (LeRobot's config.json and the VLM's), the tokenizer, and checkpoints in
+LeRobot's layout (official key names, the processor files that carry the normalisation stats).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -28,367 +30,38 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cli import looks_like_hub_id, resolve_dir
 from expert import ActionExpert, ExpertCache, ExpertConfig, expert_intermediate_size
 from lm import LMConfig, TextModel, additive_mask, rope_cos_sin
 from vision import Connector, VisionConfig, VisionEncoder, preprocess_images
 
+# The policy's input and output features (LeRobot's names); cameras are IMAGE_PREFIX + a name.
 STATE = "observation.state"
 ACTION = "action"
-IMAGE_PREFIX = "observation.images."  # camera features are observation.images.<name>
+IMAGE_PREFIX = "observation.images."
 DEFAULT_VLM = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration
-
-
-@dataclass
-class SmolVLAConfig:
-    """The fields of LeRobot's smolvla config.json that the model uses (defaults: smolvla_base).
-
-    Other keys of a loaded config.json are kept in `extra` and written back unchanged.
-    """
-
-    input_features: dict = field(default_factory=lambda: {
-        **{f"observation.images.camera{i}": {"type": "VISUAL", "shape": [3, 256, 256]} for i in (1, 2, 3)},
-        STATE: {"type": "STATE", "shape": [6]},
-    })
-    output_features: dict = field(default_factory=lambda: {ACTION: {"type": "ACTION", "shape": [6]}})
-    chunk_size: int = 50
-    n_action_steps: int = 50
-    max_state_dim: int = 32
-    max_action_dim: int = 32
-    resize_imgs_with_padding: tuple = (512, 512)  # (width, height)
-    empty_cameras: int = 0
-    tokenizer_max_length: int = 48
-    pad_language_to: str = "max_length"
-    num_steps: int = 10
-    vlm_model_name: str = DEFAULT_VLM
-    attention_mode: str = "cross_attn"
-    prefix_length: int = -1
-    num_expert_layers: int = -1
-    num_vlm_layers: int = 16
-    self_attn_every_n_layers: int = 2
-    expert_width_multiplier: float = 0.75
-    min_period: float = 4e-3
-    max_period: float = 4.0
-    normalization_mapping: dict = field(
-        default_factory=lambda: {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"})
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "SmolVLAConfig":
-        if raw.get("type", "smolvla") != "smolvla":
-            raise ValueError(f"this is the config of a {raw.get('type')!r} policy, not of a smolvla one")
-        names = {f.name for f in fields(cls)} - {"extra"}
-        known = {k: v for k, v in raw.items() if k in names}
-        if "resize_imgs_with_padding" in known and known["resize_imgs_with_padding"] is not None:
-            known["resize_imgs_with_padding"] = tuple(known["resize_imgs_with_padding"])
-        return cls(**known, extra={k: v for k, v in raw.items() if k not in names})
-
-    def to_dict(self) -> dict:
-        out = {"type": "smolvla", **self.extra}
-        for f in fields(self):
-            if f.name != "extra":
-                value = getattr(self, f.name)
-                out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
-
-    @property
-    def camera_keys(self) -> list[str]:
-        return [k for k, v in self.input_features.items() if v.get("type") == "VISUAL"]
-
-    @property
-    def state_dim(self) -> int:
-        return int(self.input_features[STATE]["shape"][0])
-
-    @property
-    def action_dim(self) -> int:
-        return int(self.output_features[ACTION]["shape"][0])
-
-
-# The fields of HuggingFaceTB/SmolVLM2-500M-Video-Instruct's config.json that the model reads: the
-# architecture of lerobot/smolvla_base, for building it without the Hub (benchmarks, tests).
-SMOLVLM2_500M_CONFIG = {
-    "model_type": "smolvlm", "scale_factor": 4,
-    "text_config": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
-                    "num_attention_heads": 15, "num_key_value_heads": 5, "head_dim": 64, "rms_norm_eps": 1e-5,
-                    "vocab_size": 49280},
-    "vision_config": {"hidden_size": 768, "image_size": 512, "patch_size": 16, "num_attention_heads": 12},
-}
-
-# What the int8 CPU mode is held to: mean |fast action - exact action| in units of the action std
-# (checked on the golden fixture by the tests, measured on the full-size model by bench.py).
-INT8_FIDELITY_BOUND = 0.02
-
-# How far float camera images may stray outside [0, 1] (overshoot of a user's own bicubic or
-# antialiased resize) before they are refused as being in another range (0..255, [-1, 1]).
-IMAGE_RANGE_SLACK = 0.01
-
-# transformers' SmolVLMVisionConfig defaults: the VLM's config.json omits fields left at these.
-VISION_DEFAULTS = {"hidden_size": 1152, "intermediate_size": 3072, "num_hidden_layers": 12,
-                   "num_attention_heads": 16, "image_size": 224, "patch_size": 32, "layer_norm_eps": 1e-6,
-                   "hidden_act": "gelu_pytorch_tanh"}
-
-
-def vlm_configs(vlm_config: dict, cfg: SmolVLAConfig) -> tuple[VisionConfig, LMConfig, ExpertConfig]:
-    """Model sizes from the VLM's config.json and the policy config."""
-    vision = {**VISION_DEFAULTS, **vlm_config.get("vision_config", {})}
-    if vision["hidden_act"] not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise ValueError(f"VLM vision_config.hidden_act {vision['hidden_act']!r} is not supported (gelu tanh only)")
-    text = vlm_config["text_config"]
-    heads = text["num_attention_heads"]
-    head_dim = text.get("head_dim") or text["hidden_size"] // heads
-    num_layers = cfg.num_vlm_layers if cfg.num_vlm_layers > 0 else text["num_hidden_layers"]
-    if num_layers > text["num_hidden_layers"]:
-        raise ValueError(f"num_vlm_layers={num_layers} but the VLM has {text['num_hidden_layers']} layers")
-    lm = LMConfig(hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
-                  num_layers=num_layers, num_attention_heads=heads,
-                  num_key_value_heads=text.get("num_key_value_heads", heads), head_dim=head_dim,
-                  rms_norm_eps=text.get("rms_norm_eps", 1e-6), vocab_size=text["vocab_size"])
-    vis = VisionConfig(hidden_size=vision["hidden_size"], intermediate_size=vision["intermediate_size"],
-                       num_layers=vision["num_hidden_layers"], num_attention_heads=vision["num_attention_heads"],
-                       image_size=vision["image_size"], patch_size=vision["patch_size"],
-                       layer_norm_eps=vision["layer_norm_eps"], scale_factor=vlm_config.get("scale_factor", 2),
-                       text_hidden_size=lm.hidden_size)
-    if cfg.num_expert_layers > 0 and cfg.num_expert_layers != num_layers:
-        raise ValueError(f"num_expert_layers={cfg.num_expert_layers} differs from num_vlm_layers={num_layers}; "
-                         "only one expert layer per VLM layer is supported (use -1 or 0 for the default)")
-    expert_hidden = int(lm.hidden_size * cfg.expert_width_multiplier)
-    expert = ExpertConfig(hidden_size=expert_hidden, intermediate_size=expert_intermediate_size(expert_hidden),
-                          num_layers=num_layers, num_attention_heads=heads,
-                          num_key_value_heads=lm.num_key_value_heads, head_dim=head_dim,
-                          rms_norm_eps=lm.rms_norm_eps, vlm_kv_width=lm.num_key_value_heads * head_dim,
-                          attention_mode=cfg.attention_mode, self_attn_every_n_layers=cfg.self_attn_every_n_layers)
-    return vis, lm, expert
-
-
-# ----------------------------------------------------------------------------------------------
-# Locating checkpoints
-
-
-def looks_like_hub_id(name: str) -> bool:
-    """'owner/name' and not a local path (absolute, ./, ~, or an existing directory)."""
-    return (name.count("/") == 1 and not name.startswith((".", "/", "~"))
-            and not Path(name).expanduser().is_dir())
-
-
-def resolve_dir(repo_id_or_dir: str | Path, what: str, allow_patterns: list[str] | None = None,
-                revision: str | None = None) -> Path:
-    """A local directory as is, or a Hugging Face Hub model id downloaded into the local cache."""
-    path = Path(repo_id_or_dir).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise FileNotFoundError(f"{what}: {path} is a file, not a directory")
-    text = str(repo_id_or_dir)
-    missing = f"{what}: no such local directory: {path.absolute()}{similar_directories(path)}"
-    if not looks_like_hub_id(text):
-        raise FileNotFoundError(f"{missing} (and {text!r} is not a Hub id of the form 'owner/name')")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(text, allow_patterns=allow_patterns, revision=revision))
-    except Exception as err:  # network, auth, unknown repo: all mean "not available here"
-        reason = " ".join(str(err).split())  # the Hub client's messages run over several lines
-        raise FileNotFoundError(
-            f"{missing}; and the Hugging Face Hub could not provide {text!r} (revision {revision or 'main'}): "
-            f"{type(err).__name__}: {reason}") from err
-
-
-def similar_directories(path: Path) -> str:
-    """' (did you mean outputs/demo?)' for a missing path whose parent holds a directory of a similar
-    name: a mistyped 'outputs/demo_datset' has the shape of a Hub id and would otherwise only fail there."""
-    import difflib
-
-    try:
-        siblings = [child.name for child in path.parent.iterdir() if child.is_dir()]
-    except OSError:
-        return ""
-    close = difflib.get_close_matches(path.name, siblings, n=3, cutoff=0.6)
-    return f" (did you mean {' or '.join(str(path.parent / name) for name in close)}?)" if close else ""
-
-
-def read_json_object(path: Path) -> dict:
-    """A JSON file holding an object; errors name the file."""
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
-    return value
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer and normalisation
-
-
-class Tokenizer:
-    """The VLM's byte-level BPE (`tokenizer.json`), used the way SmolVLA uses it: task + newline, no
-    special tokens, truncated and right-padded with `<|im_end|>`."""
-
-    def __init__(self, vlm_dir: Path, max_length: int, pad_to_max_length: bool):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        path = vlm_dir / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no tokenizer.json in the VLM directory {vlm_dir}")
-        self.tokenizer = HFTokenizer.from_file(str(path))
-        pad_token = "<|im_end|>"
-        config_path = vlm_dir / "tokenizer_config.json"
-        if config_path.is_file():
-            pad_token = read_json_object(config_path).get("pad_token") or pad_token
-        pad_token = pad_token["content"] if isinstance(pad_token, dict) else pad_token
-        self.pad_id = self.tokenizer.token_to_id(pad_token)
-        if self.pad_id is None:
-            raise ValueError(f"pad token {pad_token!r} is not in {path}")
-        self.max_length = max_length
-        self.pad_to_max_length = pad_to_max_length
-
-    def __call__(self, tasks: list[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """-> token ids (B, L) int64 and the mask of real tokens (B, L) bool."""
-        texts = [t if t.endswith("\n") else t + "\n" for t in tasks]
-        ids = [e.ids[: self.max_length] for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
-        length = self.max_length if self.pad_to_max_length else max(len(i) for i in ids)
-        tokens = torch.full((len(ids), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), length), dtype=torch.bool)
-        for row, seq in enumerate(ids):
-            tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = True
-        return tokens.to(device), mask.to(device)
-
-
-STAT_NAMES = ("mean", "std", "min", "max", "count")
-# Normalisation buffers as older checkpoints store them: normalize_inputs.buffer_observation_state.mean,
-# or with a dataset name in front (normalize_inputs.so100-blue_buffer_observation_state.mean).
-_BUFFER_KEY = re.compile(r"^(?:normalize_inputs|normalize_targets|unnormalize_outputs)\.(?:.*_)?buffer_(\w+)\.(\w+)$")
-
-
-def parse_stats(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Flat '<feature>.<stat>' tensors (either layout) -> {feature: {stat: float32 tensor}}.
-
-    Only the state and action features are recognised in the older underscore spelling; keys for
-    other datasets' features (e.g. smolvla_base's 'so100.buffer.action.mean') are ignored.
-    """
-    stats: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in flat.items():
-        match = _BUFFER_KEY.match(key)
-        if match:
-            feature = {"observation_state": STATE, "action": ACTION}.get(match.group(1))
-            stat = match.group(2)
-        else:
-            feature, _, stat = key.rpartition(".")
-        if feature and stat in STAT_NAMES:
-            stats.setdefault(feature, {})[stat] = value.detach().to(torch.float32).cpu()
-    return stats
-
-
-class Normalizer:
-    """MEAN_STD normalisation of state and action: (x - mean) / (std + 1e-8), and back x*std + mean."""
-
-    eps = 1e-8
-
-    def __init__(self, stats: dict[str, dict[str, Any]] | None, sources: list[str]):
-        self.stats = {k: {s: torch.as_tensor(v, dtype=torch.float32) for s, v in d.items()}
-                      for k, d in (stats or {}).items()}
-        self.sources = sources  # where stats were looked for, for the error message
-
-    def _get(self, feature: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        found = self.stats.get(feature, {})
-        if "mean" not in found or "std" not in found:
-            where = ", ".join(self.sources) or "nowhere (no checkpoint files)"
-            raise KeyError(
-                f"no normalisation stats (mean, std) for {feature!r}; looked in: {where}. Supply them from "
-                "the dataset the policy was trained on: policy.set_stats(dataset.stats) or "
-                "SmolVLA.from_pretrained(..., stats=...). Refusing to run unnormalised.")
-        return found["mean"].to(device), found["std"].to(device)
-
-    def normalize(self, feature: str, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self._get(feature, x.device)
-        return (x - mean) / (std + self.eps)
-
-    def unnormalize(self, feature: str, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self._get(feature, x.device)
-        return x * std + mean
-
-
-def pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Zero-pad the last dimension to `size` (state and action are padded to max_state/action_dim)."""
-    if x.shape[-1] > size:
-        raise ValueError(f"a vector of size {x.shape[-1]} does not fit the model's {size} dimensions")
-    return F.pad(x, (0, size - x.shape[-1]))
-
-
-def time_embedding(t: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:
-    """Sinusoidal embedding of flow times t (B,) -> (B, dim): [sin(2*pi*t/period), cos(...)] with periods
-    spaced geometrically from min_period to max_period. float64 where the device has it (not MPS)."""
-    dtype = torch.float32 if t.device.type == "mps" else torch.float64
-    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=dtype, device=t.device)
-    period = min_period * (max_period / min_period) ** fraction
-    angle = (1.0 / period * 2 * math.pi)[None, :] * t[:, None]
-    return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
-
-
-def sample_time(batch: int, generator: torch.Generator | None = None,
-                device: torch.device | str | None = None) -> torch.Tensor:
-    """Flow-matching times for training: t = Beta(1.5, 1) * 0.999 + 0.001, shape (batch,), float32.
-
-    Beta(1.5, 1) leans towards t = 1 (noisier inputs, the harder part of the flow) as in the paper; the
-    0.001 floor keeps t away from 0. Beta(a, 1) has CDF t^a, so t = u^(1/a) for u uniform: one uniform
-    draw per sample from `generator` (on its device, else the CPU), so a seeded run is reproducible.
-    """
-    u = torch.rand(batch, generator=generator, device=generator.device if generator is not None else "cpu")
-    return (u ** (1 / 1.5) * 0.999 + 0.001).to(device if device is not None else u.device)
-
-
-def attention_allowed(pad_mask: torch.Tensor, ar_flags: torch.Tensor) -> torch.Tensor:
-    """The ar-flag rule: token i may attend to non-padding token j iff cumsum(flags)[j] <= cumsum(flags)[i].
-
-    (B, L) pad mask and flags -> (B, L, L) bool. Tokens with flag 0 after a 1 join the same block.
-    """
-    cum = torch.cumsum(ar_flags, dim=1)
-    allowed = cum[:, None, :] <= cum[:, :, None]
-    return allowed & pad_mask[:, None, :] & pad_mask[:, :, None]
-
-
-# ----------------------------------------------------------------------------------------------
-# The policy
-
-
-# Our parameter names -> the official checkpoint's, by prefix.
-KEY_PREFIXES = [
-    ("vision.patch_embedding.", "model.vlm_with_expert.vlm.model.vision_model.embeddings.patch_embedding."),
-    ("vision.position_embedding.", "model.vlm_with_expert.vlm.model.vision_model.embeddings.position_embedding."),
-    ("vision.layers.", "model.vlm_with_expert.vlm.model.vision_model.encoder.layers."),
-    ("vision.post_layernorm.", "model.vlm_with_expert.vlm.model.vision_model.post_layernorm."),
-    ("connector.", "model.vlm_with_expert.vlm.model.connector.modality_projection."),
-    ("lm.", "model.vlm_with_expert.vlm.model.text_model."),
-    ("lm_head.", "model.vlm_with_expert.vlm.lm_head."),
-    ("expert.", "model.vlm_with_expert.lm_expert."),
-    ("", "model."),
-]
-
-
-def to_official(name: str) -> str:
-    ours, official = next((o, f) for o, f in KEY_PREFIXES if name.startswith(o))
-    return official + name[len(ours):]
 
 
 @dataclass
 class Prefix:
     """The model inputs of one observation, after preprocessing (all on the model's device)."""
 
-    images: list[torch.Tensor | None]  # per camera (B,3,S,S) in [-1,1]; None where embeddings are given
+    images: list[torch.Tensor | None]  # per camera (B,3,S,S) in [-1,1]; None where image_embeddings has it
     image_masks: list[torch.Tensor]  # per camera (B,) bool: False for an empty camera slot
     tokens: torch.Tensor  # (B, L) int64
     token_mask: torch.Tensor  # (B, L) bool
     state: torch.Tensor  # (B, max_state_dim) normalised, zero-padded
-    # Precomputed embed_image outputs per camera (training with a cached, frozen vision encoder).
+    # Optional, per camera: the output of `embed_image` for that camera, computed earlier, used
+    # instead of running the vision encoder. A frozen encoder's output depends on the image alone,
+    # so train.py --cache-vision computes it once per frame and feeds it back at every epoch.
     image_embeddings: list[torch.Tensor | None] | None = None
 
 
 class SmolVLA(nn.Module):
+    """The policy. Reading order: the prefix (embed_prefix, prefix_kv), the suffix and the flow
+    (embed_suffix, velocity), flow matching (sample_actions, flow_losses); then the robot-facing API
+    in robot units (predict_chunk, loss, prepare), the speed modes and checkpoints."""
+
     def __init__(self, cfg: SmolVLAConfig, vlm_config: dict, tokenizer: Tokenizer | None = None,
                  stats: Normalizer | None = None):
         super().__init__()
@@ -406,33 +79,12 @@ class SmolVLA(nn.Module):
         self.action_time_mlp_in = nn.Linear(2 * width, width)
         self.action_time_mlp_out = nn.Linear(width, width)
         self.tokenizer = tokenizer
-        self.normalizer = stats or Normalizer(None, [])
+        self.normalizer = stats or Normalizer()
         self.rename_map: dict[str, str] = {}  # data key -> policy key (cameras named differently)
         self.quantized = False
+        self.compiled_velocity = None  # torch.compile(self.velocity) once compile_denoise() is called
         # The local directory the VLM config and tokenizer were read from (None: the Hub, or unknown).
         self.vlm_dir: Path | None = None
-
-    # -- conveniences used across the project ---------------------------------------------------
-
-    @property
-    def config(self) -> SmolVLAConfig:
-        return self.cfg
-
-    @property
-    def camera_keys(self) -> list[str]:
-        return self.cfg.camera_keys
-
-    @property
-    def device(self) -> torch.device:
-        return self.state_proj.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm.embed_tokens.weight.dtype
-
-    def set_stats(self, stats: dict[str, dict[str, Any]], source: str = "given stats") -> None:
-        """Use these normalisation stats ({feature: {"mean": ..., "std": ...}}, e.g. dataset.stats)."""
-        self.normalizer = Normalizer(stats, [source])
 
     # -- prefix: images, language, state ------------------------------------------------------------
 
@@ -474,9 +126,9 @@ class SmolVLA(nn.Module):
         """Run the prefix through the VLM once -> per-layer keys/values and the prefix pad mask."""
         emb, pad, flags = self.embed_prefix(p)
         positions = torch.cumsum(pad, dim=1) - 1
-        cos, sin = rope_cos_sin(positions, self.lm_cfg.head_dim, self.lm_cfg.rope_base)
+        rope = rope_cos_sin(positions, self.lm_cfg.head_dim, self.lm_cfg.rope_base)
         mask = additive_mask(attention_allowed(pad, flags), emb.dtype)
-        return self.lm.prefix_kv(emb, cos, sin, mask), pad
+        return self.lm.prefix_kv(emb, rope, mask), pad
 
     def prefix_cache(self, p: Prefix) -> ExpertCache:
         """Everything the expert reads from the prefix, computed once per chunk."""
@@ -493,7 +145,7 @@ class SmolVLA(nn.Module):
         return self.action_time_mlp_out(F.silu(fused))
 
     def velocity(self, cache: ExpertCache, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The flow v(x_t, t) (B, chunk, max_action_dim), in float32."""
+        """The flow v(x_t, t) (B, chunk, max_action_dim), in float32: the denoising step."""
         tokens = self.embed_suffix(x_t.to(self.action_in_proj.weight.dtype), t)
         hidden = self.expert(tokens.to(self.expert.norm.weight.dtype), cache)
         return self.action_out_proj(hidden.to(self.action_out_proj.weight.dtype)).float()
@@ -506,6 +158,7 @@ class SmolVLA(nn.Module):
         if noise is None:
             noise = torch.randn(batch, self.cfg.chunk_size, self.cfg.max_action_dim, device=p.state.device)
         cache = self.prefix_cache(p)
+        velocity = self.compiled_velocity or self.velocity
         dt = -1.0 / self.cfg.num_steps
         # t_k = 1 + k*dt in float64, then rounded once to float32 (an accumulated float32 t drifts by
         # ulps, and the time embedding's 4 ms period turns that into visible action differences).
@@ -513,7 +166,7 @@ class SmolVLA(nn.Module):
                              device=p.state.device)
         x = noise.float()
         for k in range(self.cfg.num_steps):
-            x = x + dt * self.velocity(cache, x, times[k].expand(batch))
+            x = x + dt * velocity(cache, x, times[k].expand(batch))
         return x
 
     def flow_losses(self, p: Prefix, actions: torch.Tensor, noise: torch.Tensor | None = None,
@@ -530,11 +183,34 @@ class SmolVLA(nn.Module):
         cache = self.prefix_cache(p)
         return F.mse_loss(self.velocity(cache, x_t, time), target, reduction="none")
 
-    # -- robot-facing API -----------------------------------------------------------------------------
+    # -- robot-facing API: batches in robot units -----------------------------------------------------
+
+    @torch.no_grad()
+    def predict_chunk(self, batch: dict[str, Any], noise: torch.Tensor | None = None) -> torch.Tensor:
+        """One action chunk (B, chunk_size, action_dim) in robot units for one observation batch."""
+        actions = self.sample_actions(self.prepare(batch), noise)[:, :, : self.cfg.action_dim]
+        return self.normalizer.unnormalize(ACTION, actions)
+
+    def loss(self, batch: dict[str, Any], noise: torch.Tensor | None = None,
+             time: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean flow-matching loss over the real action dims of the chunk steps inside the episode."""
+        p = self.prepare(batch)
+        actions = torch.as_tensor(batch[ACTION], dtype=torch.float32, device=self.device)
+        actions = pad_last(self.normalizer.normalize(ACTION, actions), self.cfg.max_action_dim)
+        losses = self.flow_losses(p, actions, noise, time)[:, :, : self.cfg.action_dim]
+        valid = torch.ones(losses.shape[:2], dtype=torch.bool, device=losses.device)
+        if batch.get("action_is_pad") is not None:
+            valid = ~torch.as_tensor(batch["action_is_pad"], device=losses.device).bool()
+        weights = valid[:, :, None].to(losses.dtype).expand_as(losses)
+        return (losses * weights).sum() / weights.sum().clamp(min=1)
 
     def prepare(self, batch: dict[str, Any]) -> Prefix:
         """A LeRobot-style batch (robot units; images uint8 in 0..255 or float in [0,1]) -> normalised
-        model inputs."""
+        model inputs.
+
+        A camera may be given as `batch["image_embeddings"][camera]` (an `encode_images` output)
+        instead of its images: it then becomes Prefix.image_embeddings, and the vision encoder skips it.
+        """
         batch = {self.rename_map.get(k, k): v for k, v in batch.items()}
         device = self.device
         if STATE not in batch:
@@ -550,7 +226,7 @@ class SmolVLA(nn.Module):
         present = [k for k in self.camera_keys if k in batch or k in cached]
         missing = [k for k in self.camera_keys if k not in present]
         if not present or len(missing) > self.cfg.empty_cameras:
-            given = sorted(k for k in batch if k.startswith("observation.images."))
+            given = sorted(k for k in batch if k.startswith(IMAGE_PREFIX))
             raise KeyError(f"camera mismatch: the policy expects {self.camera_keys}, the batch has {given}; "
                            "map names with rename={data_key: policy_key}")
         batch_size = state.shape[0]
@@ -601,28 +277,31 @@ class SmolVLA(nn.Module):
                              "supported; give uint8 in 0..255 or float in [0, 1]")
         return preprocess_images(images[None] if images.ndim == 3 else images, self.cfg.resize_imgs_with_padding)
 
-    @torch.no_grad()
-    def predict_chunk(self, batch: dict[str, Any], noise: torch.Tensor | None = None) -> torch.Tensor:
-        """One action chunk (B, chunk_size, action_dim) in robot units for one observation batch."""
-        actions = self.sample_actions(self.prepare(batch), noise)[:, :, : self.cfg.action_dim]
-        return self.normalizer.unnormalize(ACTION, actions)
+    # -- conveniences used across the project ---------------------------------------------------
 
-    def loss(self, batch: dict[str, Any], noise: torch.Tensor | None = None,
-             time: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean flow-matching loss over the real action dims of the chunk steps inside the episode."""
-        p = self.prepare(batch)
-        actions = torch.as_tensor(batch[ACTION], dtype=torch.float32, device=self.device)
-        actions = pad_last(self.normalizer.normalize(ACTION, actions), self.cfg.max_action_dim)
-        losses = self.flow_losses(p, actions, noise, time)[:, :, : self.cfg.action_dim]
-        valid = torch.ones(losses.shape[:2], dtype=torch.bool, device=losses.device)
-        if batch.get("action_is_pad") is not None:
-            valid = ~torch.as_tensor(batch["action_is_pad"], device=losses.device).bool()
-        weights = valid[:, :, None].to(losses.dtype).expand_as(losses)
-        return (losses * weights).sum() / weights.sum().clamp(min=1)
+    @property
+    def config(self) -> SmolVLAConfig:
+        return self.cfg
+
+    @property
+    def camera_keys(self) -> list[str]:
+        return self.cfg.camera_keys
+
+    @property
+    def device(self) -> torch.device:
+        return self.state_proj.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.embed_tokens.weight.dtype
+
+    def set_stats(self, stats: dict[str, dict[str, Any]], source: str = "given stats") -> None:
+        """Use these normalisation stats ({feature: {"mean": ..., "std": ...}}, e.g. dataset.stats)."""
+        self.normalizer = Normalizer(stats, [source]).to(self.device)
 
     # -- speed modes --------------------------------------------------------------------------------
 
-    def quantize_int8(self) -> "SmolVLA":
+    def quantize_int8(self) -> SmolVLA:
         """Real-time CPU mode: int8 dynamic quantisation (int8 weights, activations quantised on the
         fly) of the linear layers of the vision encoder, the connector, the VLM and the action expert.
         The expert is included because at batch 1 its products have only 50 rows, a shape where int8
@@ -631,6 +310,11 @@ class SmolVLA(nn.Module):
         saved. bench.py prints the speed-up and the action difference it costs."""
         import warnings
 
+        # torch.ao.quantization is deprecated in favour of torchao, a dependency this project does not
+        # take. torch's own int8 products are no replacement on a CPU: measured at the expert's and
+        # the VLM's shapes (50x720x2048, 180x960x2560), torch._int_mm with per-row activation scales
+        # ran 3-5x slower than fbgemm's dynamic Linear (slower than float32 too), and
+        # aten._weight_int8pack_mm 40-130x slower. So this stays while PyTorch ships it.
         from torch.ao.quantization import quantize_dynamic
 
         if self.device.type != "cpu":
@@ -644,19 +328,20 @@ class SmolVLA(nn.Module):
 
     def compile_denoise(self, mode: str | None = None) -> None:
         """torch.compile the denoising step (suffix embedding + expert + velocity head), the part that
-        runs num_steps times per chunk. Shapes are static (language padded to tokenizer_max_length), so
-        one compilation serves every chunk; on CUDA the default mode also captures CUDA graphs."""
+        runs num_steps times per chunk; sample_actions then calls `compiled_velocity`. Shapes are
+        static (language padded to tokenizer_max_length), so one compilation serves every chunk; on
+        CUDA the default mode also captures CUDA graphs."""
         if mode is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-        self.velocity = torch.compile(self.velocity, mode=mode, dynamic=False)
+        self.compiled_velocity = torch.compile(self.velocity, mode=mode, dynamic=False)
 
-    # -- checkpoints ------------------------------------------------------------------------------------
+    # -- checkpoints (LeRobot's layout; the file formats are in the "Checkpoints" section below) ------
 
     @classmethod
     def from_pretrained(cls, repo_id_or_dir: str | Path, vlm: str | Path | None = None,
                         device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
                         rename: dict[str, str] | None = None, stats: dict | None = None,
-                        revision: str | None = None, fast: bool = False) -> "SmolVLA":
+                        revision: str | None = None, fast: bool = False) -> SmolVLA:
         """Load a LeRobot SmolVLA policy directory or Hub id (e.g. lerobot/smolvla_base).
 
         vlm: where the VLM config and tokenizer come from (default: config.json's vlm_model_name).
@@ -673,9 +358,8 @@ class SmolVLA(nn.Module):
                      if (policy_dir / sub / "config.json").is_file()]
             hint = f": the policy is in {below[0]} (add '{below[0].relative_to(policy_dir)}')" if below else ""
             raise FileNotFoundError(f"no config.json in the policy directory {policy_dir}{hint}")
-        raw_config = read_json_object(config_path)
         try:
-            cfg = SmolVLAConfig.from_dict(raw_config)
+            cfg = SmolVLAConfig.from_dict(read_json_object(config_path))
         except (TypeError, ValueError) as err:  # another policy type, a field of the wrong type
             raise ValueError(f"{config_path}: {err}") from err
         try:
@@ -691,26 +375,13 @@ class SmolVLA(nn.Module):
         if not weights_path.is_file():
             raise FileNotFoundError(f"no model.safetensors in the policy directory {policy_dir}")
         weights = read_safetensors(weights_path)
-        buffers = {k: weights.pop(k) for k in list(weights) if _BUFFER_KEY.match(k)}
+        buffers = {k: weights.pop(k) for k in list(weights) if _BUFFER_KEY.match(k)}  # the older layout's stats
 
         with torch.device("meta"):
             model = cls(cfg, vlm_config, tokenizer)
         model.load_official(weights, str(weights_path), dtype)
-
-        flat, sources = dict(buffers), [str(weights_path)]
-        for name in ("policy_preprocessor.json", "policy_postprocessor.json"):
-            path = policy_dir / name
-            sources.append(str(path))
-            if path.is_file():
-                for step in read_json_object(path).get("steps", []):
-                    if step.get("state_file"):
-                        state_path = policy_dir / step["state_file"]
-                        if not state_path.is_file():
-                            raise FileNotFoundError(f"{path} names the state file {state_path}, which is missing")
-                        flat.update(read_safetensors(state_path))
-                    if step.get("registry_name") == "rename_observations_processor":
-                        model.rename_map.update(step.get("config", {}).get("rename_map", {}))
-        model.normalizer = Normalizer(parse_stats(flat), sources)
+        model.normalizer, renames = read_processor_files(policy_dir, buffers, str(weights_path))
+        model.rename_map.update(renames)
         model.vlm_dir = vlm_dir
         if stats is not None:
             model.set_stats(stats)
@@ -720,10 +391,11 @@ class SmolVLA(nn.Module):
 
     @classmethod
     def from_vlm(cls, vlm: str | Path = DEFAULT_VLM, cfg: SmolVLAConfig | None = None,
-                 device: str | torch.device | None = None, stats: dict | None = None) -> "SmolVLA":
+                 device: str | torch.device | None = None, stats: dict | None = None) -> SmolVLA:
         """A new policy from the pretrained VLM alone: its vision encoder, connector and first
-        num_vlm_layers text layers; the expert and the projections freshly initialised."""
-        cfg = cfg or SmolVLAConfig()
+        num_vlm_layers text layers; the expert and the projections freshly initialised. `cfg` is
+        copied (its vlm_model_name set to `vlm`), never changed."""
+        cfg = copy.deepcopy(cfg) if cfg is not None else SmolVLAConfig()
         cfg.vlm_model_name = str(vlm)
         vlm_dir, vlm_config, tokenizer = load_vlm_files(vlm, cfg, weights=True)
         model = cls(cfg, vlm_config, tokenizer)
@@ -795,35 +467,7 @@ class SmolVLA(nn.Module):
         (out / "config.json").write_text(json.dumps(config, indent=4))
         tensors = {to_official(n): t.detach().cpu().contiguous() for n, t in self.state_dict().items()}
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-
-        flat = {f"{feature}.{stat}": value.contiguous() for feature, d in self.normalizer.stats.items()
-                for stat, value in d.items()}
-        features = {**self.cfg.input_features, **self.cfg.output_features}
-        norm_config = {"eps": Normalizer.eps, "features": features, "norm_map": self.cfg.normalization_mapping}
-        pre_state = "policy_preprocessor_step_5_normalizer_processor.safetensors"
-        post_state = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
-        save_file(flat, str(out / pre_state))
-        save_file(flat, str(out / post_state))
-        device = {"registry_name": "device_processor", "config": {"device": str(self.device), "float_dtype": None}}
-        preprocessor = {"name": "policy_preprocessor", "steps": [
-            {"registry_name": "rename_observations_processor", "config": {"rename_map": self.rename_map}},
-            {"registry_name": "to_batch_processor", "config": {}},
-            {"registry_name": "smolvla_new_line_processor", "config": {}},
-            {"registry_name": "tokenizer_processor", "config": {
-                "max_length": self.cfg.tokenizer_max_length, "task_key": "task", "padding_side": "right",
-                "padding": "max_length" if self.cfg.pad_language_to == "max_length" else "longest",
-                "truncation": True, "tokenizer_name": vlm_name}},
-            device,
-            {"registry_name": "normalizer_processor", "config": norm_config, "state_file": pre_state},
-        ]}
-        postprocessor = {"name": "policy_postprocessor", "steps": [
-            {"registry_name": "unnormalizer_processor",
-             "config": {**norm_config, "features": self.cfg.output_features}, "state_file": post_state},
-            device,
-        ]}
-        (out / "policy_preprocessor.json").write_text(json.dumps(preprocessor, indent=2))
-        (out / "policy_postprocessor.json").write_text(json.dumps(postprocessor, indent=2))
-
+        write_processor_files(out, self, vlm_name)
 
     def save_vlm_files(self, out: Path) -> str:
         """The vlm_model_name to record in a checkpoint written to `out`.
@@ -833,7 +477,7 @@ class SmolVLA(nn.Module):
         checkpoint, so that a checkpoint moved or copied elsewhere still loads.
         """
         name = self.cfg.vlm_model_name
-        if looks_like_hub_id(name):
+        if looks_like_hub_id(name) and not Path(name).expanduser().is_dir():
             return name
         source = self.vlm_dir or Path(name).expanduser()
         if not (source / "config.json").is_file():
@@ -845,6 +489,376 @@ class SmolVLA(nn.Module):
             if source_file.is_file() and not (target_file.exists() and target_file.samefile(source_file)):
                 shutil.copyfile(source_file, target_file)
         return VLM_SUBDIR
+
+
+# What the int8 CPU mode is held to: mean |fast action - exact action| in units of the action std
+# (checked on the golden fixture by the tests, measured on the full-size model by bench.py).
+INT8_FIDELITY_BOUND = 0.02
+
+# How far float camera images may stray outside [0, 1] (overshoot of a user's own bicubic or
+# antialiased resize) before they are refused as being in another range (0..255, [-1, 1]).
+IMAGE_RANGE_SLACK = 0.01
+
+
+def time_embedding(t: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:
+    """Sinusoidal embedding of flow times t (B,) -> (B, dim): [sin(2*pi*t/period), cos(...)] with periods
+    spaced geometrically from min_period to max_period. float64 where the device has it (not MPS)."""
+    dtype = torch.float32 if t.device.type == "mps" else torch.float64
+    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=dtype, device=t.device)
+    period = min_period * (max_period / min_period) ** fraction
+    angle = (1.0 / period * 2 * math.pi)[None, :] * t[:, None]
+    return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
+
+
+def sample_time(batch: int, generator: torch.Generator | None = None,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """Flow-matching times for training: t = Beta(1.5, 1) * 0.999 + 0.001, shape (batch,), float32.
+
+    Beta(1.5, 1) leans towards t = 1 (noisier inputs, the harder part of the flow) as in the paper; the
+    0.001 floor keeps t away from 0. Beta(a, 1) has CDF t^a, so t = u^(1/a) for u uniform: one uniform
+    draw per sample from `generator` (on its device, else the CPU), so a seeded run is reproducible.
+    """
+    u = torch.rand(batch, generator=generator, device=generator.device if generator is not None else "cpu")
+    return (u ** (1 / 1.5) * 0.999 + 0.001).to(device if device is not None else u.device)
+
+
+def attention_allowed(pad_mask: torch.Tensor, ar_flags: torch.Tensor) -> torch.Tensor:
+    """The ar-flag rule: token i may attend to non-padding token j iff cumsum(flags)[j] <= cumsum(flags)[i].
+
+    (B, L) pad mask and flags -> (B, L, L) bool. Tokens with flag 0 after a 1 join the same block.
+    """
+    cum = torch.cumsum(ar_flags, dim=1)
+    allowed = cum[:, None, :] <= cum[:, :, None]
+    return allowed & pad_mask[:, None, :] & pad_mask[:, :, None]
+
+
+def pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero-pad the last dimension to `size` (state and action are padded to max_state/action_dim)."""
+    if x.shape[-1] > size:
+        raise ValueError(f"a vector of size {x.shape[-1]} does not fit the model's {size} dimensions")
+    return F.pad(x, (0, size - x.shape[-1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation of state and actions
+
+
+class Normalizer(nn.Module):
+    """MEAN_STD normalisation of the state and the actions: (x - mean) / (std + 1e-8), and back
+    x * std + mean.
+
+    The means and stds are buffers, so they move with the policy's `.to()`; they are not in its
+    state dict, since LeRobot keeps them in the processor files (`write_processor_files`). The other
+    statistics a checkpoint or dataset carries (min, max, count; other features) are kept as given,
+    to be written back unchanged. Missing stats are an error on use that says where they were looked
+    for: the policy never runs unnormalised.
+    """
+
+    eps = 1e-8
+    FEATURES = {STATE: "state", ACTION: "action"}  # feature -> buffer name prefix
+
+    def __init__(self, stats: dict[str, dict[str, Any]] | None = None, sources: list[str] | None = None):
+        super().__init__()
+        stats = {feature: {name: torch.as_tensor(value, dtype=torch.float32) for name, value in found.items()}
+                 for feature, found in (stats or {}).items()}
+        for feature, prefix in self.FEATURES.items():
+            found = stats.get(feature, {})
+            self.register_buffer(f"{prefix}_mean", found.pop("mean", None), persistent=False)
+            self.register_buffer(f"{prefix}_std", found.pop("std", None), persistent=False)
+        self.other_stats = {feature: found for feature, found in stats.items() if found}
+        self.sources = list(sources or [])  # where stats were looked for, for the error message
+
+    @property
+    def stats(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every statistic as {feature: {stat: tensor}} (the means and stds on the policy's device)."""
+        out = {feature: dict(found) for feature, found in self.other_stats.items()}
+        for feature, prefix in self.FEATURES.items():
+            for stat in ("mean", "std"):
+                value = getattr(self, f"{prefix}_{stat}")
+                if value is not None:
+                    out.setdefault(feature, {})[stat] = value
+        return out
+
+    def mean_std(self, feature: str) -> tuple[torch.Tensor, torch.Tensor]:
+        prefix = self.FEATURES.get(feature)
+        mean = getattr(self, f"{prefix}_mean") if prefix else None
+        std = getattr(self, f"{prefix}_std") if prefix else None
+        if mean is None or std is None:
+            where = ", ".join(self.sources) or "nowhere (no checkpoint files)"
+            raise KeyError(
+                f"no normalisation stats (mean, std) for {feature!r}; looked in: {where}. Supply them from "
+                "the dataset the policy was trained on: policy.set_stats(dataset.stats) or "
+                "SmolVLA.from_pretrained(..., stats=...). Refusing to run unnormalised.")
+        return mean, std
+
+    def normalize(self, feature: str, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self.mean_std(feature)
+        return (x - mean) / (std + self.eps)
+
+    def unnormalize(self, feature: str, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self.mean_std(feature)
+        return x * std + mean
+
+
+STAT_NAMES = ("mean", "std", "min", "max", "count")
+# Normalisation buffers as older checkpoints store them: normalize_inputs.buffer_observation_state.mean,
+# or with a dataset name in front (normalize_inputs.so100-blue_buffer_observation_state.mean).
+_BUFFER_KEY = re.compile(r"^(?:normalize_inputs|normalize_targets|unnormalize_outputs)\.(?:.*_)?buffer_(\w+)\.(\w+)$")
+
+
+def parse_stats(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Flat '<feature>.<stat>' tensors (either layout) -> {feature: {stat: float32 tensor}}.
+
+    Only the state and action features are recognised in the older underscore spelling; keys for
+    other datasets' features (e.g. smolvla_base's 'so100.buffer.action.mean') are ignored.
+    """
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        match = _BUFFER_KEY.match(key)
+        if match:
+            feature = {"observation_state": STATE, "action": ACTION}.get(match.group(1))
+            stat = match.group(2)
+        else:
+            feature, _, stat = key.rpartition(".")
+        if feature and stat in STAT_NAMES:
+            stats.setdefault(feature, {})[stat] = value.detach().to(torch.float32).cpu()
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: LeRobot's config.json and the VLM's
+
+
+@dataclass
+class SmolVLAConfig:
+    """The fields of LeRobot's smolvla config.json that the model uses (defaults: smolvla_base).
+
+    Other keys of a loaded config.json are kept in `extra` and written back unchanged.
+    """
+
+    input_features: dict = field(default_factory=lambda: {
+        **{f"{IMAGE_PREFIX}camera{i}": {"type": "VISUAL", "shape": [3, 256, 256]} for i in (1, 2, 3)},
+        STATE: {"type": "STATE", "shape": [6]},
+    })
+    output_features: dict = field(default_factory=lambda: {ACTION: {"type": "ACTION", "shape": [6]}})
+    chunk_size: int = 50
+    n_action_steps: int = 50
+    max_state_dim: int = 32
+    max_action_dim: int = 32
+    resize_imgs_with_padding: tuple = (512, 512)  # (width, height)
+    empty_cameras: int = 0
+    tokenizer_max_length: int = 48
+    pad_language_to: str = "max_length"
+    num_steps: int = 10
+    vlm_model_name: str = DEFAULT_VLM
+    attention_mode: str = "cross_attn"
+    prefix_length: int = -1
+    num_expert_layers: int = -1
+    num_vlm_layers: int = 16
+    self_attn_every_n_layers: int = 2
+    expert_width_multiplier: float = 0.75
+    min_period: float = 4e-3
+    max_period: float = 4.0
+    normalization_mapping: dict = field(
+        default_factory=lambda: {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"})
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> SmolVLAConfig:
+        if raw.get("type", "smolvla") != "smolvla":
+            raise ValueError(f"this is the config of a {raw.get('type')!r} policy, not of a smolvla one")
+        names = {f.name for f in fields(cls)} - {"extra"}
+        known = {k: v for k, v in raw.items() if k in names}
+        if "resize_imgs_with_padding" in known and known["resize_imgs_with_padding"] is not None:
+            known["resize_imgs_with_padding"] = tuple(known["resize_imgs_with_padding"])
+        return cls(**known, extra={k: v for k, v in raw.items() if k not in names})
+
+    def to_dict(self) -> dict:
+        out = {"type": "smolvla", **self.extra}
+        for f in fields(self):
+            if f.name != "extra":
+                value = getattr(self, f.name)
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @property
+    def camera_keys(self) -> list[str]:
+        return [k for k, v in self.input_features.items() if v.get("type") == "VISUAL"]
+
+    @property
+    def state_dim(self) -> int:
+        return int(self.input_features[STATE]["shape"][0])
+
+    @property
+    def action_dim(self) -> int:
+        return int(self.output_features[ACTION]["shape"][0])
+
+
+# The fields of HuggingFaceTB/SmolVLM2-500M-Video-Instruct's config.json that the model reads: the
+# architecture of lerobot/smolvla_base, for building it without the Hub (benchmarks, tests).
+SMOLVLM2_500M_CONFIG = {
+    "model_type": "smolvlm", "scale_factor": 4,
+    "text_config": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+                    "num_attention_heads": 15, "num_key_value_heads": 5, "head_dim": 64, "rms_norm_eps": 1e-5,
+                    "vocab_size": 49280},
+    "vision_config": {"hidden_size": 768, "image_size": 512, "patch_size": 16, "num_attention_heads": 12},
+}
+
+# transformers' SmolVLMVisionConfig defaults: the VLM's config.json omits fields left at these.
+VISION_DEFAULTS = {"hidden_size": 1152, "intermediate_size": 3072, "num_hidden_layers": 12,
+                   "num_attention_heads": 16, "image_size": 224, "patch_size": 32, "layer_norm_eps": 1e-6,
+                   "hidden_act": "gelu_pytorch_tanh"}
+
+
+def vlm_configs(vlm_config: dict, cfg: SmolVLAConfig) -> tuple[VisionConfig, LMConfig, ExpertConfig]:
+    """Model sizes from the VLM's config.json and the policy config."""
+    vision = {**VISION_DEFAULTS, **vlm_config.get("vision_config", {})}
+    if vision["hidden_act"] not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ValueError(f"VLM vision_config.hidden_act {vision['hidden_act']!r} is not supported (gelu tanh only)")
+    text = vlm_config["text_config"]
+    heads = text["num_attention_heads"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // heads
+    num_layers = cfg.num_vlm_layers if cfg.num_vlm_layers > 0 else text["num_hidden_layers"]
+    if num_layers > text["num_hidden_layers"]:
+        raise ValueError(f"num_vlm_layers={num_layers} but the VLM has {text['num_hidden_layers']} layers")
+    lm = LMConfig(hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
+                  num_layers=num_layers, num_attention_heads=heads,
+                  num_key_value_heads=text.get("num_key_value_heads", heads), head_dim=head_dim,
+                  rms_norm_eps=text.get("rms_norm_eps", 1e-6), vocab_size=text["vocab_size"])
+    vis = VisionConfig(hidden_size=vision["hidden_size"], intermediate_size=vision["intermediate_size"],
+                       num_layers=vision["num_hidden_layers"], num_attention_heads=vision["num_attention_heads"],
+                       image_size=vision["image_size"], patch_size=vision["patch_size"],
+                       layer_norm_eps=vision["layer_norm_eps"], scale_factor=vlm_config.get("scale_factor", 2),
+                       text_hidden_size=lm.hidden_size)
+    if cfg.num_expert_layers > 0 and cfg.num_expert_layers != num_layers:
+        raise ValueError(f"num_expert_layers={cfg.num_expert_layers} differs from num_vlm_layers={num_layers}; "
+                         "only one expert layer per VLM layer is supported (use -1 or 0 for the default)")
+    expert_hidden = int(lm.hidden_size * cfg.expert_width_multiplier)
+    expert = ExpertConfig(hidden_size=expert_hidden, intermediate_size=expert_intermediate_size(expert_hidden),
+                          num_layers=num_layers, num_attention_heads=heads,
+                          num_key_value_heads=lm.num_key_value_heads, head_dim=head_dim,
+                          rms_norm_eps=lm.rms_norm_eps, vlm_kv_width=lm.num_key_value_heads * head_dim,
+                          attention_mode=cfg.attention_mode, self_attn_every_n_layers=cfg.self_attn_every_n_layers)
+    return vis, lm, expert
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+    """The VLM's byte-level BPE (`tokenizer.json`), used the way SmolVLA uses it: task + newline, no
+    special tokens, truncated and right-padded with `<|im_end|>`."""
+
+    def __init__(self, vlm_dir: Path, max_length: int, pad_to_max_length: bool):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = vlm_dir / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer.json in the VLM directory {vlm_dir}")
+        self.tokenizer = HFTokenizer.from_file(str(path))
+        pad_token = "<|im_end|>"
+        config_path = vlm_dir / "tokenizer_config.json"
+        if config_path.is_file():
+            pad_token = read_json_object(config_path).get("pad_token") or pad_token
+        pad_token = pad_token["content"] if isinstance(pad_token, dict) else pad_token
+        self.pad_id = self.tokenizer.token_to_id(pad_token)
+        if self.pad_id is None:
+            raise ValueError(f"pad token {pad_token!r} is not in {path}")
+        self.max_length = max_length
+        self.pad_to_max_length = pad_to_max_length
+
+    def __call__(self, tasks: list[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """-> token ids (B, L) int64 and the mask of real tokens (B, L) bool."""
+        texts = [t if t.endswith("\n") else t + "\n" for t in tasks]
+        ids = [e.ids[: self.max_length] for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        length = self.max_length if self.pad_to_max_length else max(len(i) for i in ids)
+        tokens = torch.full((len(ids), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), length), dtype=torch.bool)
+        for row, seq in enumerate(ids):
+            tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = True
+        return tokens.to(device), mask.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: official key names, LeRobot's processor files, the VLM's files
+
+
+# Our parameter names -> the official checkpoint's, by prefix.
+KEY_PREFIXES = [
+    ("vision.patch_embedding.", "model.vlm_with_expert.vlm.model.vision_model.embeddings.patch_embedding."),
+    ("vision.position_embedding.", "model.vlm_with_expert.vlm.model.vision_model.embeddings.position_embedding."),
+    ("vision.layers.", "model.vlm_with_expert.vlm.model.vision_model.encoder.layers."),
+    ("vision.post_layernorm.", "model.vlm_with_expert.vlm.model.vision_model.post_layernorm."),
+    ("connector.", "model.vlm_with_expert.vlm.model.connector.modality_projection."),
+    ("lm.", "model.vlm_with_expert.vlm.model.text_model."),
+    ("lm_head.", "model.vlm_with_expert.vlm.lm_head."),
+    ("expert.", "model.vlm_with_expert.lm_expert."),
+    ("", "model."),
+]
+
+
+def to_official(name: str) -> str:
+    ours, official = next((o, f) for o, f in KEY_PREFIXES if name.startswith(o))
+    return official + name[len(ours):]
+
+
+# LeRobot's processor pipeline files: the JSONs list the steps, and the normaliser steps name the
+# safetensors file holding the stats, flat as '<feature>.<stat>' ("action.mean").
+PREPROCESSOR_STATS = "policy_preprocessor_step_5_normalizer_processor.safetensors"
+POSTPROCESSOR_STATS = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
+
+
+def read_processor_files(policy_dir: Path, buffers: dict[str, torch.Tensor],
+                         weights_path: str) -> tuple[Normalizer, dict[str, str]]:
+    """A checkpoint's normaliser and camera renames: `buffers` (the older layout's stats, found in
+    model.safetensors) updated with the state files that the processor JSONs name."""
+    flat, sources, renames = dict(buffers), [weights_path], {}
+    for name in ("policy_preprocessor.json", "policy_postprocessor.json"):
+        path = policy_dir / name
+        sources.append(str(path))
+        if not path.is_file():
+            continue
+        for step in read_json_object(path).get("steps", []):
+            if step.get("state_file"):
+                state_path = policy_dir / step["state_file"]
+                if not state_path.is_file():
+                    raise FileNotFoundError(f"{path} names the state file {state_path}, which is missing")
+                flat.update(read_safetensors(state_path))
+            if step.get("registry_name") == "rename_observations_processor":
+                renames.update(step.get("config", {}).get("rename_map", {}))
+    return Normalizer(parse_stats(flat), sources), renames
+
+
+def write_processor_files(out: Path, policy: SmolVLA, vlm_name: str) -> None:
+    """The processor JSONs and their stats files, as LeRobot writes them for a SmolVLA policy."""
+    cfg = policy.cfg
+    flat = {f"{feature}.{stat}": value.detach().cpu().contiguous()
+            for feature, found in policy.normalizer.stats.items() for stat, value in found.items()}
+    save_file(flat, str(out / PREPROCESSOR_STATS))
+    save_file(flat, str(out / POSTPROCESSOR_STATS))
+    features = {**cfg.input_features, **cfg.output_features}
+    norm_config = {"eps": Normalizer.eps, "features": features, "norm_map": cfg.normalization_mapping}
+    device = {"registry_name": "device_processor", "config": {"device": str(policy.device), "float_dtype": None}}
+    preprocessor = {"name": "policy_preprocessor", "steps": [
+        {"registry_name": "rename_observations_processor", "config": {"rename_map": policy.rename_map}},
+        {"registry_name": "to_batch_processor", "config": {}},
+        {"registry_name": "smolvla_new_line_processor", "config": {}},
+        {"registry_name": "tokenizer_processor", "config": {
+            "max_length": cfg.tokenizer_max_length, "task_key": "task", "padding_side": "right",
+            "padding": "max_length" if cfg.pad_language_to == "max_length" else "longest",
+            "truncation": True, "tokenizer_name": vlm_name}},
+        device,
+        {"registry_name": "normalizer_processor", "config": norm_config, "state_file": PREPROCESSOR_STATS},
+    ]}
+    postprocessor = {"name": "policy_postprocessor", "steps": [
+        {"registry_name": "unnormalizer_processor",
+         "config": {**norm_config, "features": cfg.output_features}, "state_file": POSTPROCESSOR_STATS},
+        device,
+    ]}
+    (out / "policy_preprocessor.json").write_text(json.dumps(preprocessor, indent=2))
+    (out / "policy_postprocessor.json").write_text(json.dumps(postprocessor, indent=2))
 
 
 # What a policy reads from its VLM's directory (without weights): copied beside local-VLM checkpoints.
@@ -885,3 +899,14 @@ def load_vlm_files(vlm: str | Path, cfg: SmolVLAConfig, weights: bool) -> tuple[
         raise ValueError(f"{config_path} has no text_config: is it a SmolVLM config?")
     tokenizer = Tokenizer(vlm_dir, cfg.tokenizer_max_length, cfg.pad_language_to == "max_length")
     return vlm_dir, vlm_config, tokenizer
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object; errors name the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value

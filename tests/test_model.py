@@ -1,6 +1,7 @@
 """Parity with the reference implementation (LeRobot 0.4.4 + transformers 4.57) on the golden fixture,
 one test per stage so that a regression names its stage; then checkpoint loading and saving."""
 
+import copy
 import itertools
 import json
 import re
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import bench
 import flow
-from flow import SmolVLA, SmolVLAConfig
+from flow import STATE, SmolVLA, SmolVLAConfig
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny"
 POLICY, VLM = FIXTURE / "policy", FIXTURE / "vlm"
@@ -380,7 +381,7 @@ def test_mistyped_local_path_says_no_such_directory_as_well_as_the_hub_error(mon
         SmolVLA.from_pretrained("outputs/demo_polcy")
     message = str(error.value)
     assert f"no such local directory: {tmp_path / 'outputs' / 'demo_polcy'} (did you mean outputs/demo_policy?)" in message
-    assert "Hugging Face Hub could not provide 'outputs/demo_polcy'" in message
+    assert "Hugging Face Hub could not provide model 'outputs/demo_polcy'" in message
     assert "Name or service not known An error happened" in message and "\n" not in message
 
 
@@ -462,9 +463,8 @@ def test_hub_ids_resolve_through_huggingface_hub(monkeypatch, golden):
     close_robot_units(policy.predict_chunk(observation(golden), noise=golden["input.noise"]), golden["output.actions"])
 
 
-def test_new_policy_from_pretrained_vlm(golden, tmp_path):
-    """A VLM repo (HF key names, all 6 text layers) starts a new policy: vision, connector and the first
-    num_vlm_layers text layers come from it; the expert is fresh."""
+def vlm_with_weights(tmp_path):
+    """A VLM repo made from the fixture (HF key names, 6 text layers where the policy keeps 4)."""
     fixture = load_file(str(POLICY / "model.safetensors"))
     vlm_weights = {}
     for key, value in fixture.items():
@@ -477,7 +477,13 @@ def test_new_policy_from_pretrained_vlm(golden, tmp_path):
     vlm_dir = tmp_path / "vlm"
     shutil.copytree(VLM, vlm_dir)
     save_file(vlm_weights, str(vlm_dir / "model.safetensors"))
+    return vlm_dir, fixture
 
+
+def test_new_policy_from_pretrained_vlm(golden, tmp_path):
+    """A VLM repo (HF key names, all 6 text layers) starts a new policy: vision, connector and the first
+    num_vlm_layers text layers come from it; the expert is fresh."""
+    vlm_dir, fixture = vlm_with_weights(tmp_path)
     cfg = SmolVLAConfig.from_dict(json.loads((POLICY / "config.json").read_text()))
     policy = SmolVLA.from_vlm(vlm_dir, cfg, device="cpu")
     assert policy.lm_cfg.num_layers == 4
@@ -486,6 +492,54 @@ def test_new_policy_from_pretrained_vlm(golden, tmp_path):
         close(policy.embed_image(image), golden[f"image.{CAMERAS[0]}.embeddings"])
     expert_q = "model.vlm_with_expert.lm_expert.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(policy.expert.layers[0].self_attn.q_proj.weight, fixture[expert_q])
+
+
+def test_new_policy_from_vlm_leaves_the_callers_config_alone(tmp_path):
+    """from_vlm records the VLM in its own copy of the config: the caller's is not changed (nor shared)."""
+    vlm_dir, _ = vlm_with_weights(tmp_path)
+    cfg = SmolVLAConfig.from_dict(json.loads((POLICY / "config.json").read_text()))
+    before = copy.deepcopy(cfg)
+    policy = SmolVLA.from_vlm(vlm_dir, cfg, device="cpu")
+    assert cfg == before and cfg.vlm_model_name != str(vlm_dir)
+    assert policy.cfg.vlm_model_name == str(vlm_dir) and policy.cfg is not cfg
+    policy.cfg.input_features[STATE]["shape"] = [7]
+    assert cfg.input_features[STATE]["shape"] == before.input_features[STATE]["shape"]
+
+
+def test_flow_time_distribution():
+    """sample_time is Beta(1.5, 1) * 0.999 + 0.001 by inverse CDF: reproducible from a seeded generator,
+    inside [0.001, 1], with the mean 0.6 * 0.999 + 0.001 and the CDF ((t - 0.001) / 0.999)^1.5."""
+    a = flow.sample_time(100_000, torch.Generator().manual_seed(0))
+    b = flow.sample_time(100_000, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.dtype == torch.float32 and a.shape == (100_000,)
+    assert a.min() >= 0.001 and a.max() <= 1.0
+    assert abs(a.mean().item() - (0.6 * 0.999 + 0.001)) < 0.005
+    for t in (0.2, 0.5, 0.9):
+        assert abs((a <= t).float().mean().item() - ((t - 0.001) / 0.999) ** 1.5) < 0.005
+
+
+def test_normalisation_stats_are_buffers_outside_the_state_dict(policy):
+    """The means and stds move with the policy's .to() (buffers), but stay out of model.safetensors
+    (LeRobot keeps them in the processor files)."""
+    buffers = dict(policy.named_buffers())
+    for name in ("state_mean", "state_std", "action_mean", "action_std"):
+        assert f"normalizer.{name}" in buffers and f"normalizer.{name}" not in policy.state_dict()
+    moved = flow.Normalizer(policy.normalizer.stats).to("meta")
+    assert moved.action_std.device.type == "meta" and moved.stats["action"]["std"].device.type == "meta"
+
+
+def test_expert_reuses_its_static_kv_caches(policy, golden):
+    """At inference the self-attention layers' [prefix | actions] caches are allocated once and written
+    in place at every chunk (what a compiled, CUDA-graph-captured denoising step needs)."""
+    policy.predict_chunk(observation(golden), noise=golden["input.noise"])
+    caches = dict(policy.expert.static_caches)
+    assert sorted(caches) == [i for i in range(policy.expert_cfg.num_layers) if not policy.expert_cfg.is_cross(i)]
+    addresses = {i: cache.keys.data_ptr() for i, cache in caches.items()}
+    policy.predict_chunk(observation(golden))
+    assert all(policy.expert.static_caches[i] is caches[i] for i in caches)
+    assert {i: cache.keys.data_ptr() for i, cache in policy.expert.static_caches.items()} == addresses
+    # kv heads only (grouped-query attention reads them without copies)
+    assert caches[0].keys.shape[1] == policy.expert_cfg.num_key_value_heads
 
 
 # -- FLOP count (bench.py's efficiency figures) -----------------------------------------------------------
@@ -661,6 +715,7 @@ def test_compiled_denoising_step_is_one_graph_with_golden_numbers(golden):
     torch._dynamo.utils.counters.clear()
     policy = SmolVLA.from_pretrained(POLICY, vlm=VLM, device="cpu")
     policy.compile_denoise()
+    assert "velocity" not in vars(policy)  # a compiled callable beside the method, not a rebinding
     batch = observation(golden)
     close_robot_units(policy.predict_chunk(batch, noise=golden["input.noise"]), golden["output.actions"])
     policy.predict_chunk(dict(batch, **{"observation.state": batch["observation.state"] + 1.0}))
@@ -714,14 +769,14 @@ def test_float_images_may_overshoot_slightly(policy, golden):
 
 
 @pytest.mark.parametrize("argv, flag, allowed", [
-    (["infer", "--batch", "0"], "--batch", "an integer >= 1, got 0"),
-    (["infer", "--batch", "1", "-3"], "--batch", "an integer >= 1, got -3"),
+    (["infer", "--batch", "0"], "--batch", "an integer >= 1, got '0'"),
+    (["infer", "--batch", "1", "-3"], "--batch", "an integer >= 1, got '-3'"),
     (["infer", "--repeats", "0"], "--repeats", "an integer >= 1"),
     (["infer", "--cameras", "two"], "--cameras", "an integer >= 1, got 'two'"),
     (["infer", "--device", "gpu"], "--device", "cpu, cuda, cuda:N or mps, got 'gpu'"),
     (["train", "--batch-size", "-3"], "--batch-size", "an integer >= 1"),
-    (["train", "--width", "8"], "--width", "an integer from 16 to 4096, got 8"),
-    (["data", "--workers", "-1"], "--workers", "an integer >= 0, got -1"),
+    (["train", "--width", "8"], "--width", "an integer from 16 to 4096, got '8'"),
+    (["data", "--workers", "-1"], "--workers", "an integer >= 0, got '-1'"),
     (["data", "--batches", "0"], "--batches", "an integer >= 1"),
 ])
 def test_bench_argument_mistakes_are_one_line(argv, flag, allowed, capsys):
@@ -749,4 +804,4 @@ def test_bench_batch_zero_prints_no_record():
     done = subprocess.run([sys.executable, "bench.py", "infer", "--batch", "0"], capture_output=True, text=True,
                           cwd=Path(__file__).parent.parent)
     assert (done.returncode, done.stdout, done.stderr.count("\n")) == (2, "", 1)
-    assert "--batch: expected an integer >= 1, got 0" in done.stderr
+    assert "--batch: expected an integer >= 1, got '0'" in done.stderr
