@@ -202,23 +202,31 @@ def language(args: argparse.Namespace) -> list[dict]:
     instruction (success: that other cube in the box) and an empty one (judged on the named cube)."""
     import train
 
-    run = args.out / "runs" / "language"
-    if not (run / "dataset").is_dir():
+    demos = args.out / "runs" / "language_demos"  # dataset/ and vlm/, shared by runs of any length
+    if not (demos / "dataset").is_dir():
         print(f"recording {args.language_episodes} two-cube demonstrations ...", flush=True)
-        sim.record(run / "dataset", args.language_episodes, seed=0, fps=train.DEMO_FPS, noise=train.DEMO_NOISE,
+        sim.record(demos / "dataset", args.language_episodes, seed=0, fps=train.DEMO_FPS, noise=train.DEMO_NOISE,
                    log=lambda line: None, cubes=2)
-    if not (run / "vlm").is_dir():
-        train.write_demo_vlm(run / "vlm", [sim.task_for(colour) for colour in sim.CUBE_COLOURS])
+    if not (demos / "vlm").is_dir():
+        train.write_demo_vlm(demos / "vlm", [sim.task_for(colour) for colour in sim.CUBE_COLOURS])
     steps = args.steps or 5000
+    run = args.out / "runs" / f"language-{steps}"
+    run.mkdir(parents=True, exist_ok=True)
+    for part in ("dataset", "vlm"):
+        if not (run / part).exists():
+            (run / part).symlink_to((demos / part).resolve())
     train.main(["--output-dir", str(run), "--steps", str(steps), "--decay-steps", str(steps), "--seed", "1000",
                 "--demo-eval-episodes", "0"])
     policy = str(run / "checkpoints" / "last" / "pretrained_model")
     settings = [(f"{instruction} instruction", {"instruction": instruction}) for instruction in ("named", "other", "empty")]
     rows = run_settings(policy, settings, args.episodes, args.seed, print, cubes=2)
+    for row in rows:
+        row["train_steps"] = steps
+    args.table = f"language-{steps}"
     from plot import Panel, save_panels
 
     names = ["named", "other", "empty"]
-    save_panels(str(args.out / "language.png"), [Panel(
+    save_panels(str(args.out / f"language-{steps}.png"), [Panel(
         {"the instructed cube in the box": ([0, 1, 2], [r["success_rate"] for r in rows]),
          "the other cube in the box": ([0, 1, 2], [r["other_cube_in_box"] / r["episodes"] for r in rows])},
         "two cubes: instruction " + " / ".join(f"{i}={n}" for i, n in enumerate(names)), "instruction", "fraction of episodes",
@@ -278,9 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start = time.perf_counter()
     rows = EXPERIMENTS[args.experiment](args)
-    write_table(args.out, args.experiment, rows)
+    table = getattr(args, "table", args.experiment)  # language: one table per training length
+    write_table(args.out, table, rows)
     print(f"{args.experiment}: {len(rows)} settings x {args.episodes} episodes in {time.perf_counter() - start:.0f} s; "
-          f"{args.out / args.experiment}.csv/.json/.png", file=sys.stderr)
+          f"{args.out / table}.csv/.json/.png", file=sys.stderr)
     return 0
 
 
