@@ -32,8 +32,9 @@ import sim
 
 DEMO_POLICY = "outputs/demo/checkpoints/last/pretrained_model"
 DEMO_DIR = Path("outputs/demo")
-# The tiny policy's own latency, measured alone on 2 cores (41 ms mean): async and threshold use it as
-# a fixed figure instead of timing each call, so a busy machine cannot change their results.
+# The tiny policy's own latency, measured alone on 2 cores (41 ms mean): every setting uses it as a
+# fixed figure (plus any latency a setting adds) instead of timing each call, so a busy machine
+# cannot change the results, and a run is repeatable.
 OWN_LATENCY_S = 0.04
 SMOLVLA_BASE_CPU_LATENCY_S = 3.9  # `python bench.py infer`: one smolvla_base chunk on 2 CPU cores
 REMOTE_GPU_LATENCY_S = 0.3  # a policy server on a GPU across a network: inference plus round trip
@@ -58,7 +59,8 @@ def run_settings(policy: str, settings: list[tuple[str, dict]], episodes: int, s
     with sim.SimRobot(cubes=cubes) as sim_robot:
         for name, overrides in settings:
             start = time.perf_counter()
-            config = sim.EvalConfig(episodes=episodes, seed=seed, fps=fps, **overrides)
+            fixed_latency = {"latency_s": OWN_LATENCY_S, "measure_latency": False}
+            config = sim.EvalConfig(episodes=episodes, seed=seed, fps=fps, **{**fixed_latency, **overrides})
             summary = sim.evaluate(sim_robot, policy_fn, spec, config, log=lambda line: None)
             summary.update(setting=name, wall_s=round(time.perf_counter() - start, 1), **overrides)
             rows.append(summary)
