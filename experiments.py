@@ -51,9 +51,7 @@ def run_settings(policy: str, settings: list[tuple[str, dict]], episodes: int, s
     """Evaluates one policy under each setting (EvalConfig fields) on the same episodes."""
     import infer_async
 
-    loaded = infer_async.load_policy(policy)
-    spec, policy_fn = infer_async.policy_spec(loaded), infer_async.make_policy_fn(loaded)
-    infer_async.warm_up(policy_fn, spec)
+    _, policy_fn, spec = infer_async.prepare_policy(policy)
     fps = infer_async.recorded_fps(policy) or sim.FPS
     rows = []
     with sim.SimRobot(cubes=cubes) as sim_robot:

@@ -550,7 +550,7 @@ class SimRobot:
         self.bus = SimulatedArm(scene=self.scene)
         self.clock = SimClock(self.scene, self.bus, realtime)
         self.robot: so100.SO100 | None = None
-        self.cameras = {f"observation.images.{name}": SimCamera(self.scene, name) for name in CAMERAS}
+        self.cameras = {infer_async.IMAGE_PREFIX + name: SimCamera(self.scene, name) for name in CAMERAS}
         self._episode_start, self._success_since = 0.0, None
         self.completed_at: float | None = None
 
@@ -778,14 +778,15 @@ def expert_episode(sim_robot: SimRobot, seed: int, fps: int, noise: float = 0.0,
     expert = ScriptedExpert(sim_robot.scene, rng)
     robot, clock = sim_robot.robot, sim_robot.clock
     low, high = so100.unit_limits(sim_robot.bus.calibration)
-    episode: dict = {"task": sim_robot.scene.task(), "observation.state": [], "action": []}
+    state = infer_async.STATE
+    episode: dict = {"task": sim_robot.scene.task(), state: [], "action": []}
     episode.update({key: [] for key in sim_robot.cameras})
     offset, dt, tau = np.zeros(len(JOINTS)), 1.0 / fps, 0.5
     k = 0
     while k * dt < expert.duration + tail_s:
         expert.check(sim_robot.scene, k * dt)
         goal = expert.goal(k * dt)
-        episode["observation.state"].append(robot.read())
+        episode[state].append(robot.read())
         for key, camera in sim_robot.cameras.items():
             episode[key].append(camera.read())
         episode["action"].append(np.clip(sim_robot.units(goal), low, high).astype(np.float32))
@@ -795,7 +796,7 @@ def expert_episode(sim_robot: SimRobot, seed: int, fps: int, noise: float = 0.0,
         k += 1
     if not sim_robot.scene.success():
         return None
-    episode["observation.state"] = np.stack(episode["observation.state"])
+    episode[state] = np.stack(episode[state])
     episode["action"] = np.stack(episode["action"])
     return episode
 
