@@ -152,18 +152,22 @@ def moving(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def train_variant(out: Path, name: str, flags: list[str], steps: int, seed: int) -> str:
-    """A demo-sized policy trained on the demo's dataset (linked, not re-recorded) with `flags`;
-    returns its checkpoint. A finished variant is reused."""
+def train_variant(out: Path, name: str, flags: list[str], steps: int, seed: int, demos: Path = DEMO_DIR) -> str:
+    """A demo-sized policy trained on the dataset and VLM under `demos` (linked, not copied) with
+    `flags`; returns its checkpoint. A finished run is reused, a stopped one resumed; a training
+    stopped now (Ctrl-C, SIGTERM) stops the experiment rather than evaluating half a policy."""
     import train
 
     run = out / "runs" / name
     run.mkdir(parents=True, exist_ok=True)
     for part in ("dataset", "vlm"):
         if not (run / part).exists():
-            (run / part).symlink_to((DEMO_DIR / part).resolve())
-    train.main(["--output-dir", str(run), "--steps", str(steps), "--decay-steps", str(steps), "--seed", str(seed),
-                "--demo-eval-episodes", "0", *flags])
+            (run / part).symlink_to((demos / part).resolve())
+    resume = ["--resume"] if (run / "checkpoints" / "last").exists() else []
+    summary = train.main(["--output-dir", str(run), "--steps", str(steps), "--decay-steps", str(steps),
+                          "--seed", str(seed), "--demo-eval-episodes", "0", *resume, *flags])
+    if summary.get("stopped"):
+        raise KeyboardInterrupt
     return str(run / "checkpoints" / "last" / "pretrained_model")
 
 
@@ -210,14 +214,7 @@ def language(args: argparse.Namespace) -> list[dict]:
     if not (demos / "vlm").is_dir():
         train.write_demo_vlm(demos / "vlm", [sim.task_for(colour) for colour in sim.CUBE_COLOURS])
     steps = args.steps or 5000
-    run = args.out / "runs" / f"language-{steps}"
-    run.mkdir(parents=True, exist_ok=True)
-    for part in ("dataset", "vlm"):
-        if not (run / part).exists():
-            (run / part).symlink_to((demos / part).resolve())
-    train.main(["--output-dir", str(run), "--steps", str(steps), "--decay-steps", str(steps), "--seed", "1000",
-                "--demo-eval-episodes", "0"])
-    policy = str(run / "checkpoints" / "last" / "pretrained_model")
+    policy = train_variant(args.out, f"language-{steps}", [], steps, 1000, demos)
     settings = [(f"{instruction} instruction", {"instruction": instruction}) for instruction in ("named", "other", "empty")]
     rows = run_settings(policy, settings, args.episodes, args.seed, print, cubes=2)
     for row in rows:
@@ -285,7 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no policy at {args.policy}: run `python train.py` first, or pass --policy", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    rows = EXPERIMENTS[args.experiment](args)
+    try:
+        rows = EXPERIMENTS[args.experiment](args)
+    except KeyboardInterrupt:
+        print(f"{args.experiment}: interrupted; the same command resumes it (finished trainings are kept)",
+              file=sys.stderr)
+        return 130
     table = getattr(args, "table", args.experiment)  # language: one table per training length
     write_table(args.out, table, rows)
     print(f"{args.experiment}: {len(rows)} settings x {args.episodes} episodes in {time.perf_counter() - start:.0f} s; "

@@ -30,3 +30,30 @@ def test_table_and_plot_are_written(tmp_path):
 def test_missing_policy_is_one_line(tmp_path, capsys):
     assert experiments.main(["async", "--policy", str(tmp_path / "none")]) == 2
     assert "no policy at" in capsys.readouterr().err
+
+
+def test_a_stopped_training_stops_the_experiment_and_the_next_run_resumes_it(tmp_path, monkeypatch, capsys):
+    import train
+
+    demos = tmp_path / "demos"
+    for part in ("dataset", "vlm"):
+        (demos / part).mkdir(parents=True)
+    calls = []
+
+    def stopped_at_step_40(argv):
+        calls.append(argv)
+        run = tmp_path / "runs" / "v"
+        (run / "checkpoints" / "000040").mkdir(parents=True, exist_ok=True)
+        if not (run / "checkpoints" / "last").exists():
+            (run / "checkpoints" / "last").symlink_to("000040")
+        return {"step": 40, "stopped": True}
+
+    monkeypatch.setattr(train, "main", stopped_at_step_40)
+    monkeypatch.setattr(experiments, "EXPERIMENTS", {"steps": lambda args: [experiments.train_variant(
+        tmp_path, "v", ["--chunk-size", "50"], 100, 7, demos)]})
+    monkeypatch.setattr(experiments, "DEMO_DIR", demos)
+    assert experiments.main(["steps", "--out", str(tmp_path)]) == 130  # not evaluated half trained
+    assert "interrupted; the same command resumes it" in capsys.readouterr().err
+    assert "--resume" not in calls[0] and (tmp_path / "runs" / "v" / "dataset").resolve() == (demos / "dataset").resolve()
+    experiments.main(["steps", "--out", str(tmp_path)])
+    assert "--resume" in calls[1] and calls[1][calls[1].index("--steps") + 1] == "100"
