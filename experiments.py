@@ -7,10 +7,11 @@ Each experiment is one command; it writes a table (CSV and JSON) and a plot (PNG
     python experiments.py threshold --policy P   # the queue threshold g: idle ticks, success, time
     python experiments.py steps                  # actions executed per chunk (trains a 50-action policy)
     python experiments.py attention              # the expert's CA+SA vs CA-only vs SA-only (trains 6)
-
-`steps` and `attention` train on the demo's dataset (outputs/demo/dataset) with the demo's recipe.
+    python experiments.py language               # two cubes, the instruction names one (records, trains)
     python experiments.py moving --policy P      # a cube sliding at speed v
 
+`steps` and `attention` train on the demo's dataset (outputs/demo/dataset) with the demo's recipe;
+`language` records its own two-cube demonstrations and trains on them with the same recipe.
 P defaults to the demo's policy (`python train.py`). Every setting runs the same episodes (scene
 seeds from --seed, never used for recording), closed loop through infer_async.RobotClient, judged
 from the physics; success rates come with 95% Wilson intervals. docs/experiments.md puts the
@@ -109,7 +110,7 @@ def plot_rows(path: Path, rows: list[dict], x: list[float], xlabel: str, groups:
 
 def async_vs_sync(args: argparse.Namespace) -> list[dict]:
     """Paper: pick-and-place completes in 9.7 s async vs 13.75 s sync (~30% faster) at comparable
-    success. The tiny policy's own latency is a few ms, so latencies of real deployments are added:
+    success. The tiny policy's own latency (40 ms) hardly matters, so latencies of real deployments are added:
     a remote GPU server (over a fast and a slow link) and smolvla_base on this CPU."""
     latencies = [("own", 0.0), ("remote GPU", REMOTE_GPU_LATENCY_S), ("remote GPU, slow link", SLOW_REMOTE_LATENCY_S),
                  ("smolvla_base on CPU", SMOLVLA_BASE_CPU_LATENCY_S)]
