@@ -214,7 +214,7 @@ def language(args: argparse.Namespace) -> list[dict]:
                    log=lambda line: None, cubes=2)
     if not (demos / "vlm").is_dir():
         train.write_demo_vlm(demos / "vlm", [sim.task_for(colour) for colour in sim.CUBE_COLOURS])
-    steps = args.steps or 5000
+    steps = args.steps or 15_000  # at 5,000 steps the policy still ignored the colour word
     policy = train_variant(args.out, f"language-{steps}", [], steps, 1000, demos)
     settings = [(f"{instruction} instruction", {"instruction": instruction}) for instruction in ("named", "other", "empty")]
     rows = run_settings(policy, settings, args.episodes, args.seed, print, cubes=2)
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="threshold: the added latency in seconds (default 0.3)")
     p.add_argument("--steps", type=sim.positive_int, default=None,
                    help="steps, attention, language: training steps of each policy they train "
-                        "(default 3000, the demo's; language 5000)")
+                        "(default 3000, the demo's; language 15000)")
     p.add_argument("--language-episodes", type=sim.positive_int, default=200,
                    help="language: two-cube demonstrations to record (default 200)")
     p.add_argument("--out", type=Path, default=Path("outputs/experiments"), help="where tables and plots go")
