@@ -246,6 +246,11 @@ class Scene:
         self.cubes = cube_names(cubes)
         self.colours = list(CUBE_COLOURS)[:cubes]
         self.target = 0  # the cube the task names; the expert, success and the conveyor act on it
+        # Each cube's addresses in qpos/qvel and its geom id, looked up once (the conveyor reads them
+        # every physics step).
+        self._qpos_of = [int(self.model.joint(name).qposadr[0]) for name in self.cubes]
+        self._dof_of = [int(self.model.joint(name).dofadr[0]) for name in self.cubes]
+        self._geom_of = [int(self.model.geom(name).id) for name in self.cubes]
         self.goal = HOME.copy()  # where each servo is told to go (radians)
         self.cube_velocity = np.zeros(2)  # m/s: a cube that slides (a conveyor) until the jaws touch it
         self._pads = {self.model.geom("fixed_pad").id, self.model.geom("moving_pad").id}
@@ -260,15 +265,15 @@ class Scene:
 
     @property
     def cube_qpos(self) -> int:
-        return self.model.joint(self.cubes[self.target]).qposadr[0]
+        return self._qpos_of[self.target]
 
     @property
     def cube_dof(self) -> int:
-        return self.model.joint(self.cubes[self.target]).dofadr[0]
+        return self._dof_of[self.target]
 
     @property
     def _cube_geom(self) -> int:
-        return self.model.geom(self.cubes[self.target]).id
+        return self._geom_of[self.target]
 
     def task(self) -> str:
         """The instruction for this scene: with two cubes it names the target's colour."""
@@ -303,7 +308,7 @@ class Scene:
             self.step(0.2)  # let the cube settle on the table and the servos take hold
 
     def _place(self, cube: int, x: float, y: float, yaw: float) -> None:
-        adr = self.model.joint(self.cubes[cube]).qposadr[0]
+        adr = self._qpos_of[cube]
         self.data.qpos[adr:adr + 7] = [x, y, CUBE_HALF, math.cos(yaw / 2), 0, 0, math.sin(yaw / 2)]
 
     @property
@@ -333,7 +338,7 @@ class Scene:
     def cube_in_box(self, cube: int | None = None) -> bool:
         """The cube's centre (the named one's unless `cube` is given) inside the box's inner walls and
         low enough to be in it, not above it."""
-        adr = self.cube_qpos if cube is None else self.model.joint(self.cubes[cube]).qposadr[0]
+        adr = self._qpos_of[self.target if cube is None else cube]
         x, y, z = self.data.qpos[adr:adr + 3]
         margin = BOX_INNER_HALF - CUBE_HALF * 0.5
         return (abs(x - BOX_CENTRE[0]) < margin and abs(y - BOX_CENTRE[1]) < margin
