@@ -21,6 +21,7 @@ results next to the paper's figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import json
 import sys
@@ -58,8 +59,9 @@ def run_settings(policy: str, settings: list[tuple[str, dict]], episodes: int, s
     with sim.SimRobot(cubes=cubes) as sim_robot:
         for name, overrides in settings:
             start = time.perf_counter()
-            fixed_latency = {"latency_s": OWN_LATENCY_S, "measure_latency": False}
-            config = sim.EvalConfig(episodes=episodes, seed=seed, fps=fps, **{**fixed_latency, **overrides})
+            config = sim.EvalConfig(episodes=episodes, seed=seed, fps=fps, latency_s=OWN_LATENCY_S,
+                                    measure_latency=False)  # the own latency as a fixed figure (see above)
+            config = dataclasses.replace(config, **overrides)
             summary = sim.evaluate(sim_robot, policy_fn, spec, config, log=lambda line: None)
             summary.update(setting=name, wall_s=round(time.perf_counter() - start, 1), **overrides)
             rows.append(summary)
@@ -117,8 +119,7 @@ def async_vs_sync(args: argparse.Namespace) -> list[dict]:
     # A chunk lasts 1 s at the demo's 10 fps: at 3.9 s of latency the arm waits most of the time in
     # either mode, so those episodes get a minute instead of 25 s.
     settings = [(f"{mode} +{extra:g}s ({label})",
-                 {"sync": mode == "sync", "latency_s": OWN_LATENCY_S + extra, "measure_latency": False,
-                  "time_limit_s": 60.0 if extra > 1 else 25.0})
+                 {"sync": mode == "sync", "latency_s": OWN_LATENCY_S + extra, "time_limit_s": 60.0 if extra > 1 else 25.0})
                 for label, extra in latencies for mode in ("sync", "async")]
     rows = run_settings(args.policy, settings, args.episodes, args.seed, print)
     x = [extra for _, extra in latencies for _ in ("sync", "async")]
@@ -130,8 +131,7 @@ def async_vs_sync(args: argparse.Namespace) -> list[dict]:
 def threshold(args: argparse.Namespace) -> list[dict]:
     """Sweep g at a fixed added latency: idle ticks should start below g* = latency / (n * dt)."""
     gs = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0]
-    settings = [(f"g={g:g}", {"threshold": g, "latency_s": OWN_LATENCY_S + args.latency, "measure_latency": False})
-                for g in gs]
+    settings = [(f"g={g:g}", {"threshold": g, "latency_s": OWN_LATENCY_S + args.latency}) for g in gs]
     rows = run_settings(args.policy, settings, args.episodes, args.seed, print)
     plot_rows(args.out / "threshold.png", rows, gs, "g", {"async": list(range(len(gs)))},
               f"threshold g at +{args.latency:g} s latency")
@@ -282,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.experiment not in ("steps", "attention", "language") and not Path(args.policy).exists():
         print(f"error: no policy at {args.policy}: run `python train.py` first, or pass --policy", file=sys.stderr)
         return 2
+    args.out.mkdir(parents=True, exist_ok=True)  # plots are written before the table
     start = time.perf_counter()
     try:
         rows = EXPERIMENTS[args.experiment](args)
