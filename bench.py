@@ -455,8 +455,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# The packages whose releases move the figures (a fresh install takes the newest allowed by
+# requirements.txt): printed first, so every set of figures says what it was measured with.
+PACKAGES = ("torch", "numpy", "av", "pyarrow", "mujoco", "metaworld", "safetensors", "tokenizers")
+
+
+def environment() -> dict[str, Any]:
+    """The versions of PACKAGES (None: not installed), Python, and the CPU with the instruction-set
+    extensions that choose the fast kernels."""
+    from importlib import metadata
+    import platform
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    extensions = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
+    return {"bench": "environment", "python": platform.python_version(), **versions, "cpu": cpu,
+            "cpu_extensions": extensions, "cpus": os.cpu_count()}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    emit(environment())
     args.run(args)
 
 

@@ -23,9 +23,11 @@ actions, the task), then the metadata and parquet readers it uses, the video dec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -717,7 +719,8 @@ def _write_v30(root, episodes, fps, robot_type, state_names, action_names, vcode
             _encode(container, stream, None)  # flush the encoder's delayed frames
     finally:
         for container, _ in videos.values():
-            container.close()
+            with scheduling_kept():
+                container.close()
 
     data = {name: np.concatenate(parts) for name, parts in rows.items()}
     table = pa.table({
@@ -862,5 +865,45 @@ def _open_video(path: Path, vcodec: str, height: int, width: int, fps: int, crf:
 
 
 def _encode(container, stream, frame: av.VideoFrame | None) -> None:
-    for packet in stream.encode(frame):
-        container.mux(packet)
+    with scheduling_kept():  # the encoder starts at the first frame
+        for packet in stream.encode(frame):
+            container.mux(packet)
+
+
+@contextlib.contextmanager
+def scheduling_kept() -> Iterator[None]:
+    """Puts back the scheduling policy of every thread of this process as it was before the block.
+
+    SVT-AV1 (libsvtav1, as bundled with PyAV 18), started by a process that may raise priorities (root,
+    or CAP_SYS_NICE), switches the thread that opens the encoder to real-time SCHED_FIFO 99, and its
+    own threads with it; every thread and process started afterwards inherits that. On a robot
+    computer that would put the control loop, the policy thread and the torch threads at a priority
+    that starves the rest of the machine, and a spinning FIFO thread can hang a 2-core one. So each
+    call into the encoder is wrapped: threads that existed keep their policy, new ones (the encoder's)
+    get the calling thread's. A caller that chose a real-time policy itself keeps it."""
+    tasks = "/proc/self/task"
+    if not hasattr(os, "sched_setscheduler") or not os.path.isdir(tasks):
+        yield
+        return
+
+    def policies() -> dict[int, tuple[int, int]]:
+        found = {}
+        for name in os.listdir(tasks):
+            try:
+                found[int(name)] = (os.sched_getscheduler(int(name)), os.sched_getparam(int(name)).sched_priority)
+            except OSError:  # the thread ended meanwhile
+                pass
+        return found
+
+    before = policies()
+    caller = before.get(threading.get_native_id(), (os.SCHED_OTHER, 0))
+    try:
+        yield
+    finally:
+        for tid, policy in policies().items():
+            wanted = before.get(tid, caller)
+            if policy != wanted:
+                try:
+                    os.sched_setscheduler(tid, wanted[0], os.sched_param(wanted[1]))
+                except OSError:  # ended, or (unprivileged) not allowed: nothing was raised then either
+                    pass

@@ -222,6 +222,9 @@ class PolicyServer:
         self._last_state: np.ndarray | None = None
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._serve, name="policy-server", daemon=True)
+        # Called after `busy` turns False and after stop(), from the thread that changed it: whoever
+        # waits on those (the simulator's clock) is woken instead of polling.
+        self.on_change: Callable[[], None] = lambda: None
 
     @property
     def busy(self) -> bool:
@@ -240,6 +243,7 @@ class PolicyServer:
         with self._cond:
             self._stopping = True
             self._cond.notify()
+        self.on_change()
         self._thread.join(timeout=5)
 
     def submit(self, observation: Observation) -> None:
@@ -264,6 +268,7 @@ class PolicyServer:
                 return
             finally:
                 self._busy = False
+                self.on_change()
 
     def _process(self, observation: Observation) -> None:
         if (not observation.must_go and self.similarity > 0 and self._last_state is not None

@@ -463,15 +463,11 @@ class SimClock:
             self._deliver()
 
     def _pending_due(self) -> float | None:
-        """None when no chunk is on its way; else when it arrives (waits while the policy computes)."""
+        """None when no chunk is on its way; else when it arrives. Waits while an observation is
+        submitted but not started, being skipped as too similar, or computed: each of those ends
+        with a notification (the server's on_change, or timed()'s run)."""
         with self._cond:
             while self.policy_busy() and (self._computing or self._due is None):
-                if not self._computing and self._due is None:
-                    # submitted but not started, or skipped as too similar: look again shortly
-                    self._cond.wait(0.0005)
-                    if not self.policy_busy():
-                        return None
-                    continue
                 self._cond.wait()
             return self._due
 
@@ -480,8 +476,12 @@ class SimClock:
         with self._cond:
             self._due, self._released = None, True
             self._cond.notify_all()
-        while self.policy_busy():
-            time.sleep(0.0002)
+            while self.policy_busy():
+                self._cond.wait()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def _advance_to(self, when: float) -> None:
         if self.bus is not None:
@@ -509,12 +509,14 @@ class SimClock:
                     # Until sleep() has brought simulated time to _due, or the run has ended
                     # (the server stopping, its chunk no longer wanted).
                     while not self._released and not self.policy_stopping():
-                        self._cond.wait(0.01)
+                        self._cond.wait()
 
         return run
 
     def attach(self, server) -> None:
         """Follow this infer_async.PolicyServer (None: none). Forgets any chunk of a server before."""
+        if server is not None:
+            server.on_change = self._wake
         with self._cond:
             self.policy_busy = (lambda: server.busy) if server is not None else (lambda: False)
             self.policy_stopping = (lambda: server.stopping) if server is not None else (lambda: False)
@@ -1152,6 +1154,7 @@ class SimulatedArm:
         self._faults: dict[int, deque] = {i: deque() for i in servo_ids}
         self.log: deque = deque(maxlen=10000)  # (servo id, instruction) of each packet received
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified each time _working turns False
         self._last_advance = time.monotonic()
         self._stop = threading.Event()
         self._working = False  # bytes taken from the port and not yet answered
@@ -1202,12 +1205,10 @@ class SimulatedArm:
         reply, so without this the physics could move on before the new goals arrive."""
         import select
 
-        while self._thread is not None:
-            with self._lock:
-                pending = self._working or bool(select.select([self._master], [], [], 0)[0])
-            if not pending:
-                return
-            time.sleep(0.0001)
+        with self._lock:
+            while self._thread is not None and (self._working or select.select([self._master], [], [], 0)[0]):
+                # woken when the serving thread has acted on what it read (the timeout only guards)
+                self._idle.wait(0.05)
 
     # -- test hooks -------------------------------------------------------------------------------
 
@@ -1317,6 +1318,7 @@ class SimulatedArm:
             finally:
                 with self._lock:
                     self._working = False
+                    self._idle.notify_all()
             while True:
                 packet = self._take_instruction(buffer)
                 if packet is None:
@@ -1330,10 +1332,13 @@ class SimulatedArm:
                         reply = b""  # a malformed instruction is ignored, as a servo would
                     self._drive_physics()
                     self._working = bool(reply)
+                    if not reply:
+                        self._idle.notify_all()
                 if reply:
                     self._send(reply)
                     with self._lock:
                         self._working = False
+                        self._idle.notify_all()
 
     @staticmethod
     def _take_instruction(buffer: bytearray) -> tuple[int, int, bytes] | None:

@@ -6,6 +6,7 @@ be exactly the frame the parquet row points at.
 """
 
 import json
+import os
 import shutil
 from fractions import Fraction
 from pathlib import Path
@@ -552,3 +553,58 @@ def test_v3_timestamps_outside_the_episode_video_span(tiny_v3_dataset, tmp_path)
     with pytest.raises(data.DatasetError, match=r"file-000.mp4: episode 1, camera observation.images.top: frame time 10.3333 s is outside"):
         data.LeRobotDataset(root)
     assert len(data.LeRobotDataset(root, episodes=[0, 2])) == LENGTHS[0] + LENGTHS[2]
+
+
+def _scheduling_of_main_new_thread_and_child() -> list[int]:
+    import subprocess
+    import sys
+    import threading
+
+    seen = [os.sched_getscheduler(0)]
+    thread = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(0)))
+    thread.start()
+    thread.join()
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.sched_getscheduler(0))"],
+                           capture_output=True, text=True, timeout=60, check=True)
+    return [*seen, int(child.stdout)]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="POSIX scheduling policies (Linux)")
+def test_writing_av1_leaves_threads_and_children_at_normal_priority(tmp_path):
+    """SVT-AV1 run as root switches the encoding thread to SCHED_FIFO 99, inherited by every later
+    thread and process (checked by hand: 0 before an encode, 1 after, without the guard)."""
+    assert _scheduling_of_main_new_thread_and_child() == [os.SCHED_OTHER] * 3
+    rng = np.random.default_rng(0)
+    episode = {"task": "t", "observation.state": np.zeros((6, 2), np.float32), "action": np.zeros((6, 2), np.float32),
+               "observation.images.top": rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)}
+    data.write_dataset(tmp_path / "ds", [episode, episode], fps=10, vcodec="libsvtav1")
+    assert _scheduling_of_main_new_thread_and_child() == [os.SCHED_OTHER] * 3
+    for task in os.listdir("/proc/self/task"):  # the encoder's own threads too, if any are left
+        try:
+            assert os.sched_getscheduler(int(task)) == os.SCHED_OTHER, f"thread {task}"
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setscheduler"), reason="POSIX scheduling policies (Linux)")
+def test_scheduling_kept_puts_back_what_a_library_changed():
+    import threading
+
+    try:  # what the encoder does, done by hand: needs the right to raise priorities (root)
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except PermissionError:
+        pytest.skip("not allowed to set a real-time policy here")
+    started, release = threading.Event(), threading.Event()
+    worker = threading.Thread(target=lambda: (started.set(), release.wait(10)))
+    with data.scheduling_kept():
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(5))
+        worker.start()  # inherits FIFO, as the encoder's threads do
+        started.wait(10)
+        assert os.sched_getscheduler(worker.native_id) == os.SCHED_FIFO
+    try:
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+        assert os.sched_getscheduler(worker.native_id) == os.SCHED_OTHER
+    finally:
+        release.set()
+        worker.join()

@@ -506,7 +506,8 @@ def test_the_script_reports_an_unreachable_policy_server_in_one_line():
 def test_the_robot_side_of_remote_mode_needs_no_torch():
     """infer_async spells out flow's feature keys rather than import flow (and with it torch)."""
     code = "import sys, infer_async, remote; print('torch' in sys.modules, 'flow' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         timeout=120).stdout
     assert out.split() == ["False", "False"]
     import flow
 
@@ -900,9 +901,9 @@ def test_ctrl_c_stops_the_loop_with_the_safe_stop(sim_arm, capsys):
 class Process:
     """A subprocess whose stderr lines are collected by a thread, for waiting on a message."""
 
-    def __init__(self, argv):
-        self.popen = subprocess.Popen([sys.executable, str(ROOT / "infer_async.py"), *argv], cwd=ROOT,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def __init__(self, spawn, argv):
+        self.popen = spawn([sys.executable, str(ROOT / "infer_async.py"), *argv], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.popen.stderr), daemon=True)
         self.reader.start()
@@ -927,15 +928,15 @@ class Process:
         return status
 
 
-def test_serve_and_client_processes_with_ctrl_c(tmp_path, arm_policy):
+def test_serve_and_client_processes_with_ctrl_c(tmp_path, arm_policy, spawn):
     """The remote-GPU setup as users run it: `serve` in one process, the robot client (simulated arm)
     in another, Ctrl-C to each."""
-    server = Process(["serve", "--policy", str(arm_policy), "--vlm", str(TINY_VLM), "--device", "cpu",
+    server = Process(spawn, ["serve", "--policy", str(arm_policy), "--vlm", str(TINY_VLM), "--device", "cpu",
                       "--listen", "0", "--token", "s3cret"])
     try:
         port = server.wait_for(r"serving .* on 127\.0\.0\.1:(\d+)").group(1)
         metrics_path = tmp_path / "metrics.json"
-        client = Process(["--sim", "--server", f"127.0.0.1:{port}", "--token", "s3cret", "--task", "Pick up the cube.",
+        client = Process(spawn, ["--sim", "--server", f"127.0.0.1:{port}", "--token", "s3cret", "--task", "Pick up the cube.",
                           "--metrics-json", str(metrics_path)])
         try:
             client.wait_for(r"actions [1-9]")  # the live line, once actions flow
@@ -951,11 +952,11 @@ def test_serve_and_client_processes_with_ctrl_c(tmp_path, arm_policy):
     assert server.lines[-1] == "stopped\n"
 
 
-def test_sigterm_stops_the_run_like_ctrl_c(tmp_path, arm_policy):
+def test_sigterm_stops_the_run_like_ctrl_c(tmp_path, arm_policy, spawn):
     """What a service manager or `timeout` sends: the arm holds its pose, torque goes off, the summary
     and the metrics are written (Python's default would end the process at once, torque on)."""
     metrics_path = tmp_path / "metrics.json"
-    client = Process(["--sim", "--policy", str(arm_policy), "--vlm", str(TINY_VLM), "--device", "cpu",
+    client = Process(spawn, ["--sim", "--policy", str(arm_policy), "--vlm", str(TINY_VLM), "--device", "cpu",
                       "--task", "Pick up the cube.", "--metrics-json", str(metrics_path)])
     try:
         client.wait_for(r"actions [1-9]")

@@ -802,6 +802,19 @@ def test_bench_batch_zero_prints_no_record():
     import sys
 
     done = subprocess.run([sys.executable, "bench.py", "infer", "--batch", "0"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent.parent)
+                          cwd=Path(__file__).parent.parent, timeout=120)
     assert (done.returncode, done.stdout, done.stderr.count("\n")) == (2, "", 1)
     assert "--batch: expected an integer >= 1, got '0'" in done.stderr
+
+
+def test_bench_prints_the_versions_it_measured_with():
+    import os
+
+    import av
+    import mujoco
+    import numpy as np
+
+    record = bench.environment()
+    assert (record["torch"], record["numpy"], record["av"], record["mujoco"]) == (
+        torch.__version__, np.__version__, av.__version__, mujoco.__version__)
+    assert record["cpus"] == os.cpu_count() and record["cpu"]

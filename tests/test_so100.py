@@ -669,12 +669,12 @@ def test_check_arm_needs_no_calibration_and_names_a_silent_servo(sim, tmp_path, 
         so100.check_arm(sim.port, reply_timeout=0.02, attempts=2)
 
 
-def test_sim_bus_command_serves_until_interrupted(tmp_path):
+def test_sim_bus_command_serves_until_interrupted(tmp_path, spawn):
     import signal
     import subprocess
 
     calibration_path = tmp_path / "sim.json"
-    process = subprocess.Popen(
+    process = spawn(
         [sys.executable, str(Path(so100.__file__).with_name("sim.py")), "bus", "--calibration-out", str(calibration_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -305,20 +305,16 @@ def test_resume_reproduces_the_uninterrupted_run(dataset_dir, tmp_path, monkeypa
     assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["000004", "000008", "last"]
 
 
-def test_ctrl_c_saves_a_checkpoint_before_exiting(dataset_dir, tmp_path):
+def test_ctrl_c_saves_a_checkpoint_before_exiting(dataset_dir, tmp_path, spawn):
     out = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args_for(dataset_dir, out, "--steps", "100000")],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while len(losses(out)) < 3 and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.2)
-        assert len(losses(out)) >= 3, process.stdout.read() if process.poll() is not None else "no progress"
-        process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    process = spawn([sys.executable, str(ROOT / "train.py"), *args_for(dataset_dir, out, "--steps", "100000")],
+                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while len(losses(out)) < 3 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert len(losses(out)) >= 3, process.stdout.read() if process.poll() is not None else "no progress"
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
     assert "SIGINT" in output
     last = out / "checkpoints" / "last"
