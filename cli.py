@@ -5,7 +5,8 @@
 - finding an input: a local directory as is, otherwise a Hugging Face Hub id downloaded into the
   local cache, with an error that says both why the path is missing and what the Hub answered;
 - writing outputs so that an interrupted run (Ctrl-C, a full disk) never leaves a half-written one
-  where a finished one is expected: write beside it, then rename into place.
+  where a finished one is expected: write beside it, then rename into place;
+- the user's mistakes: `UserError`, which every command prints as one line and exits USER_ERROR with.
 """
 
 from __future__ import annotations
@@ -19,15 +20,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+USER_ERROR = 2  # the exit status of every command for a mistake the user can fix (argparse's own)
+
+
+class UserError(Exception):
+    """A problem the user can fix (a missing file, a bad setting, an arm that does not answer): the
+    command lines print its message in one line, without a traceback, and exit with USER_ERROR."""
+
 # ---------------------------------------------------------------------------------------------
 # Argument parsing
 
 
 class Parser(argparse.ArgumentParser):
-    """One line per mistake and argparse's exit status 2."""
+    """One line per mistake and argparse's exit status (USER_ERROR)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -50,7 +50,7 @@ TIMESTAMP_TOLERANCE_S = 1e-4
 INDEX_COLUMNS = ("timestamp", "frame_index", "episode_index", "index", "task_index")
 
 
-class DatasetError(Exception):
+class DatasetError(cli.UserError):
     """A dataset that cannot be read as asked: missing file or column, bad metadata, bad index."""
 
 

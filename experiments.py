@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 import cli
+import policy_io
 import sim
 
 DEMO_POLICY = "outputs/demo/checkpoints/last/pretrained_model"
@@ -51,10 +52,8 @@ SLOW_REMOTE_LATENCY_S = 0.6  # the same over a slow link (Wi-Fi, the internet): 
 def run_settings(policy: str, settings: list[tuple[str, dict]], episodes: int, seed: int,
                  log: Callable[[str], None], cubes: int = 1) -> list[dict]:
     """Evaluates one policy under each setting (EvalConfig fields) on the same episodes."""
-    import infer_async
-
-    _, policy_fn, spec = infer_async.prepare_policy(policy)
-    fps = infer_async.recorded_fps(policy) or sim.FPS
+    _, policy_fn, spec = policy_io.prepare_policy(policy)
+    fps = policy_io.recorded_fps(policy) or sim.FPS
     rows = []
     with sim.SimRobot(cubes=cubes) as sim_robot:
         for name, overrides in settings:

@@ -42,50 +42,17 @@ from typing import Callable
 import numpy as np
 
 import so100
-from cli import HelpFormatter, Parser, integer, number
+from cli import HelpFormatter, Parser, UserError, integer, number
+from policy_io import (DEFAULT_FPS, DEMO_POLICY, IMAGE_PREFIX, STATE, Observation, PolicySpec, load_policy,
+                       make_policy_fn, policy_spec, prepare_policy, recorded_fps, warm_up)
 
-# flow.STATE and flow.IMAGE_PREFIX, spelled out: importing flow would import torch, which the robot
-# computer does not need in remote mode (tests/test_infer_async.py checks that the two agree).
-STATE = "observation.state"
-IMAGE_PREFIX = "observation.images."
-DEMO_POLICY = "outputs/demo/checkpoints/last/pretrained_model"  # written by `python train.py`
-DEFAULT_FPS = 30.0  # real SO-100 datasets; a policy trained here records its dataset's beside it
-DATASET_INFO = "train_dataset.json"  # written by train.py beside a policy: its dataset and that dataset's fps
 
 # ---------------------------------------------------------------------------------------------
 # 1. Observations, policies, errors
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Observation:
-    timestep: int  # the timestep of the next action the robot executes
-    state: np.ndarray  # float32 (state_dim,): joints in degrees, gripper in percent
-    images: dict[str, np.ndarray]  # policy camera key -> uint8 (H, W, 3) RGB
-    task: str
-    must_go: bool = False  # sent with an empty queue: never skipped
-    captured_at: float = 0.0  # clock() when captured
-
-
-@dataclass
-class PolicySpec:
-    """What the robot side needs to know about a policy (sent by the server in remote mode).
-
-    The names and means describe the policy's training data, for checking that it fits the arm:
-    names only when the checkpoint records them ("names" of its state/action features; LeRobot's
-    checkpoints do not), means when it carries normalisation stats."""
-    cameras: dict[str, tuple[int, int]]  # camera key -> (height, width) the policy was trained on
-    state_dim: int
-    action_dim: int
-    chunk_size: int
-    n_action_steps: int
-    state_names: list[str] | None = None
-    action_names: list[str] | None = None
-    state_mean: list[float] | None = None  # robot units
-    action_mean: list[float] | None = None
-
-
-class InferError(Exception):
+class InferError(UserError):
     """An error with a message meant for the user (the command line prints it and exits)."""
 
 
@@ -452,7 +419,7 @@ def drive(client: RobotClient, duration: float | None = None, max_actions: int |
         client.run(duration, max_actions, live, until)
     except KeyboardInterrupt as err:
         reason = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
-    except (InferError, so100.FeetechError) as err:
+    except (UserError, so100.FeetechError) as err:
         status, reason = 1, f"error: {err}"
     finally:
         problems = safe_stop(client.robot)
@@ -557,87 +524,6 @@ def print_live(line: str, end: bool = False) -> None:
     else:
         sys.stderr.write(line + "\n")
     sys.stderr.flush()
-
-# ---------------------------------------------------------------------------------------------
-# 7. The local policy (flow.SmolVLA) as a function observation -> chunk
-# ---------------------------------------------------------------------------------------------
-
-
-def load_policy(policy: str, vlm: str | None = None, device: str | None = None, fast: bool = False):
-    """flow.SmolVLA from a Hub id or directory (fast: the int8 CPU mode). Imported here: in remote
-    mode the robot computer needs neither torch nor the model code."""
-    from flow import SmolVLA
-
-    if fast and device not in (None, "cpu"):
-        raise InferError(f"--fast is the int8 CPU mode; it cannot run on --device {device}")
-    try:
-        return SmolVLA.from_pretrained(policy, vlm=vlm, device="cpu" if fast else device, fast=fast)
-    except (FileNotFoundError, ValueError, KeyError, OSError) as err:
-        raise InferError(f"cannot load the policy {policy}: {err}") from err
-
-
-def recorded_fps(policy_dir: str | Path) -> float | None:
-    """The frame rate of the dataset a policy was trained on, when train.py recorded it (a policy
-    runs at the rate of its data: each action is one frame's step)."""
-    try:
-        return float(json.loads((Path(policy_dir) / DATASET_INFO).read_text())["fps"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def warm_up(policy_fn: Callable[[Observation], np.ndarray], spec: PolicySpec) -> None:
-    """One inference on a blank observation: the first call is several times slower (memory
-    allocation, kernel selection), and would otherwise stall the start of the run."""
-    images = {key: np.zeros((height, width, 3), np.uint8) for key, (height, width) in spec.cameras.items()}
-    policy_fn(Observation(0, np.zeros(spec.state_dim, np.float32), images, ""))
-
-
-def feature_names(feature: dict) -> list[str] | None:
-    """The "names" of a state/action feature: a list, or LeRobot v2's {"motors": [...]}; None if absent."""
-    names = feature.get("names")
-    if isinstance(names, dict) and len(names) == 1:
-        names = next(iter(names.values()))
-    return [str(n) for n in names] if isinstance(names, list) else None
-
-
-def policy_spec(policy) -> PolicySpec:
-    """Camera keys as the robot names them: a policy whose preprocessor renames data cameras onto
-    its slots (e.g. top -> camera1) expects the data names."""
-    data_name = {slot: name for name, slot in getattr(policy, "rename_map", {}).items()}
-    features, action = policy.config.input_features, policy.config.output_features["action"]
-    cameras = {data_name.get(k, k): tuple(int(s) for s in features[k]["shape"][1:]) for k in policy.camera_keys}
-    stats = policy.normalizer.stats
-
-    def mean(key: str) -> list[float] | None:
-        return [float(v) for v in stats[key]["mean"].flatten()] if "mean" in stats.get(key, {}) else None
-
-    return PolicySpec(cameras, int(features[STATE]["shape"][0]), int(action["shape"][0]),
-                      int(policy.config.chunk_size), int(policy.config.n_action_steps),
-                      feature_names(features[STATE]), feature_names(action), mean(STATE), mean("action"))
-
-
-def make_policy_fn(policy) -> Callable[[Observation], np.ndarray]:
-    """observation -> chunk (chunk_size, action_dim) in robot units, running flow.SmolVLA."""
-    import torch
-
-    def run(observation: Observation) -> np.ndarray:
-        # torch.tensor copies: arrays received over the wire are read-only views of the message.
-        batch = {key: torch.tensor(image).permute(2, 0, 1)[None].float() / 255
-                 for key, image in observation.images.items()}
-        batch[STATE] = torch.tensor(observation.state, dtype=torch.float32)[None]
-        batch["task"] = [observation.task]
-        return policy.predict_chunk(batch)[0].float().cpu().numpy()
-
-    return run
-
-
-def prepare_policy(path: str, vlm: str | None = None, device: str | None = None,
-                   fast: bool = False) -> tuple[object, Callable[[Observation], np.ndarray], PolicySpec]:
-    """(policy, policy_fn, spec) for a control loop: loaded, and warmed up by one inference."""
-    policy = load_policy(path, vlm, device, fast)
-    spec, policy_fn = policy_spec(policy), make_policy_fn(policy)
-    warm_up(policy_fn, spec)
-    return policy, policy_fn, spec
 
 # ---------------------------------------------------------------------------------------------
 # 8. Does the policy fit the arm?
@@ -986,7 +872,7 @@ def client_main(argv: list[str]) -> int:
                                      clock=sim_robot.clock.now, sleep=sim_robot.clock.sleep)
                 until = sim_robot.task_done
             robot.torque_on()  # holds the present pose; the first moves ramp from it
-        except (InferError, so100.FeetechError) as err:
+        except (UserError, so100.FeetechError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         print(f"running {client.metrics.mode} at {args.fps:g} fps, g = {client.threshold:g}; Ctrl-C stops",

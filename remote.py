@@ -42,7 +42,8 @@ from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
 from cli import HelpFormatter, Parser, integer, number
-from infer_async import STATE, InferError, Observation, PolicySpec, prepare_policy
+from cli import UserError
+from policy_io import STATE, Observation, PolicySpec, prepare_policy
 
 MAGIC = b"SVLA"
 PROTOCOL_VERSION = 1
@@ -52,7 +53,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_TASK_CHARS = 2000
 
 
-class WireError(InferError):
+class WireError(UserError):
     """A malformed, oversized or refused message in remote mode."""
 
 
@@ -306,7 +307,7 @@ def serve_main(argv: list[str]) -> int:
               "the policy. Prefer 127.0.0.1 with an SSH tunnel.", file=sys.stderr)
     try:
         _, policy_fn, spec = prepare_policy(args.policy, args.vlm, args.device, args.fast)
-    except InferError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731

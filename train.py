@@ -51,7 +51,7 @@ import torch.nn as nn
 import cli
 import data
 import flow
-import infer_async
+import policy_io
 from flow import ACTION, IMAGE_PREFIX, STATE, SmolVLA, SmolVLAConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ EXPERT_ATTENTION = {
 }
 
 
-class TrainError(Exception):
+class TrainError(cli.UserError):
     """A problem with the user's input or environment, reported as one message (no traceback)."""
 
 
@@ -467,7 +467,7 @@ def save_checkpoint(output_dir: Path, step: int, policy: SmolVLA, training_state
         with cli.writing_dir(final, checkpoints / f".partial-{step:06d}-{os.getpid()}", durable=True) as partial:
             policy.save_pretrained(partial / "pretrained_model")
             if dataset_info is not None:  # the control rate to run the policy at (sim.py eval, infer_async --sim)
-                (partial / "pretrained_model" / infer_async.DATASET_INFO).write_text(json.dumps(dataset_info, indent=2) + "\n")
+                (partial / "pretrained_model" / policy_io.DATASET_INFO).write_text(json.dumps(dataset_info, indent=2) + "\n")
             torch.save(training_state, partial / "training_state.pt")
         link = checkpoints / f".last-{os.getpid()}"
         if link.is_symlink() or link.exists():
@@ -1083,7 +1083,7 @@ def evaluate_demo(policy: SmolVLA, output_dir: Path, episodes: int, fps: float) 
     print(f"evaluating closed loop on {episodes} held-out scenes (seeds {DEMO_EVAL_SEED}.."
           f"{DEMO_EVAL_SEED + episodes - 1}) ...", flush=True)
     with sim.SimRobot() as sim_robot:
-        summary = sim.evaluate(sim_robot, infer_async.make_policy_fn(policy), infer_async.policy_spec(policy),
+        summary = sim.evaluate(sim_robot, policy_io.make_policy_fn(policy), policy_io.policy_spec(policy),
                                config, log=lambda line: print("  " + line, flush=True))
     (output_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     low, high = summary["ci95"]
@@ -1283,7 +1283,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
         return train(args)
-    except (TrainError, data.DatasetError, FileNotFoundError, infer_async.InferError) as err:  # InferError: sim.py too
+    except (cli.UserError, FileNotFoundError) as err:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says why
             print(f"train.py: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -24,8 +24,9 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 import infer_async as ia
+import policy_io
 import remote
-from sim import SimulatedArm
+from sim_bus import SimulatedBus
 import so100
 from plot import COLOURS, Panel, save_line_plot, save_panels
 
@@ -245,7 +246,7 @@ class RecordingArm:
 
 @pytest.fixture
 def sim_arm():
-    with SimulatedArm() as sim:
+    with SimulatedBus() as sim:
         with so100.SO100(sim.port, calibration=sim.calibration) as robot:
             yield RecordingArm(robot), sim
 
@@ -816,7 +817,7 @@ def no_calibration(tmp_path, monkeypatch):
 def policy_loads(monkeypatch):
     """Records each load_policy call (then loads as usual) and every torque_on of an arm."""
     calls = {"load": [], "torque_on": 0}
-    load, torque_on = ia.load_policy, so100.SO100.torque_on
+    load, torque_on = policy_io.load_policy, so100.SO100.torque_on
 
     def recording_load(*args, **kwargs):
         calls["load"].append(args)
@@ -828,7 +829,7 @@ def policy_loads(monkeypatch):
         calls["torque_on"] += 1
         return torque_on(self)
 
-    monkeypatch.setattr(ia, "load_policy", recording_load)
+    monkeypatch.setattr(policy_io, "load_policy", recording_load)
     monkeypatch.setattr(so100.SO100, "torque_on", recording_torque_on)
     return calls
 
@@ -842,7 +843,7 @@ def test_a_wrong_port_is_reported_before_the_calibration_and_the_policy(no_calib
 
 
 def test_a_missing_calibration_is_reported_before_the_policy_loads(no_calibration, policy_loads, capsys):
-    with SimulatedArm() as sim:
+    with SimulatedBus() as sim:
         argv = ["--port", sim.port, "--policy", str(TINY_POLICY), "--vlm", str(TINY_VLM), "--task", "t"]
         assert ia.main(argv) == 2
     assert "no SO-100 calibration found" in capsys.readouterr().err
@@ -852,7 +853,7 @@ def test_a_missing_calibration_is_reported_before_the_policy_loads(no_calibratio
 def test_the_arm_is_configured_before_the_policy_loads_and_a_misfit_refused_before_torque(tmp_path, policy_loads,
                                                                                            capsys):
     policy = so100_policy(tmp_path, names=LEGACY_NAMES)  # trained on `main_*` data; the arm runs without --legacy
-    with SimulatedArm() as sim:
+    with SimulatedBus() as sim:
         calibration = tmp_path / "arm.json"
         calibration.write_text(json.dumps(sim.calibration))
         # Connecting writes Return_Delay 0 over the factory 250, with torque off.

@@ -9,6 +9,7 @@ import pytest
 
 sim = pytest.importorskip("sim")
 import data  # noqa: E402
+import sim_bus  # noqa: E402
 import so100  # noqa: E402
 
 
@@ -173,7 +174,7 @@ def test_wilson_interval_by_hand():
 
 
 def test_bus_calibration_is_a_valid_lerobot_file():
-    with sim.SimulatedArm(scene=sim.Scene()) as bus:
+    with sim_bus.SimulatedBus(scene=sim.Scene()) as bus:
         calibration = so100.validate_calibration(bus.calibration, "sim")
         assert calibration["gripper"]["range_min"] < calibration["gripper"]["range_max"]
 

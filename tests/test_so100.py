@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sim import SimulatedArm  # noqa: E402
+from sim_bus import SimulatedBus  # noqa: E402
 import so100  # noqa: E402
 
 
@@ -292,7 +292,7 @@ FAST = dict(reply_timeout=0.05, attempts=3)
 
 @pytest.fixture
 def sim():
-    with SimulatedArm(speed=50000.0) as arm:
+    with SimulatedBus(speed=50000.0) as arm:
         yield arm
 
 
@@ -459,7 +459,7 @@ def test_torque_off_and_on(sim):
 
 
 def test_missing_servos_are_all_named():
-    with SimulatedArm(servo_ids=(1, 2, 4, 6)) as sim:
+    with SimulatedBus(servo_ids=(1, 2, 4, 6)) as sim:
         arm = so100.SO100(sim.port, calibration=sim.calibration, reply_timeout=0.02, attempts=2)
         with pytest.raises(so100.NoReplyError) as e:
             arm.connect()
@@ -494,7 +494,7 @@ def test_calibration_mismatch_is_detected_and_named(sim):
 
 
 def test_calibrate_flow_writes_lerobot_json(tmp_path):
-    with SimulatedArm(calibrated=False, speed=50000.0) as sim:
+    with SimulatedBus(calibrated=False, speed=50000.0) as sim:
         middle = {1: 2100, 2: 1500, 3: 2600, 4: 2000, 5: 3000, 6: 1000}  # raw: offsets are 0 now
         ranges = {1: (700, 3300), 2: (800, 3200), 3: (900, 3100), 4: (850, 3250), 6: (1900, 3400)}
 
@@ -545,7 +545,7 @@ def test_calibrate_flow_writes_lerobot_json(tmp_path):
 
 
 def test_calibrate_refuses_unmoved_joints_and_restores_registers():
-    with SimulatedArm(calibrated=True) as sim:
+    with SimulatedBus(calibrated=True) as sim:
         bus = so100.FeetechBus(sim.port, **FAST)
         bus.open()
         try:
@@ -688,7 +688,7 @@ def test_sim_bus_command_serves_until_interrupted(tmp_path, spawn):
 
 
 def test_vanished_adapter_gives_clear_error_and_disconnect_still_closes():
-    sim = SimulatedArm().start()
+    sim = SimulatedBus().start()
     arm = so100.SO100(sim.port, calibration=sim.calibration, **FAST)
     arm.connect()
     sim.stop()  # like pulling the USB cable: the pseudo-terminal's other end is gone

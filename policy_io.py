@@ -1,0 +1,137 @@
+"""What a policy is to the robot side: the feature keys, an observation, a policy's description
+(`PolicySpec`), and a checkpoint loaded as a function observation -> chunk of actions.
+
+Both ends of remote mode need these (remote.py's robot client and its server), as do the local
+control loop (infer_async.py), the simulator's evaluation (sim.py) and the demo. The robot computer in
+remote mode needs neither torch nor the model code: this module imports them only when a policy is
+loaded (tests check it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from cli import UserError
+
+# flow.STATE, flow.ACTION and flow.IMAGE_PREFIX (LeRobot's feature names), spelled out: importing flow
+# would import torch (tests check that they agree).
+STATE = "observation.state"
+ACTION = "action"
+IMAGE_PREFIX = "observation.images."
+DEMO_POLICY = "outputs/demo/checkpoints/last/pretrained_model"  # written by `python train.py`
+DEFAULT_FPS = 30.0  # real SO-100 datasets; a policy trained here records its dataset's beside it
+DATASET_INFO = "train_dataset.json"  # written by train.py beside a policy: its dataset and that dataset's fps
+
+
+@dataclass
+class Observation:
+    timestep: int  # the timestep of the next action the robot executes
+    state: np.ndarray  # float32 (state_dim,): joints in degrees, gripper in percent
+    images: dict[str, np.ndarray]  # policy camera key -> uint8 (H, W, 3) RGB
+    task: str
+    must_go: bool = False  # sent with an empty queue: never skipped
+    captured_at: float = 0.0  # clock() when captured
+
+
+@dataclass
+class PolicySpec:
+    """What the robot side needs to know about a policy (sent by the server in remote mode).
+
+    The names and means describe the policy's training data, for checking that it fits the arm:
+    names only when the checkpoint records them ("names" of its state/action features; LeRobot's
+    checkpoints do not), means when it carries normalisation stats."""
+    cameras: dict[str, tuple[int, int]]  # camera key -> (height, width) the policy was trained on
+    state_dim: int
+    action_dim: int
+    chunk_size: int
+    n_action_steps: int
+    state_names: list[str] | None = None
+    action_names: list[str] | None = None
+    state_mean: list[float] | None = None  # robot units
+    action_mean: list[float] | None = None
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint (flow.SmolVLA) as a function observation -> chunk
+# ---------------------------------------------------------------------------------------------
+
+
+def load_policy(policy: str, vlm: str | None = None, device: str | None = None, fast: bool = False):
+    """flow.SmolVLA from a Hub id or directory (fast: the int8 CPU mode). Imported here: in remote
+    mode the robot computer needs neither torch nor the model code."""
+    from flow import SmolVLA
+
+    if fast and device not in (None, "cpu"):
+        raise UserError(f"--fast is the int8 CPU mode; it cannot run on --device {device}")
+    try:
+        return SmolVLA.from_pretrained(policy, vlm=vlm, device="cpu" if fast else device, fast=fast)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as err:
+        raise UserError(f"cannot load the policy {policy}: {err}") from err
+
+
+def recorded_fps(policy_dir: str | Path) -> float | None:
+    """The frame rate of the dataset a policy was trained on, when train.py recorded it (a policy
+    runs at the rate of its data: each action is one frame's step)."""
+    try:
+        return float(json.loads((Path(policy_dir) / DATASET_INFO).read_text())["fps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def warm_up(policy_fn: Callable[[Observation], np.ndarray], spec: PolicySpec) -> None:
+    """One inference on a blank observation: the first call is several times slower (memory
+    allocation, kernel selection), and would otherwise stall the start of the run."""
+    images = {key: np.zeros((height, width, 3), np.uint8) for key, (height, width) in spec.cameras.items()}
+    policy_fn(Observation(0, np.zeros(spec.state_dim, np.float32), images, ""))
+
+
+def feature_names(feature: dict) -> list[str] | None:
+    """The "names" of a state/action feature: a list, or LeRobot v2's {"motors": [...]}; None if absent."""
+    names = feature.get("names")
+    if isinstance(names, dict) and len(names) == 1:
+        names = next(iter(names.values()))
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def policy_spec(policy) -> PolicySpec:
+    """Camera keys as the robot names them: a policy whose preprocessor renames data cameras onto
+    its slots (e.g. top -> camera1) expects the data names."""
+    data_name = {slot: name for name, slot in getattr(policy, "rename_map", {}).items()}
+    features, action = policy.config.input_features, policy.config.output_features["action"]
+    cameras = {data_name.get(k, k): tuple(int(s) for s in features[k]["shape"][1:]) for k in policy.camera_keys}
+    stats = policy.normalizer.stats
+
+    def mean(key: str) -> list[float] | None:
+        return [float(v) for v in stats[key]["mean"].flatten()] if "mean" in stats.get(key, {}) else None
+
+    return PolicySpec(cameras, int(features[STATE]["shape"][0]), int(action["shape"][0]),
+                      int(policy.config.chunk_size), int(policy.config.n_action_steps),
+                      feature_names(features[STATE]), feature_names(action), mean(STATE), mean("action"))
+
+
+def make_policy_fn(policy) -> Callable[[Observation], np.ndarray]:
+    """observation -> chunk (chunk_size, action_dim) in robot units, running flow.SmolVLA."""
+    import torch
+
+    def run(observation: Observation) -> np.ndarray:
+        # torch.tensor copies: arrays received over the wire are read-only views of the message.
+        batch = {key: torch.tensor(image).permute(2, 0, 1)[None].float() / 255
+                 for key, image in observation.images.items()}
+        batch[STATE] = torch.tensor(observation.state, dtype=torch.float32)[None]
+        batch["task"] = [observation.task]
+        return policy.predict_chunk(batch)[0].float().cpu().numpy()
+
+    return run
+
+
+def prepare_policy(path: str, vlm: str | None = None, device: str | None = None,
+                   fast: bool = False) -> tuple[object, Callable[[Observation], np.ndarray], PolicySpec]:
+    """(policy, policy_fn, spec) for a control loop: loaded, and warmed up by one inference."""
+    policy = load_policy(path, vlm, device, fast)
+    spec, policy_fn = policy_spec(policy), make_policy_fn(policy)
+    warm_up(policy_fn, spec)
+    return policy, policy_fn, spec
