@@ -22,6 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
+import flow
 from cli import HelpFormatter, Parser, integer
 
 
@@ -180,26 +181,25 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def stand_in_vlm_dir(root: Path) -> Path:
-    """SmolVLM2-500M's config with the demo's small tokenizer (train.py): language is padded to 48
+    """SmolVLM2-500M's config with the demo's small tokenizer (demo.py): language is padded to 48
     tokens either way, so the vocabulary does not change the work, and the real one needs the Hub."""
-    import flow
-    import train
+    import demo
 
-    train.write_demo_vlm(root, ["Pick up the cube and place it in the box."])
+    demo.write_vlm(root, ["Pick up the cube and place it in the box."])
     (root / "config.json").write_text(json.dumps(flow.SMOLVLM2_500M_CONFIG))
     return root
 
 
-def smolvla_base(device: torch.device, dtype: torch.dtype, cameras: int, height: int, width: int):
-    import flow
-
-    vlm_dir = stand_in_vlm_dir(Path(tempfile.mkdtemp(prefix="smolvla-bench-")) / "vlm")
+def smolvla_base(device: torch.device, dtype: torch.dtype, cameras: int, height: int, width: int) -> flow.SmolVLA:
+    """The smolvla_base architecture with random weights, seen through `cameras` cameras."""
     features = {f"observation.images.camera{i + 1}": {"type": "VISUAL", "shape": [3, height, width]}
                 for i in range(cameras)}
     features["observation.state"] = {"type": "STATE", "shape": [6]}
     cfg = flow.SmolVLAConfig(input_features=features)
     torch.manual_seed(0)
-    policy = flow.SmolVLA(cfg, flow.SMOLVLM2_500M_CONFIG, flow.Tokenizer(vlm_dir, cfg.tokenizer_max_length, True))
+    with tempfile.TemporaryDirectory(prefix="smolvla-bench-") as tmp:  # the tokenizer is read at once
+        tokenizer = flow.Tokenizer(stand_in_vlm_dir(Path(tmp) / "vlm"), cfg.tokenizer_max_length, True)
+    policy = flow.SmolVLA(cfg, flow.SMOLVLM2_500M_CONFIG, tokenizer)
     # Random weights in the official precision mix: float32 projections, the rest in `dtype`.
     for name, param in policy.named_parameters():
         keep = not name.startswith(("vision.", "connector.", "lm.", "lm_head.", "expert.")) or (
@@ -260,7 +260,7 @@ def bench_infer(args: argparse.Namespace) -> None:
     inputs, gflop_per_chunk = {}, {}
     for batch_size in args.batch:
         batch = observation_batch(policy, batch_size, args.height, args.width, device)
-        noise = torch.randn(batch_size, policy.cfg.chunk_size, policy.cfg.max_action_dim,
+        noise = torch.randn(batch_size, policy.config.chunk_size, policy.config.max_action_dim,
                             generator=torch.Generator().manual_seed(2)).to(device)
         inputs[batch_size] = batch, noise
         # Counted on one real chunk, before compiling (the counter sees the eager operations).
@@ -285,8 +285,6 @@ def bench_infer(args: argparse.Namespace) -> None:
               "mean_abs_action_diff_std": round(difference.mean().item(), 5),
               "max_abs_action_diff_std": round(difference.max().item(), 5)})
     if args.fast:
-        import flow
-
         policy.quantize_int8()
         for batch_size in args.batch:
             exact_seconds, exact_actions, batch, noise = exact[batch_size]
@@ -312,16 +310,16 @@ def bench_train(args: argparse.Namespace) -> None:
     sync = device_sync(device)
     peak = matmul_gflops(device, torch.float32)
     policy = smolvla_base(device, torch.float32, args.cameras, args.height, args.width)
-    trained = train.freeze(policy)  # the fine-tuning recipe: vision encoder and VLM frozen
-    recipe = train.parse_args([])  # the optimiser and schedule defaults
+    trained = train.set_trainable(policy)  # the fine-tuning recipe: vision encoder and VLM frozen
+    recipe = train.parse_args(["--data", "unused"])  # the fine-tuning optimiser and schedule (no --data: the demo's)
     optimizer = train.make_optimizer(policy, recipe)
     scheduler = train.make_scheduler(optimizer, recipe)
     policy.train()
 
     batch = observation_batch(policy, args.batch_size, args.height, args.width, device)
     generator = torch.Generator().manual_seed(3)
-    batch["action"] = torch.randn(args.batch_size, policy.cfg.chunk_size, 6, generator=generator).to(device)
-    batch["action_is_pad"] = torch.zeros(args.batch_size, policy.cfg.chunk_size, dtype=torch.bool, device=device)
+    batch["action"] = torch.randn(args.batch_size, policy.config.chunk_size, 6, generator=generator).to(device)
+    batch["action_is_pad"] = torch.zeros(args.batch_size, policy.config.chunk_size, dtype=torch.bool, device=device)
     noise, time_ = train.flow_noise_and_time(0, 0, 0, 0, args.batch_size, policy, device)
     # What --cache-vision feeds instead of the images: embed_image outputs stored as float16.
     cached = {k: v for k, v in batch.items() if k not in policy.camera_keys}
@@ -353,7 +351,7 @@ def bench_sim(args: argparse.Namespace) -> None:
     steps the physics by one control period. Also each part alone."""
     import sim
 
-    with sim.SimRobot() as sim_robot:
+    with sim.SO100Env() as sim_robot:
         sim_robot.reset(0)
         expert = sim.ScriptedExpert(sim_robot.scene, np.random.default_rng(0))
         robot, cameras, clock = sim_robot.robot, list(sim_robot.cameras.values()), sim_robot.clock

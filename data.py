@@ -18,7 +18,8 @@ Nothing here comes from LeRobot itself: the parquet files are read with pyarrow 
 decoded with PyAV (libdav1d for AV1).
 
 The file reads top down: the dataset (an item is a frame: its images, state, the next chunk of
-actions, the task), then the metadata and parquet readers it uses, the video decoder, and the writer.
+actions, the task) and a copy of it decoded once into memory (PreloadedDataset, train.py --preload),
+then the metadata and parquet readers it uses, the video decoder, and the writer.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import json
 import math
 import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -48,10 +50,17 @@ SUPPORTED_VERSIONS = ("v2.1", "v3.0")
 TIMESTAMP_TOLERANCE_S = 1e-4
 # Columns every data parquet has, whatever the robot.
 INDEX_COLUMNS = ("timestamp", "frame_index", "episode_index", "index", "task_index")
+# Video files a dataset keeps open per process (the least recently used is closed first): a v2.1
+# dataset has one file per episode and camera, and a shuffled DataLoader visits them all.
+MAX_OPEN_VIDEOS = 16
 
 
 class DatasetError(cli.UserError):
     """A dataset that cannot be read as asked: missing file or column, bad metadata, bad index."""
+
+
+class DatasetExistsError(cli.UserError, FileExistsError):
+    """The writer's output directory exists: a dataset is never overwritten."""
 
 
 class VideoDecodeError(DatasetError):
@@ -83,13 +92,11 @@ class LeRobotDataset(torch.utils.data.Dataset):
         chunk_size: int = 50,
         episodes: list[int] | None = None,
         revision: str | None = None,
-        max_open_videos: int = 16,
         decode_video: bool = True,
     ):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size
-        self.max_open_videos = max_open_videos
         self.decode_video = decode_video  # False: items carry no images (training from cached features)
         # A local directory as is, else a Hub dataset id downloaded into (or found in) the HF cache.
         self.root = cli.resolve_dir(repo_id_or_dir, "dataset", repo_type="dataset", revision=revision,
@@ -254,7 +261,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         if reader is None:
             reader = VideoReader(path)
             self._readers[path] = reader
-            while len(self._readers) > self.max_open_videos:
+            while len(self._readers) > MAX_OPEN_VIDEOS:
                 self._readers.popitem(last=False)[1].close()
         self._readers.move_to_end(path)
         return reader
@@ -279,6 +286,32 @@ class LeRobotDataset(torch.utils.data.Dataset):
             f"LeRobotDataset({self.root}, {self.version}, {len(self.episodes)}/{self.num_episodes} episodes, "
             f"{len(self)} frames, fps={self.fps}, cameras={self.camera_keys})"
         )
+
+
+class PreloadedDataset(torch.utils.data.Dataset):
+    """Every item of a dataset decoded once and kept in memory, images as uint8 (a decoded frame is
+    k/255 exactly, so nothing is lost). For datasets small enough to fit, like the demo's ~9,000
+    frames (~500 MB), where decoding video for every sample would cost more than the step itself."""
+
+    def __init__(self, dataset: LeRobotDataset, name: str, verbose: bool = True):
+        self.camera_keys = list(dataset.camera_keys)
+        start, self.items = time.perf_counter(), []
+        for i in range(len(dataset)):
+            item = dataset[i]
+            for key in self.camera_keys:
+                item[key] = (item[key] * 255).round().to(torch.uint8)
+            self.items.append(item)
+        if verbose:
+            print(f"preloaded {len(self.items)} {name} frames in {time.perf_counter() - start:.0f} s", flush=True)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = dict(self.items[i])
+        for key in self.camera_keys:
+            item[key] = item[key].float() / 255
+        return item
 
 
 # ---------------------------------------------------------------------------------------------
@@ -588,10 +621,8 @@ def write_dataset(
     robot_type: str = "unknown",
     state_names: list[str] | None = None,
     action_names: list[str] | None = None,
-    vcodec: str = "libsvtav1",
     crf: int = 30,
     gop: int = 2,
-    preset: int = 12,
 ) -> Path:
     """Writes episodes as a LeRobot v3.0 dataset at `root` (which must not exist) and returns it.
 
@@ -602,8 +633,7 @@ def write_dataset(
         "observation.images.<name>": uint8 (T, H, W, 3) array or a sequence of T (H, W, 3) arrays,
                                       one entry per camera; every episode has the same cameras/sizes
     fps: frames per second of every stream. state_names/action_names: the feature "names" (default
-    "state_0".., "action_0"..). vcodec: "libsvtav1" (AV1, as LeRobot) or "libx264" (H.264);
-    crf/gop/preset: encoder settings (LeRobot records with g=2, crf=30; preset 12 is SVT-AV1's fastest).
+    "state_0".., "action_0"..). crf/gop: the AV1 encoder's settings (LeRobot records with g=2, crf=30).
 
     Layout written: meta/info.json, meta/stats.json (min, max, mean, std, count per feature; cameras
     per channel in [0, 1], estimated on every 4th pixel row and column), meta/tasks.parquet,
@@ -615,15 +645,13 @@ def write_dataset(
     """
     root = Path(root)
     if root.exists():
-        raise FileExistsError(f"{root} already exists; the writer does not overwrite datasets")
+        raise DatasetExistsError(f"{root} already exists; the writer does not overwrite datasets")
     with cli.writing_dir(root) as partial:
-        _write_v30(partial, iter(episodes), fps, robot_type, state_names, action_names, vcodec, crf, gop, preset)
+        _write_v30(partial, iter(episodes), fps, robot_type, state_names, action_names, crf, gop)
     return root
 
 
-def _write_v30(root, episodes, fps, robot_type, state_names, action_names, vcodec, crf, gop, preset) -> None:
-    if vcodec not in ("libsvtav1", "libx264"):
-        raise ValueError(f"vcodec must be 'libsvtav1' or 'libx264', got {vcodec!r}")
+def _write_v30(root, episodes, fps, robot_type, state_names, action_names, crf, gop) -> None:
     os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints a banner per stream at its default level
     first = next(episodes, None)
     if first is None:
@@ -639,7 +667,7 @@ def _write_v30(root, episodes, fps, robot_type, state_names, action_names, vcode
     data_path = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
     videos = {
         key: _open_video(root / video_path.format(video_key=key, chunk_index=0, file_index=0),
-                         vcodec, shapes[key][0], shapes[key][1], fps, crf, gop, preset)
+                         shapes[key][0], shapes[key][1], fps, crf, gop)
         for key in camera_keys
     }
     tasks: dict[str, int] = {}
@@ -737,15 +765,14 @@ def _write_v30(root, episodes, fps, robot_type, state_names, action_names, vcode
     (root / "meta" / "stats.json").write_text(json.dumps(stats, indent=2))
 
     info = _info_json(fps, robot_type, len(episode_rows), total, len(tasks), data_path, video_path, shapes,
-                      vcodec, state_dim, action_dim, state_names, action_names)
+                      state_dim, action_dim, state_names, action_names)
     (root / "meta" / "info.json").write_text(json.dumps(info, indent=4))
 
 
 def _info_json(fps: int, robot_type: str, episodes: int, frames: int, tasks: int, data_path: str, video_path: str,
-               shapes: dict[str, tuple], vcodec: str, state_dim: int, action_dim: int,
+               shapes: dict[str, tuple], state_dim: int, action_dim: int,
                state_names: list[str] | None, action_names: list[str] | None) -> dict[str, Any]:
     """meta/info.json: the features (cameras as LeRobot describes its videos) and the file templates."""
-    codec_name = "av1" if vcodec == "libsvtav1" else "h264"
     features: dict[str, Any] = {
         "action": {"dtype": "float32", "shape": [action_dim], "names": action_names or [f"action_{i}" for i in range(action_dim)]},
         "observation.state": {"dtype": "float32", "shape": [state_dim], "names": state_names or [f"state_{i}" for i in range(state_dim)]},
@@ -757,7 +784,7 @@ def _info_json(fps: int, robot_type: str, episodes: int, frames: int, tasks: int
             "shape": [height, width, 3],
             "names": ["height", "width", "channels"],
             "info": {
-                "video.height": height, "video.width": width, "video.codec": codec_name,
+                "video.height": height, "video.width": width, "video.codec": "av1",
                 "video.pix_fmt": "yuv420p", "video.is_depth_map": False, "video.fps": fps,
                 "video.channels": 3, "has_audio": False,
             },
@@ -849,18 +876,14 @@ def _image_rows(frame: np.ndarray) -> np.ndarray:
     return frame[::4, ::4].reshape(-1, 3).astype(np.float64) / 255.0
 
 
-def _open_video(path: Path, vcodec: str, height: int, width: int, fps: int, crf: int, gop: int, preset: int):
+def _open_video(path: Path, height: int, width: int, fps: int, crf: int, gop: int):
+    """An AV1 stream (SVT-AV1 at its fastest preset, 12) as LeRobot records its videos."""
     path.parent.mkdir(parents=True, exist_ok=True)
     container = av.open(str(path), "w")
-    stream = container.add_stream(vcodec, rate=fps)
+    stream = container.add_stream("libsvtav1", rate=fps)
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
     stream.codec_context.time_base = Fraction(1, fps)
-    options = {"crf": str(crf), "g": str(gop)}
-    if vcodec == "libsvtav1":
-        options["preset"] = str(preset)
-    else:
-        options["bf"] = "0"  # B-frames would only add decode latency for random access
-    stream.options = options
+    stream.options = {"crf": str(crf), "g": str(gop), "preset": "12"}
     return container, stream
 
 

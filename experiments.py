@@ -10,19 +10,22 @@ Each experiment is one command; it writes a table (CSV and JSON) and a plot (PNG
     python experiments.py language               # two cubes, the instruction names one (records, trains)
     python experiments.py moving --policy P      # a cube sliding at speed v
 
-`steps` and `attention` train on the demo's dataset (outputs/demo/dataset) with the demo's recipe;
-`language` records its own two-cube demonstrations and trains on them with the same recipe.
+`steps` and `attention` train on the demo's dataset (outputs/demo/dataset) with the demo's recipe
+(demo.py); `language` records its own two-cube demonstrations and trains on them with the same recipe.
 P defaults to the demo's policy (`python train.py`). Every setting runs the same episodes (scene
-seeds from --seed, never used for recording), closed loop through infer_async.RobotClient, judged
-from the physics; success rates come with 95% Wilson intervals. docs/experiments.md puts the
-results next to the paper's figures.
+seeds from --seed, never used for recording), closed loop through infer_async.RobotClient in the
+simulated SO-100 (sim.py), judged from the physics; success rates come with 95% Wilson intervals.
+A setting is a few fields of the control loop (infer_async.ClientConfig: sync, threshold,
+n_action_steps), of the evaluation (sim.EvalConfig: latency_s, time_limit_s) or of the scene
+(cube_speed, instruction); everything else is the same in every setting. docs/experiments.md puts
+the results next to the paper's figures.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import csv
+import dataclasses
 import json
 import sys
 import time
@@ -30,18 +33,21 @@ from pathlib import Path
 from typing import Callable
 
 import cli
+import demo
 import policy_io
 import sim
 
-DEMO_POLICY = "outputs/demo/checkpoints/last/pretrained_model"
-DEMO_DIR = Path("outputs/demo")
+DEMO_POLICY = policy_io.DEMO_POLICY
+DEMO_DIR = Path(demo.DEFAULTS["output_dir"])
 # The tiny policy's own latency, measured alone on 2 cores (41 ms mean): every setting uses it as a
 # fixed figure (plus any latency a setting adds) instead of timing each call, so a busy machine
-# cannot change the results, and a run is repeatable.
+# cannot change the results. (Runs still differ episode by episode: the flow's noise is not seeded.)
 OWN_LATENCY_S = 0.04
 SMOLVLA_BASE_CPU_LATENCY_S = 3.9  # `python bench.py infer`: one smolvla_base chunk on 2 CPU cores
 REMOTE_GPU_LATENCY_S = 0.3  # a policy server on a GPU across a network: inference plus round trip
 SLOW_REMOTE_LATENCY_S = 0.6  # the same over a slow link (Wi-Fi, the internet): still under g x one chunk
+DEMO_STEPS = demo.DEFAULTS["steps"]  # steps and attention train each policy with the demo's budget
+LANGUAGE_STEPS = 15_000  # at 5,000 steps the policy still ignored the colour word
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,31 +55,43 @@ SLOW_REMOTE_LATENCY_S = 0.6  # the same over a slow link (Wi-Fi, the internet): 
 # ---------------------------------------------------------------------------------------------
 
 
+SCENE_SETTINGS = ("cube_speed", "instruction")  # sim.SO100Env's own; the rest are the client's or EvalConfig's
+
+
 def run_settings(policy: str, settings: list[tuple[str, dict]], episodes: int, seed: int,
                  log: Callable[[str], None], cubes: int = 1) -> list[dict]:
-    """Evaluates one policy under each setting (EvalConfig fields) on the same episodes."""
+    """Evaluates one policy under each setting (name, {field: value}) on the same episodes."""
     _, policy_fn, spec = policy_io.prepare_policy(policy)
-    fps = policy_io.recorded_fps(policy) or sim.FPS
     rows = []
-    with sim.SimRobot(cubes=cubes) as sim_robot:
-        for name, overrides in settings:
-            start = time.perf_counter()
-            config = sim.EvalConfig(episodes=episodes, seed=seed, fps=fps, latency_s=OWN_LATENCY_S,
-                                    measure_latency=False)  # the own latency as a fixed figure (see above)
-            config = dataclasses.replace(config, **overrides)
-            summary = sim.evaluate(sim_robot, policy_fn, spec, config, log=lambda line: None)
-            summary.update(setting=name, wall_s=round(time.perf_counter() - start, 1), **overrides)
-            rows.append(summary)
-            low, high = summary["ci95"]
-            log(f"{name}: success {summary['successes']}/{episodes} ({low:.2f}-{high:.2f}), completion "
-                f"{summary['mean_completion_s']} s, idle ticks {summary['idle_ticks']}, "
-                f"latency {summary['latency_ms_mean']} ms ({summary['wall_s']} s)")
+    for name, overrides in settings:
+        start = time.perf_counter()
+        scene = {key: value for key, value in overrides.items() if key in SCENE_SETTINGS}
+        with sim.SO100Env(cubes=cubes, **scene) as env:
+            config = setting_config(env, policy, episodes, seed, overrides)
+            summary = sim.evaluate(env, policy_fn, spec, config, log=lambda line: None)
+        summary.update(setting=name, wall_s=round(time.perf_counter() - start, 1), **overrides)
+        rows.append(summary)
+        low, high = summary["ci95"]
+        log(f"{name}: success {summary['successes']}/{episodes} ({low:.2f}-{high:.2f}), completion "
+            f"{summary['mean_completion_s']} s, idle ticks {summary['idle_ticks']}, "
+            f"latency {summary['latency_ms_mean']} ms ({summary['wall_s']} s)")
     return rows
 
 
+def setting_config(env: sim.SO100Env, policy: str, episodes: int, seed: int, overrides: dict) -> sim.EvalConfig:
+    """What every setting shares (the policy's control rate, the own latency as a fixed figure), with
+    the setting's own fields put where they belong: the control loop's into config.client."""
+    config = sim.EvalConfig(episodes=episodes, seed=seed, latency_s=OWN_LATENCY_S, measure_latency=False,
+                            client=sim.client_config(env, policy_io.control_rate(policy, default=env.fps)))
+    client_fields = {f.name for f in dataclasses.fields(config.client)}
+    client = {key: value for key, value in overrides.items() if key in client_fields}
+    evaluation = {key: value for key, value in overrides.items() if key not in client_fields | set(SCENE_SETTINGS)}
+    return dataclasses.replace(config, client=dataclasses.replace(config.client, **client), **evaluation)
+
+
 COLUMNS = ["setting", "success_rate", "successes", "episodes", "ci95", "mean_completion_s", "idle_ticks",
-           "ticks", "latency_ms_mean", "control_period_ms", "mode", "threshold", "added_latency_s", "cube_speed",
-           "time_limit_s", "seeds", "wall_s"]
+           "ticks", "latency_ms_mean", "control_period_ms", "mode", "threshold", "aggregate", "ease_in", "similarity",
+           "added_latency_s", "cube_speed", "time_limit_s", "seeds", "wall_s"]
 
 
 def write_table(out: Path, name: str, rows: list[dict]) -> None:
@@ -175,7 +193,7 @@ def actions_per_chunk(args: argparse.Namespace) -> list[dict]:
     """Paper: executing all 50 actions of a chunk before observing again loses success (51.8%
     against 82.8% at 10, pick-and-place). A 50-action policy, run synchronously with 5, 10, 25 or
     50 actions executed per observation."""
-    policy = train_variant(args.out, "chunk50", ["--chunk-size", "50"], args.steps, 1000)
+    policy = train_variant(args.out, "chunk50", ["--chunk-size", "50"], args.steps or DEMO_STEPS, 1000)
     counts = [5, 10, 25, 50]
     rows = run_settings(policy, [(f"n_action_steps={n}", {"sync": True, "n_action_steps": n}) for n in counts],
                         args.episodes, args.seed, print)
@@ -190,7 +208,7 @@ def attention(args: argparse.Namespace) -> list[dict]:
     rows = []
     for mode in ("interleaved", "cross", "self"):
         for seed in (1000, 2000):
-            policy = train_variant(args.out, f"{mode}-{seed}", ["--expert-attention", mode], args.steps, seed)
+            policy = train_variant(args.out, f"{mode}-{seed}", ["--expert-attention", mode], args.steps or DEMO_STEPS, seed)
             row = run_settings(policy, [(f"{mode} seed {seed}", {})], args.episodes, args.seed, print)[0]
             row.update(expert_attention=mode, train_seed=seed)
             rows.append(row)
@@ -204,31 +222,33 @@ def language(args: argparse.Namespace) -> list[dict]:
     the one to move. A demo-sized policy trained on two-cube demonstrations (its own recording and
     tokenizer), then on the same held-out scenes: the scene's instruction, the other cube's
     instruction (success: that other cube in the box) and an empty one (judged on the named cube)."""
-    import train
-
     demos = args.out / "runs" / "language_demos"  # dataset/ and vlm/, shared by runs of any length
     if not (demos / "dataset").is_dir():
         print(f"recording {args.language_episodes} two-cube demonstrations ...", flush=True)
-        sim.record(demos / "dataset", args.language_episodes, seed=0, fps=train.DEMO_FPS, noise=train.DEMO_NOISE,
-                   log=lambda line: None, cubes=2)
+        with sim.SO100Env(cubes=2) as env:
+            sim.record(env, demos / "dataset", args.language_episodes, seed=0, fps=demo.FPS, noise=demo.NOISE,
+                       log=lambda line: None)
     if not (demos / "vlm").is_dir():
-        train.write_demo_vlm(demos / "vlm", [sim.task_for(colour) for colour in sim.CUBE_COLOURS])
-    steps = args.steps or 15_000  # at 5,000 steps the policy still ignored the colour word
+        demo.write_vlm(demos / "vlm", [sim.task_for(colour) for colour in sim.CUBE_COLOURS])
+    steps = language_steps(args)
     policy = train_variant(args.out, f"language-{steps}", [], steps, 1000, demos)
-    settings = [(f"{instruction} instruction", {"instruction": instruction}) for instruction in ("named", "other", "empty")]
+    settings = [(f"{instruction} instruction", {"instruction": instruction}) for instruction in sim.INSTRUCTIONS]
     rows = run_settings(policy, settings, args.episodes, args.seed, print, cubes=2)
     for row in rows:
         row["train_steps"] = steps
-    args.table = f"language-{steps}"
     from plot import Panel, save_panels
 
-    names = ["named", "other", "empty"]
+    names = sim.INSTRUCTIONS
     save_panels(str(args.out / f"language-{steps}.png"), [Panel(
         {"the instructed cube in the box": ([0, 1, 2], [r["success_rate"] for r in rows]),
          "the other cube in the box": ([0, 1, 2], [r["other_cube_in_box"] / r["episodes"] for r in rows])},
         "two cubes: instruction " + " / ".join(f"{i}={n}" for i, n in enumerate(names)), "instruction", "fraction of episodes",
         ylim=(0.0, 1.0))])
     return rows
+
+
+def language_steps(args: argparse.Namespace) -> int:
+    return args.steps or LANGUAGE_STEPS
 
 
 def budget(args: argparse.Namespace) -> list[dict]:
@@ -267,29 +287,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency", type=sim.non_negative_float, default=REMOTE_GPU_LATENCY_S,
                    help="threshold: the added latency in seconds (default 0.3)")
     p.add_argument("--steps", type=sim.positive_int, default=None,
-                   help="steps, attention, language: training steps of each policy they train "
-                        "(default 3000, the demo's; language 15000)")
+                   help=f"steps, attention, language: training steps of each policy they train "
+                        f"(default {DEMO_STEPS}, the demo's; language {LANGUAGE_STEPS})")
     p.add_argument("--language-episodes", type=sim.positive_int, default=200,
                    help="language: two-cube demonstrations to record (default 200)")
     p.add_argument("--out", type=Path, default=Path("outputs/experiments"), help="where tables and plots go")
     args = p.parse_args(argv)
-    if args.experiment in ("steps", "attention"):
-        args.steps = args.steps or 3000
-    if args.experiment in ("steps", "attention") and not (DEMO_DIR / "dataset").is_dir():
-        print(f"error: no demo dataset at {DEMO_DIR / 'dataset'}: run `python train.py` first", file=sys.stderr)
-        return 2
-    if args.experiment not in ("steps", "attention", "language") and not Path(args.policy).exists():
-        print(f"error: no policy at {args.policy}: run `python train.py` first, or pass --policy", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)  # plots are written before the table
     start = time.perf_counter()
     try:
+        if args.experiment in ("steps", "attention") and not (DEMO_DIR / "dataset").is_dir():
+            raise cli.UserError(f"no demo dataset at {DEMO_DIR / 'dataset'}: run `python train.py` first")
+        if args.experiment not in ("steps", "attention", "language") and not Path(args.policy).exists():
+            raise cli.UserError(f"no policy at {args.policy}: run `python train.py` first, or pass --policy")
+        args.out.mkdir(parents=True, exist_ok=True)  # plots are written before the table
         rows = EXPERIMENTS[args.experiment](args)
+    except cli.UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return cli.USER_ERROR
     except KeyboardInterrupt:
         print(f"{args.experiment}: interrupted; the same command resumes it (finished trainings are kept)",
               file=sys.stderr)
         return 130
-    table = getattr(args, "table", args.experiment)  # language: one table per training length
+    table = f"language-{language_steps(args)}" if args.experiment == "language" else args.experiment  # one per length
     write_table(args.out, table, rows)
     print(f"{args.experiment}: {len(rows)} settings x {args.episodes} episodes in {time.perf_counter() - start:.0f} s; "
           f"{args.out / table}.csv/.json/.png", file=sys.stderr)

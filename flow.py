@@ -9,17 +9,15 @@ Sampling starts from noise at t=1 and takes num_steps Euler steps x <- x + dt*v 
 goes through the VLM once per chunk and only the small expert runs at every step.
 
 The policy, `SmolVLA`, comes first. After it, in marked sections: the normalisation of state and
-actions, the configuration (LeRobot's config.json and the VLM's), the tokenizer, and checkpoints in
-LeRobot's layout (official key names, the processor files that carry the normalisation stats).
+actions, the configuration (LeRobot's config.json and the VLM's) and the tokenizer. The files a
+policy is saved as (LeRobot's layout) are checkpoint.py's; from_pretrained and save_pretrained
+build the policy from them.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import re
-import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -27,10 +25,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from cli import looks_like_hub_id, resolve_dir
+import checkpoint
 from expert import ActionExpert, ExpertCache, ExpertConfig, expert_intermediate_size
 from lm import LMConfig, TextModel, additive_mask, rope_cos_sin
 from vision import Connector, VisionConfig, VisionEncoder, preprocess_images
@@ -65,7 +61,7 @@ class SmolVLA(nn.Module):
     def __init__(self, cfg: SmolVLAConfig, vlm_config: dict, tokenizer: Tokenizer | None = None,
                  stats: Normalizer | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.vision_cfg, self.lm_cfg, self.expert_cfg = vlm_configs(vlm_config, cfg)
         self.vision = VisionEncoder(self.vision_cfg)
         self.connector = Connector(self.vision_cfg)
@@ -116,8 +112,8 @@ class SmolVLA(nn.Module):
         emb, pad = torch.cat(embs, dim=1), torch.cat(pads, dim=1)
         flags = torch.zeros_like(pad, dtype=torch.long)
         flags[:, -1] = 1
-        if self.cfg.prefix_length > emb.shape[1]:  # static-length prefix: pad with masked zeros
-            extra = self.cfg.prefix_length - emb.shape[1]
+        if self.config.prefix_length > emb.shape[1]:  # static-length prefix: pad with masked zeros
+            extra = self.config.prefix_length - emb.shape[1]
             emb = F.pad(emb, (0, 0, 0, extra))
             pad, flags = F.pad(pad, (0, extra)), F.pad(flags, (0, extra))
         return emb, pad, flags
@@ -132,14 +128,14 @@ class SmolVLA(nn.Module):
 
     def prefix_cache(self, p: Prefix) -> ExpertCache:
         """Everything the expert reads from the prefix, computed once per chunk."""
-        return self.expert.prepare(*self.prefix_kv(p), self.cfg.chunk_size)
+        return self.expert.prepare(*self.prefix_kv(p), self.config.chunk_size)
 
     # -- suffix: noisy actions and time ---------------------------------------------------------------
 
     def embed_suffix(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Noisy actions (B, chunk, max_action_dim) and times (B,) -> action tokens (B, chunk, width)."""
         action_emb = self.action_in_proj(x_t)
-        time_emb = time_embedding(t, self.expert_cfg.hidden_size, self.cfg.min_period, self.cfg.max_period)
+        time_emb = time_embedding(t, self.expert_cfg.hidden_size, self.config.min_period, self.config.max_period)
         time_emb = time_emb.to(action_emb.dtype)[:, None, :].expand_as(action_emb)
         fused = self.action_time_mlp_in(torch.cat([action_emb, time_emb], dim=2))
         return self.action_time_mlp_out(F.silu(fused))
@@ -156,16 +152,16 @@ class SmolVLA(nn.Module):
         """Euler integration of the flow from noise (t=1) to actions (t=0), normalised units."""
         batch = p.state.shape[0]
         if noise is None:
-            noise = torch.randn(batch, self.cfg.chunk_size, self.cfg.max_action_dim, device=p.state.device)
+            noise = torch.randn(batch, self.config.chunk_size, self.config.max_action_dim, device=p.state.device)
         cache = self.prefix_cache(p)
         velocity = self.compiled_velocity or self.velocity
-        dt = -1.0 / self.cfg.num_steps
+        dt = -1.0 / self.config.num_steps
         # t_k = 1 + k*dt in float64, then rounded once to float32 (an accumulated float32 t drifts by
         # ulps, and the time embedding's 4 ms period turns that into visible action differences).
-        times = torch.tensor([1.0 + k * dt for k in range(self.cfg.num_steps)], dtype=torch.float32,
+        times = torch.tensor([1.0 + k * dt for k in range(self.config.num_steps)], dtype=torch.float32,
                              device=p.state.device)
         x = noise.float()
-        for k in range(self.cfg.num_steps):
+        for k in range(self.config.num_steps):
             x = x + dt * velocity(cache, x, times[k].expand(batch))
         return x
 
@@ -188,7 +184,7 @@ class SmolVLA(nn.Module):
     @torch.no_grad()
     def predict_chunk(self, batch: dict[str, Any], noise: torch.Tensor | None = None) -> torch.Tensor:
         """One action chunk (B, chunk_size, action_dim) in robot units for one observation batch."""
-        actions = self.sample_actions(self.prepare(batch), noise)[:, :, : self.cfg.action_dim]
+        actions = self.sample_actions(self.prepare(batch), noise)[:, :, : self.config.action_dim]
         return self.normalizer.unnormalize(ACTION, actions)
 
     def loss(self, batch: dict[str, Any], noise: torch.Tensor | None = None,
@@ -196,8 +192,8 @@ class SmolVLA(nn.Module):
         """Mean flow-matching loss over the real action dims of the chunk steps inside the episode."""
         p = self.prepare(batch)
         actions = torch.as_tensor(batch[ACTION], dtype=torch.float32, device=self.device)
-        actions = pad_last(self.normalizer.normalize(ACTION, actions), self.cfg.max_action_dim)
-        losses = self.flow_losses(p, actions, noise, time)[:, :, : self.cfg.action_dim]
+        actions = pad_last(self.normalizer.normalize(ACTION, actions), self.config.max_action_dim)
+        losses = self.flow_losses(p, actions, noise, time)[:, :, : self.config.action_dim]
         valid = torch.ones(losses.shape[:2], dtype=torch.bool, device=losses.device)
         if batch.get("action_is_pad") is not None:
             valid = ~torch.as_tensor(batch["action_is_pad"], device=losses.device).bool()
@@ -218,14 +214,14 @@ class SmolVLA(nn.Module):
         state = torch.as_tensor(batch[STATE], dtype=torch.float32, device=device)
         if state.ndim == 1:
             state = state[None]
-        if state.shape[-1] != self.cfg.state_dim:
-            raise ValueError(f"{STATE} has {state.shape[-1]} dims, the policy expects {self.cfg.state_dim}")
-        state = pad_last(self.normalizer.normalize(STATE, state), self.cfg.max_state_dim)
+        if state.shape[-1] != self.config.state_dim:
+            raise ValueError(f"{STATE} has {state.shape[-1]} dims, the policy expects {self.config.state_dim}")
+        state = pad_last(self.normalizer.normalize(STATE, state), self.config.max_state_dim)
 
         cached = batch.get("image_embeddings", {})  # {policy camera key: embed_image output}
         present = [k for k in self.camera_keys if k in batch or k in cached]
         missing = [k for k in self.camera_keys if k not in present]
-        if not present or len(missing) > self.cfg.empty_cameras:
+        if not present or len(missing) > self.config.empty_cameras:
             given = sorted(k for k in batch if k.startswith(IMAGE_PREFIX))
             raise KeyError(f"camera mismatch: the policy expects {self.camera_keys}, the batch has {given}; "
                            "map names with rename={data_key: policy_key}")
@@ -240,7 +236,7 @@ class SmolVLA(nn.Module):
             embeddings.append(None)
         masks = [torch.ones(batch_size, dtype=torch.bool, device=device) for _ in present]
         for _ in missing:  # empty camera slots: a blank image whose tokens are masked out
-            width, height = self.cfg.resize_imgs_with_padding
+            width, height = self.config.resize_imgs_with_padding
             images.append(torch.full((batch_size, 3, height, width), -1.0, device=device))
             embeddings.append(None)
             masks.append(torch.zeros(batch_size, dtype=torch.bool, device=device))
@@ -275,17 +271,13 @@ class SmolVLA(nn.Module):
         else:
             raise ValueError(f"{key}: images of dtype {str(images.dtype).removeprefix('torch.')} are not "
                              "supported; give uint8 in 0..255 or float in [0, 1]")
-        return preprocess_images(images[None] if images.ndim == 3 else images, self.cfg.resize_imgs_with_padding)
+        return preprocess_images(images[None] if images.ndim == 3 else images, self.config.resize_imgs_with_padding)
 
     # -- conveniences used across the project ---------------------------------------------------
 
     @property
-    def config(self) -> SmolVLAConfig:
-        return self.cfg
-
-    @property
     def camera_keys(self) -> list[str]:
-        return self.cfg.camera_keys
+        return self.config.camera_keys
 
     @property
     def device(self) -> torch.device:
@@ -335,7 +327,7 @@ class SmolVLA(nn.Module):
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
         self.compiled_velocity = torch.compile(self.velocity, mode=mode, dynamic=False)
 
-    # -- checkpoints (LeRobot's layout; the file formats are in the "Checkpoints" section below) ------
+    # -- checkpoints (LeRobot's layout: the files are checkpoint.py's) ------------------------------
 
     @classmethod
     def from_pretrained(cls, repo_id_or_dir: str | Path, vlm: str | Path | None = None,
@@ -349,38 +341,31 @@ class SmolVLA(nn.Module):
         float16 keep the checkpoint's float32 tensors in float32 and cast the rest.
         rename: {data key: policy key} for cameras named differently in your data.
         stats: normalisation stats overriding the checkpoint's ({feature: {"mean", "std"}}).
-        fast: the real-time CPU mode (see quantize_int8); set cfg.num_steps for fewer denoising steps.
+        fast: the real-time CPU mode (see quantize_int8); set config.num_steps for fewer denoising steps.
         """
-        policy_dir = resolve_dir(repo_id_or_dir, "policy", revision=revision)
-        config_path = policy_dir / "config.json"
-        if not config_path.is_file():
-            below = [policy_dir / sub for sub in ("pretrained_model", "checkpoints/last/pretrained_model")
-                     if (policy_dir / sub / "config.json").is_file()]
-            hint = f": the policy is in {below[0]} (add '{below[0].relative_to(policy_dir)}')" if below else ""
-            raise FileNotFoundError(f"no config.json in the policy directory {policy_dir}{hint}")
+        policy_dir = checkpoint.find_policy(repo_id_or_dir, revision)
+        config_path = policy_dir / checkpoint.CONFIG
         try:
-            cfg = SmolVLAConfig.from_dict(read_json_object(config_path))
+            cfg = SmolVLAConfig.from_dict(checkpoint.read_json_object(config_path))
         except (TypeError, ValueError) as err:  # another policy type, a field of the wrong type
             raise ValueError(f"{config_path}: {err}") from err
         try:
-            vlm_dir, vlm_config, tokenizer = load_vlm_files(vlm or vlm_location(policy_dir, cfg.vlm_model_name), cfg,
-                                                            weights=False)
+            vlm_dir, vlm_config, tokenizer = load_vlm_files(
+                vlm or checkpoint.vlm_location(policy_dir, cfg.vlm_model_name), cfg, weights=False)
         except FileNotFoundError as err:
             if vlm is not None:
                 raise
             raise FileNotFoundError(f"{err} (the VLM named by vlm_model_name in {config_path}; pass where it "
                                     "is: vlm=<directory or Hub id>, --vlm on the command line)") from err
+        weights, stats_buffers = checkpoint.read_weights(policy_dir)
 
-        weights_path = policy_dir / "model.safetensors"
-        if not weights_path.is_file():
-            raise FileNotFoundError(f"no model.safetensors in the policy directory {policy_dir}")
-        weights = read_safetensors(weights_path)
-        buffers = {k: weights.pop(k) for k in list(weights) if _BUFFER_KEY.match(k)}  # the older layout's stats
-
-        with torch.device("meta"):
+        with torch.device("meta"):  # no memory for weights about to be replaced
             model = cls(cfg, vlm_config, tokenizer)
-        model.load_official(weights, str(weights_path), dtype)
-        model.normalizer, renames = read_processor_files(policy_dir, buffers, str(weights_path))
+        shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+        source = str(policy_dir / checkpoint.WEIGHTS)
+        model.load_state_dict(checkpoint.from_official(weights, shapes, source, dtype), assign=True)
+        found, sources, renames = checkpoint.read_processor_files(policy_dir, stats_buffers)
+        model.normalizer = Normalizer(found, sources)
         model.rename_map.update(renames)
         model.vlm_dir = vlm_dir
         if stats is not None:
@@ -401,22 +386,9 @@ class SmolVLA(nn.Module):
         model = cls(cfg, vlm_config, tokenizer)
         model.vlm_dir = vlm_dir
         model.init_expert()
-        expected = {to_official(n): p for n, p in model.state_dict().items()
-                    if n.startswith(("vision.", "connector.", "lm.", "lm_head."))}
-        loaded = set()
-        prefix = "model.vlm_with_expert.vlm."
-        for path in sorted(vlm_dir.glob("*.safetensors")):
-            # Only what the policy keeps is read: text layers past num_vlm_layers are not expected.
-            for key, tensor in read_safetensors(path, keep=lambda k: prefix + k in expected).items():
-                official = prefix + key
-                if tuple(tensor.shape) != tuple(expected[official].shape):
-                    raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, "
-                                     f"the model expects {tuple(expected[official].shape)}")
-                expected[official].copy_(tensor)
-                loaded.add(official)
-        missing = sorted(set(expected) - loaded)
-        if missing:
-            raise KeyError(f"the VLM weights in {vlm_dir} lack {len(missing)} tensors: {', '.join(missing[:10])}")
+        state = model.state_dict()
+        for name, tensor in checkpoint.read_vlm_weights(vlm_dir, {n: t.shape for n, t in state.items()}).items():
+            state[name].copy_(tensor)
         if stats is not None:
             model.set_stats(stats)
         return model.to(device or default_device())
@@ -433,62 +405,14 @@ class SmolVLA(nn.Module):
                      self.action_time_mlp_out):
             proj.reset_parameters()
 
-    def load_official(self, weights: dict[str, torch.Tensor], source: str, dtype: torch.dtype) -> None:
-        """Load official-key tensors, checking names and shapes; lists every problem at once."""
-        weights = {("model." + k[len("model._orig_mod."):] if k.startswith("model._orig_mod.") else k): v
-                   for k, v in weights.items()}
-        expected = {to_official(n): t for n, t in self.state_dict().items()}
-        missing = sorted(set(expected) - set(weights))
-        unexpected = sorted(set(weights) - set(expected))
-        mismatched = [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(weights[k].shape)}"
-                      for k in sorted(set(weights) & set(expected)) if expected[k].shape != weights[k].shape]
-        if missing or unexpected or mismatched:
-            lines = [f"{source} does not fit this SmolVLA configuration:"]
-            lines += [f"  missing: {k} (expected shape {tuple(expected[k].shape)})" for k in missing[:40]]
-            lines += [f"  unexpected: {k} (shape {tuple(weights[k].shape)})" for k in unexpected[:40]]
-            lines += [f"  shape mismatch: {m}" for m in mismatched[:40]]
-            raise ValueError("\n".join(lines))
-        state = {}
-        for name in self.state_dict():
-            tensor = weights[to_official(name)]
-            # Float32 tensors of a mixed checkpoint (projections, cross-attention k/v) stay float32.
-            keep = dtype != torch.float32 and tensor.dtype == torch.float32
-            state[name] = tensor.to(torch.float32 if keep else dtype)
-        self.load_state_dict(state, assign=True)
-
     def save_pretrained(self, out_dir: str | Path) -> None:
-        """Write config.json, model.safetensors (official key names) and the normaliser files."""
+        """Write config.json, model.safetensors (official key names) and the normaliser files; a VLM
+        from a local directory has its config and tokenizer copied beside them (checkpoint.save)."""
         if self.quantized:
             raise RuntimeError("an int8-quantised policy cannot be saved; save the float policy instead")
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        config = self.cfg.to_dict()
-        vlm_name = config["vlm_model_name"] = self.save_vlm_files(out)
-        (out / "config.json").write_text(json.dumps(config, indent=4))
-        tensors = {to_official(n): t.detach().cpu().contiguous() for n, t in self.state_dict().items()}
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-        write_processor_files(out, self, vlm_name)
-
-    def save_vlm_files(self, out: Path) -> str:
-        """The vlm_model_name to record in a checkpoint written to `out`.
-
-        A Hub id is recorded as is. A VLM in a local directory (the demo's, or one passed as a path)
-        has its config and tokenizer copied into `out`/vlm and is recorded as "vlm", relative to the
-        checkpoint, so that a checkpoint moved or copied elsewhere still loads.
-        """
-        name = self.cfg.vlm_model_name
-        if looks_like_hub_id(name) and not Path(name).expanduser().is_dir():
-            return name
-        source = self.vlm_dir or Path(name).expanduser()
-        if not (source / "config.json").is_file():
-            return name  # nothing to copy: leave the name as it was given
-        target = out / VLM_SUBDIR
-        target.mkdir(exist_ok=True)
-        for file_name in VLM_FILES:
-            source_file, target_file = source / file_name, target / file_name
-            if source_file.is_file() and not (target_file.exists() and target_file.samefile(source_file)):
-                shutil.copyfile(source_file, target_file)
-        return VLM_SUBDIR
+        checkpoint.save(Path(out_dir), self.config.to_dict(), self.state_dict(), stats=self.normalizer.stats,
+                        eps=Normalizer.eps, rename_map=self.rename_map, device=str(self.device),
+                        vlm_dir=self.vlm_dir)
 
 
 # What the int8 CPU mode is held to: mean |fast action - exact action| in units of the action std
@@ -548,9 +472,9 @@ class Normalizer(nn.Module):
     x * std + mean.
 
     The means and stds are buffers, so they move with the policy's `.to()`; they are not in its
-    state dict, since LeRobot keeps them in the processor files (`write_processor_files`). The other
-    statistics a checkpoint or dataset carries (min, max, count; other features) are kept as given,
-    to be written back unchanged. Missing stats are an error on use that says where they were looked
+    state dict, since LeRobot keeps them in the processor files (checkpoint.write_processor_files).
+    The other statistics a checkpoint or dataset carries (min, max, count; other features) are kept
+    as given, to be written back unchanged. Missing stats are an error on use that says where they were looked
     for: the policy never runs unnormalised.
     """
 
@@ -598,31 +522,6 @@ class Normalizer(nn.Module):
     def unnormalize(self, feature: str, x: torch.Tensor) -> torch.Tensor:
         mean, std = self.mean_std(feature)
         return x * std + mean
-
-
-STAT_NAMES = ("mean", "std", "min", "max", "count")
-# Normalisation buffers as older checkpoints store them: normalize_inputs.buffer_observation_state.mean,
-# or with a dataset name in front (normalize_inputs.so100-blue_buffer_observation_state.mean).
-_BUFFER_KEY = re.compile(r"^(?:normalize_inputs|normalize_targets|unnormalize_outputs)\.(?:.*_)?buffer_(\w+)\.(\w+)$")
-
-
-def parse_stats(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Flat '<feature>.<stat>' tensors (either layout) -> {feature: {stat: float32 tensor}}.
-
-    Only the state and action features are recognised in the older underscore spelling; keys for
-    other datasets' features (e.g. smolvla_base's 'so100.buffer.action.mean') are ignored.
-    """
-    stats: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in flat.items():
-        match = _BUFFER_KEY.match(key)
-        if match:
-            feature = {"observation_state": STATE, "action": ACTION}.get(match.group(1))
-            stat = match.group(2)
-        else:
-            feature, _, stat = key.rpartition(".")
-        if feature and stat in STAT_NAMES:
-            stats.setdefault(feature, {})[stat] = value.detach().to(torch.float32).cpu()
-    return stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -743,7 +642,7 @@ def vlm_configs(vlm_config: dict, cfg: SmolVLAConfig) -> tuple[VisionConfig, LMC
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizer
+# The tokenizer, and the VLM files a policy reads
 
 
 class Tokenizer:
@@ -760,7 +659,7 @@ class Tokenizer:
         pad_token = "<|im_end|>"
         config_path = vlm_dir / "tokenizer_config.json"
         if config_path.is_file():
-            pad_token = read_json_object(config_path).get("pad_token") or pad_token
+            pad_token = checkpoint.read_json_object(config_path).get("pad_token") or pad_token
         pad_token = pad_token["content"] if isinstance(pad_token, dict) else pad_token
         self.pad_id = self.tokenizer.token_to_id(pad_token)
         if self.pad_id is None:
@@ -781,132 +680,12 @@ class Tokenizer:
         return tokens.to(device), mask.to(device)
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: official key names, LeRobot's processor files, the VLM's files
-
-
-# Our parameter names -> the official checkpoint's, by prefix.
-KEY_PREFIXES = [
-    ("vision.patch_embedding.", "model.vlm_with_expert.vlm.model.vision_model.embeddings.patch_embedding."),
-    ("vision.position_embedding.", "model.vlm_with_expert.vlm.model.vision_model.embeddings.position_embedding."),
-    ("vision.layers.", "model.vlm_with_expert.vlm.model.vision_model.encoder.layers."),
-    ("vision.post_layernorm.", "model.vlm_with_expert.vlm.model.vision_model.post_layernorm."),
-    ("connector.", "model.vlm_with_expert.vlm.model.connector.modality_projection."),
-    ("lm.", "model.vlm_with_expert.vlm.model.text_model."),
-    ("lm_head.", "model.vlm_with_expert.vlm.lm_head."),
-    ("expert.", "model.vlm_with_expert.lm_expert."),
-    ("", "model."),
-]
-
-
-def to_official(name: str) -> str:
-    ours, official = next((o, f) for o, f in KEY_PREFIXES if name.startswith(o))
-    return official + name[len(ours):]
-
-
-# LeRobot's processor pipeline files: the JSONs list the steps, and the normaliser steps name the
-# safetensors file holding the stats, flat as '<feature>.<stat>' ("action.mean").
-PREPROCESSOR_STATS = "policy_preprocessor_step_5_normalizer_processor.safetensors"
-POSTPROCESSOR_STATS = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
-
-
-def read_processor_files(policy_dir: Path, buffers: dict[str, torch.Tensor],
-                         weights_path: str) -> tuple[Normalizer, dict[str, str]]:
-    """A checkpoint's normaliser and camera renames: `buffers` (the older layout's stats, found in
-    model.safetensors) updated with the state files that the processor JSONs name."""
-    flat, sources, renames = dict(buffers), [weights_path], {}
-    for name in ("policy_preprocessor.json", "policy_postprocessor.json"):
-        path = policy_dir / name
-        sources.append(str(path))
-        if not path.is_file():
-            continue
-        for step in read_json_object(path).get("steps", []):
-            if step.get("state_file"):
-                state_path = policy_dir / step["state_file"]
-                if not state_path.is_file():
-                    raise FileNotFoundError(f"{path} names the state file {state_path}, which is missing")
-                flat.update(read_safetensors(state_path))
-            if step.get("registry_name") == "rename_observations_processor":
-                renames.update(step.get("config", {}).get("rename_map", {}))
-    return Normalizer(parse_stats(flat), sources), renames
-
-
-def write_processor_files(out: Path, policy: SmolVLA, vlm_name: str) -> None:
-    """The processor JSONs and their stats files, as LeRobot writes them for a SmolVLA policy."""
-    cfg = policy.cfg
-    flat = {f"{feature}.{stat}": value.detach().cpu().contiguous()
-            for feature, found in policy.normalizer.stats.items() for stat, value in found.items()}
-    save_file(flat, str(out / PREPROCESSOR_STATS))
-    save_file(flat, str(out / POSTPROCESSOR_STATS))
-    features = {**cfg.input_features, **cfg.output_features}
-    norm_config = {"eps": Normalizer.eps, "features": features, "norm_map": cfg.normalization_mapping}
-    device = {"registry_name": "device_processor", "config": {"device": str(policy.device), "float_dtype": None}}
-    preprocessor = {"name": "policy_preprocessor", "steps": [
-        {"registry_name": "rename_observations_processor", "config": {"rename_map": policy.rename_map}},
-        {"registry_name": "to_batch_processor", "config": {}},
-        {"registry_name": "smolvla_new_line_processor", "config": {}},
-        {"registry_name": "tokenizer_processor", "config": {
-            "max_length": cfg.tokenizer_max_length, "task_key": "task", "padding_side": "right",
-            "padding": "max_length" if cfg.pad_language_to == "max_length" else "longest",
-            "truncation": True, "tokenizer_name": vlm_name}},
-        device,
-        {"registry_name": "normalizer_processor", "config": norm_config, "state_file": PREPROCESSOR_STATS},
-    ]}
-    postprocessor = {"name": "policy_postprocessor", "steps": [
-        {"registry_name": "unnormalizer_processor",
-         "config": {**norm_config, "features": cfg.output_features}, "state_file": POSTPROCESSOR_STATS},
-        device,
-    ]}
-    (out / "policy_preprocessor.json").write_text(json.dumps(preprocessor, indent=2))
-    (out / "policy_postprocessor.json").write_text(json.dumps(postprocessor, indent=2))
-
-
-# What a policy reads from its VLM's directory (without weights): copied beside local-VLM checkpoints.
-VLM_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-VLM_SUBDIR = "vlm"
-
-
-def vlm_location(policy_dir: Path, name: str) -> str | Path:
-    """config.json's vlm_model_name: a directory inside the checkpoint (what save_pretrained records for
-    a local VLM), otherwise a Hub id or a path as given."""
-    beside = policy_dir / name
-    if not Path(name).is_absolute() and (beside / "config.json").is_file():
-        return beside
-    return name
+def load_vlm_files(vlm: str | Path, cfg: SmolVLAConfig, weights: bool) -> tuple[Path, dict, Tokenizer]:
+    """The VLM's local directory, config.json and tokenizer (and, when `weights`, its safetensors
+    downloaded too) from a directory or Hub id."""
+    vlm_dir, vlm_config = checkpoint.read_vlm_files(vlm, weights)
+    return vlm_dir, vlm_config, Tokenizer(vlm_dir, cfg.tokenizer_max_length, cfg.pad_language_to == "max_length")
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def read_safetensors(path: Path, keep=lambda key: True) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys() if keep(k)}
-    except Exception as err:
-        raise ValueError(f"cannot read {path} as safetensors: {err}") from err
-
-
-def load_vlm_files(vlm: str | Path, cfg: SmolVLAConfig, weights: bool) -> tuple[Path, dict, Tokenizer]:
-    """The VLM's config.json and tokenizer (and, when `weights`, its safetensors) from a dir or Hub id."""
-    patterns = ["*.json"] + (["*.safetensors"] if weights else [])
-    vlm_dir = resolve_dir(vlm, "VLM", allow_patterns=patterns)
-    config_path = vlm_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no config.json in the VLM directory {vlm_dir}")
-    vlm_config = read_json_object(config_path)
-    if "text_config" not in vlm_config:
-        raise ValueError(f"{config_path} has no text_config: is it a SmolVLM config?")
-    tokenizer = Tokenizer(vlm_dir, cfg.tokenizer_max_length, cfg.pad_language_to == "max_length")
-    return vlm_dir, vlm_config, tokenizer
-
-
-def read_json_object(path: Path) -> dict:
-    """A JSON file holding an object; errors name the file."""
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
-    return value

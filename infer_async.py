@@ -13,16 +13,17 @@ does not stop and wait for the model:
 Timesteps count executed actions: an observation is stamped with the timestep of the next action
 the robot will execute, and action i of the chunk computed from it is meant for timestep + i.
 
-Read top to bottom: ActionQueue (aggregation of overlapping chunks), PolicyServer (the policy's
-thread), RobotClient (the control loop) and drive() (every way out stops the arm safely). Then the
-machinery: metrics, loading a local policy and checking that it fits the arm, cameras, the command
-line. Remote mode, the policy on a GPU machine over TCP, is remote.py.
+Read top to bottom: ActionQueue (aggregation of overlapping chunks), PolicyThread (the policy
+on a thread of its own), RobotClient (the control loop) and drive() (every way out stops the arm
+safely). Then the machinery: metrics, checking that a policy fits the arm, cameras, and the command
+line, whose run_client() also drives a simulated arm (a SimulatedRig: `python sim.py live`). Remote
+mode, the policy on a GPU machine over TCP, is remote.py; what both ends share is policy_io.py.
 
     python infer_async.py --port /dev/ttyACM0 --policy <hub id or dir> --task "Pick up the cube." \\
         --camera top=/dev/video0 --camera wrist=/dev/video2
-    python infer_async.py --sim                                   # the MuJoCo arm (sim.py), closed loop
     python infer_async.py serve --policy <id or dir>              # on the GPU machine, then
     python infer_async.py --server 127.0.0.1:8765 --port ... --task ... --camera ...
+    python sim.py live                                            # the MuJoCo arm, in real time
 """
 
 from __future__ import annotations
@@ -37,23 +38,25 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
+import remote
 import so100
-from cli import HelpFormatter, Parser, UserError, integer, number
-from policy_io import (DEFAULT_FPS, DEMO_POLICY, IMAGE_PREFIX, STATE, Observation, PolicySpec, load_policy,
-                       make_policy_fn, policy_spec, prepare_policy, recorded_fps, warm_up)
-
+from cli import USER_ERROR, HelpFormatter, Parser, UserError, integer, number
+from plot import Panel, save_panels
+from policy_io import (ACTION, DEFAULT_FPS, DEMO_POLICY, IMAGE_PREFIX, STATE, Observation, PolicySpec,
+                       control_rate, prepare_policy)
 
 # ---------------------------------------------------------------------------------------------
-# 1. Observations, policies, errors
+# 1. Errors (the observation and the policy's description are policy_io's)
 # ---------------------------------------------------------------------------------------------
 
 
 class InferError(UserError):
-    """An error with a message meant for the user (the command line prints it and exits)."""
+    """A robot-client error, told in one line: before the run the command exits USER_ERROR; during it
+    the arm stops (drive) and the command exits 1."""
 
 
 class PolicyError(InferError):
@@ -159,7 +162,7 @@ class ActionQueue:
             self._actions.clear()
 
 # ---------------------------------------------------------------------------------------------
-# 3. The policy server: a thread running the policy on the newest observation
+# 3. The policy thread: the policy run on the newest observation, beside the control loop
 # ---------------------------------------------------------------------------------------------
 
 
@@ -168,7 +171,7 @@ def joint_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
-class PolicyServer:
+class PolicyThread:
     """Runs `policy_fn(observation) -> chunk (n, action_dim)` on a thread, one observation at a time.
 
     An observation whose joints are all within `similarity` (degrees; gripper percent) of the last
@@ -188,7 +191,7 @@ class PolicyServer:
         self._stopping = False
         self._last_state: np.ndarray | None = None
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._serve, name="policy-server", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="policy", daemon=True)
         # Called after `busy` turns False and after stop(), from the thread that changed it: whoever
         # waits on those (the simulator's clock) is woken instead of polling.
         self.on_change: Callable[[], None] = lambda: None
@@ -216,11 +219,11 @@ class PolicyServer:
     def submit(self, observation: Observation) -> None:
         with self._cond:
             if self._busy:
-                raise RuntimeError("one observation at a time: wait until the server is not busy")
+                raise RuntimeError("one observation at a time: wait until the policy thread is not busy")
             self._inbox, self._busy = observation, True
             self._cond.notify()
 
-    def _serve(self) -> None:
+    def _run(self) -> None:
         while True:
             with self._cond:
                 while self._inbox is None and not self._stopping:
@@ -259,7 +262,7 @@ class PolicyServer:
 
 @dataclass
 class ClientConfig:
-    fps: float = 30.0
+    fps: float = DEFAULT_FPS
     threshold: float = 0.7  # g: send an observation when queue size / chunk size <= g
     aggregate: str = "weighted"
     ease_in: int = 3  # ticks of crossfade at chunk seams (0: off)
@@ -293,7 +296,7 @@ class RobotClient:
         self.queue = ActionQueue(AGGREGATES[config.aggregate], config.ease_in)
         self.metrics = Metrics(mode="sync" if config.sync else "async", fps=config.fps,
                                chunk_size=spec.chunk_size, threshold=self.threshold)
-        self.server = PolicyServer(policy_fn, spec, self._on_chunk, self.metrics, config.similarity, clock)
+        self.policy_thread = PolicyThread(policy_fn, spec, self._on_chunk, self.metrics, config.similarity, clock)
 
     def _on_chunk(self, timestep: int, chunk: np.ndarray, latency: float) -> None:
         self.metrics.stale_actions_dropped += self.queue.merge(timestep, chunk[: self.actions_per_chunk])
@@ -307,8 +310,8 @@ class RobotClient:
         return Observation(self.queue.next_timestep, state, images, self.task, must_go, now)
 
     def tick(self) -> None:
-        if self.server.error is not None:
-            err = self.server.error
+        if self.policy_thread.error is not None:
+            err = self.policy_thread.error
             raise err if isinstance(err, PolicyError) else PolicyError(f"the policy failed: {type(err).__name__}: {err}")
         m = self.metrics
         item = self.queue.pop()
@@ -326,8 +329,8 @@ class RobotClient:
         size = len(self.queue)
         m.ticks += 1
         m.queue_sizes.append((self.clock() - m.start, size))
-        if not self.server.busy and size / self.spec.chunk_size <= self.threshold:
-            self.server.submit(self.capture(must_go=size == 0))
+        if not self.policy_thread.busy and size / self.spec.chunk_size <= self.threshold:
+            self.policy_thread.submit(self.capture(must_go=size == 0))
             m.observations_sent += 1
 
     def run(self, duration: float | None = None, max_actions: int | None = None, live: bool = False,
@@ -337,7 +340,7 @@ class RobotClient:
         self.queue.hold(self.robot.read())
         self.metrics.start = next_tick = self.clock()
         last_print, print_every = 0.0, (0.25 if sys.stderr.isatty() else 5.0)
-        self.server.start()
+        self.policy_thread.start()
         try:
             while True:
                 if duration is not None and self.clock() - self.metrics.start >= duration:
@@ -358,7 +361,7 @@ class RobotClient:
                     self.metrics.late_ticks += 1
                     next_tick = self.clock()
         finally:
-            self.server.stop()
+            self.policy_thread.stop()
             if live:
                 print_live(self.metrics.live_line(), end=True)
         return self.metrics
@@ -419,7 +422,7 @@ def drive(client: RobotClient, duration: float | None = None, max_actions: int |
         client.run(duration, max_actions, live, until)
     except KeyboardInterrupt as err:
         reason = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
-    except (UserError, so100.FeetechError) as err:
+    except UserError as err:  # feetech.FeetechError too: a servo fault, a lost arm
         status, reason = 1, f"error: {err}"
     finally:
         problems = safe_stop(client.robot)
@@ -430,7 +433,7 @@ def drive(client: RobotClient, duration: float | None = None, max_actions: int |
     return status
 
 # =============================================================================================
-# Machinery: metrics, the local policy, checks, cameras, the command line
+# Machinery: metrics, the policy checked against the arm, cameras, the command line
 # =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
@@ -443,9 +446,9 @@ class Metrics:
     """Counters of one run. Each field is written by one thread only (the control loop or the
     policy thread), so no lock is needed; times are seconds since the start of the run."""
     mode: str = "async"
-    fps: float = 30.0
+    fps: float = ClientConfig.fps
     chunk_size: int = 50
-    threshold: float = 0.7
+    threshold: float = ClientConfig.threshold
     start: float = 0.0  # clock() at the start of the run
     ticks: int = 0
     actions_executed: int = 0
@@ -453,7 +456,7 @@ class Metrics:
     idle_ticks: int = 0  # empty queue after the first action: the robot stood still
     late_ticks: int = 0  # ticks the loop could not keep (it resynchronises instead of bursting)
     observations_sent: int = 0
-    observations_skipped: int = 0  # too similar to the last processed one (server side)
+    observations_skipped: int = 0  # too similar to the last processed one (by the policy thread)
     chunks_received: int = 0
     stale_actions_dropped: int = 0  # actions for timesteps executed while the chunk was computed
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (time, seconds) per chunk
@@ -506,8 +509,6 @@ class Metrics:
         Path(path).write_text(json.dumps(out, indent=1))
 
     def plot(self, path: str | Path) -> None:
-        from plot import Panel, save_panels
-
         times, sizes = [t for t, _ in self.queue_sizes], [float(n) for _, n in self.queue_sizes]
         queue = {"queue size": (times, sizes)}
         if times and self.threshold > 0:
@@ -526,7 +527,7 @@ def print_live(line: str, end: bool = False) -> None:
     sys.stderr.flush()
 
 # ---------------------------------------------------------------------------------------------
-# 8. Does the policy fit the arm?
+# 7. Does the policy fit the arm?
 # ---------------------------------------------------------------------------------------------
 
 
@@ -559,12 +560,12 @@ def check_policy_fits_arm(spec: PolicySpec, legacy: bool) -> list[str]:
     fail it). Not checkable from a checkpoint: LeRobot's RANGE_M100_100 joint units (-100..100 over
     the calibrated range, the default of its SO-100 driver) against degrees."""
     joints, units = list(so100.JOINT_NAMES), ("legacy `main_*` degrees" if legacy else "degrees")
-    for key, dim in ((STATE, spec.state_dim), ("action", spec.action_dim)):
+    for key, dim in ((STATE, spec.state_dim), (ACTION, spec.action_dim)):
         if dim != len(joints):
             raise InferError(f"the policy's {key} has {dim} values; the SO-100 has {len(joints)} "
                              f"({', '.join(joints)}): the policy was trained for another robot")
     unchecked = []
-    for key, names, mean in ((STATE, spec.state_names, spec.state_mean), ("action", spec.action_names, spec.action_mean)):
+    for key, names, mean in ((STATE, spec.state_names, spec.state_mean), (ACTION, spec.action_names, spec.action_mean)):
         if names is None:
             unchecked.append(f"{key} names")
         else:
@@ -594,7 +595,7 @@ def check_policy_fits_arm(spec: PolicySpec, legacy: bool) -> list[str]:
     return unchecked
 
 # ---------------------------------------------------------------------------------------------
-# 9. Cameras: PyAV capture threads keeping the newest frame
+# 8. Cameras: PyAV capture threads keeping the newest frame
 # ---------------------------------------------------------------------------------------------
 
 
@@ -686,23 +687,52 @@ def parse_camera(text: str) -> tuple[str, str]:
     return (name if name.startswith(IMAGE_PREFIX) else IMAGE_PREFIX + name), device
 
 # ---------------------------------------------------------------------------------------------
-# 10. Command line
+# 9. Command line: the real arm here; a simulated one through a SimulatedRig (sim.py live)
 # ---------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(
-        description="Run a SmolVLA policy on an SO-100 arm with asynchronous inference\n"
-                    "(`python infer_async.py serve --help` for the remote policy server).",
-        formatter_class=HelpFormatter)
+class SimulatedRig(Protocol):
+    """What a simulated arm gives run_client (`python sim.py live` passes its SO-100 in real time).
+    The driver, so100.SO100, talks to the rig's servo bus exactly as to a real arm's port."""
+    default_task: str  # the scene's instruction, given to the demo policy when there is no --task
+
+    def open_bus(self) -> tuple[str, dict]:
+        """Starts serving the servo bus; (port, calibration) for so100.SO100."""
+
+    def cameras_for(self, spec: PolicySpec) -> dict:
+        """The policy's cameras (key -> object with read() -> uint8 (H, W, 3)) at its sizes."""
+
+    def now(self) -> float:
+        """The physics' clock (seconds)."""
+
+    def sleep(self, seconds: float) -> None:
+        """Advances the physics by `seconds`, paced to the wall clock."""
+
+    def task_done(self) -> bool:
+        """Called once a control tick: True ends the run (the world's own success signal)."""
+
+    def outcome(self) -> str:
+        """One line printed after the run (e.g. whether and when the task was done)."""
+
+    def close(self) -> None:
+        """Stops the bus and the physics; run_client calls it on every way out."""
+
+
+def build_parser(prog: str = "infer_async.py") -> argparse.ArgumentParser:
+    """The robot client's flags; `sim.py live` adds its own to the same parser (its prog)."""
+    defaults = ClientConfig()
+    p = Parser(prog=prog, formatter_class=HelpFormatter,
+               description="Run a SmolVLA policy on an SO-100 arm with asynchronous inference\n"
+                           "(`python infer_async.py serve --help` for the remote policy server).")
     g = p.add_argument_group("policy")
-    g.add_argument("--policy", help=f"Hub id or directory; required with --port unless --server is given "
-                                    f"(default with --sim: {DEMO_POLICY})")
+    g.add_argument("--policy", help=f"Hub id or directory; required unless --server is given (in the simulator, "
+                                    f"`python sim.py live`, the default is the demo's {DEMO_POLICY})")
     g.add_argument("--vlm", help="VLM config/tokenizer (dir or Hub id) if not the policy's vlm_model_name")
     g.add_argument("--device", help="cuda, cpu, mps (default: cuda if available)")
     g.add_argument("--fast", action="store_true",
                    help="real-time CPU mode: int8 linear layers, ~2x faster chunks (see docs/performance.md)")
-    g.add_argument("--task", help="the instruction given to the policy (default with --sim: the demo's task)")
+    g.add_argument("--task", help="the instruction given to the policy (in the simulator with the demo policy, "
+                                  "the default is the scene's)")
     g.add_argument("--server", metavar="HOST:PORT", help="use a remote policy server instead of a local policy")
     g.add_argument("--token", default=os.environ.get("INFER_ASYNC_TOKEN"),
                    help="shared token for --server (default: $INFER_ASYNC_TOKEN)")
@@ -714,11 +744,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="old joint units of `main_*` datasets such as lerobot/svla_so100_pickplace")
     g.add_argument("--max-relative-target", type=number(above=0),
                    help="degrees: clamp each goal to present position +- this")
-    g.add_argument("--sim", action="store_true",
-                   help="the SO-100 in MuJoCo (sim.py): a cube to put in a box, its two cameras, real time")
-    g.add_argument("--sim-seed", type=integer(0), default=10_000,
-                   help="--sim: the scene (cube place and yaw); the demo records from seed 0 up, so the "
-                        "default is one it never saw")
     g = p.add_argument_group("cameras")
     g.add_argument("--camera", action="append", default=[], metavar="NAME=DEVICE",
                    help="e.g. top=/dev/video0 feeds observation.images.top (macOS: top=0); repeat per camera")
@@ -732,12 +757,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fps", type=number(above=0), help=f"control ticks per second, one action each: use the training "
                    f"data's frame rate (default: the one recorded beside the policy by train.py, else "
                    f"{DEFAULT_FPS:g})")
-    g.add_argument("--threshold", type=number(0, 1), default=0.7,
+    g.add_argument("--threshold", type=number(0, 1), default=defaults.threshold,
                    help="g: send an observation when queue size / chunk size <= g")
-    g.add_argument("--aggregate", choices=sorted(AGGREGATES), default="weighted",
+    g.add_argument("--aggregate", choices=sorted(AGGREGATES), default=defaults.aggregate,
                    help="overlapping actions: weighted = 0.3 old + 0.7 new, latest = new, average = 0.5 each")
-    g.add_argument("--ease-in", type=integer(0), default=3, help="ticks of crossfade into each new chunk (0: off)")
-    g.add_argument("--similarity", type=number(0), default=1.0,
+    g.add_argument("--ease-in", type=integer(0), default=defaults.ease_in,
+                   help="ticks of crossfade into each new chunk (0: off)")
+    g.add_argument("--similarity", type=number(0), default=defaults.similarity,
                    help="skip an observation whose joints all lie within this many degrees (gripper: "
                         "percent) of the last one processed; 0 disables")
     g.add_argument("--sync", action="store_true", help="synchronous loop: infer, execute, repeat")
@@ -750,50 +776,61 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_client_args(args: argparse.Namespace) -> None:
+def check_client_args(args: argparse.Namespace, simulated: bool) -> None:
     """What the flags' types cannot check (each numeric flag checks its own range)."""
-    if not args.sim and not args.port:
-        raise InferError("give the arm's serial port with --port (or --sim for the simulated arm)")
-    if args.sim and args.port:
-        raise InferError("--sim and --port exclude each other")
+    if simulated:
+        own = [flag for flag, value in (("--port", args.port), ("--calibration", args.calibration),
+                                        ("--robot-id", args.robot_id), ("--camera", args.camera)) if value]
+        if own:
+            raise InferError(f"{', '.join(own)}: the simulated arm brings its own bus, calibration and cameras")
+    elif not args.port:
+        raise InferError("give the arm's serial port with --port (the simulated arm: `python sim.py live`)")
     if args.server and args.policy:
         raise InferError("--server and --policy exclude each other: the server's policy is fixed when it starts")
     if args.server:
         host, sep, port = args.server.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise InferError(f"--server expects HOST:PORT with a port in [0, 65535], got {args.server!r}")
-    if args.port and not (args.policy or args.server):
+    if not simulated and not (args.policy or args.server):
         # The demo checkpoint is a toy trained on synthetic frames: it must never drive a real arm by default.
         raise InferError("a real arm (--port) needs the policy to run: give --policy (or --server); "
-                         "the demo policy runs only with --sim")
-    if args.task is None and not (args.sim and not args.policy and not args.server):
+                         "the demo policy runs only in the simulator (`python sim.py live`)")
+    if args.task is None and not (simulated and not args.policy and not args.server):
         raise InferError("give the instruction with --task \"...\"")
 
 
-def open_policy(args: argparse.Namespace, stack: ExitStack) -> tuple[Callable[[Observation], np.ndarray], PolicySpec]:
+def open_arm(args: argparse.Namespace, stack: ExitStack, rig: SimulatedRig | None) -> so100.SO100:
+    """The arm comes first, before the slow policy load: the port and the six servos, then the
+    calibration (compared with the servos' registers). Connected with torque off until the run."""
+    port, calibration = rig.open_bus() if rig is not None else (args.port, args.calibration)
+    so100.check_arm(port)  # a wrong port or an unpowered arm is reported before a missing calibration
+    robot = so100.SO100(port, calibration=calibration, legacy=args.legacy,
+                        max_relative_target=args.max_relative_target, robot_id=args.robot_id)
+    stack.callback(robot.disconnect)  # torque off and the port closed, whatever happens
+    robot.connect(torque=False)
+    print(f"arm on {port}: six servos answer, calibration {robot.calibration_source}", file=sys.stderr)
+    return robot
+
+
+def open_policy(args: argparse.Namespace,
+                stack: ExitStack) -> tuple[Callable[[Observation], np.ndarray], PolicySpec, str | None]:
+    """(policy_fn, spec, the policy's directory or Hub id; None for a remote one)."""
     if args.server:
-        from remote import RemotePolicy  # sockets and the wire format, only in remote mode
-
         host, _, port = args.server.rpartition(":")
-        remote = RemotePolicy(host.strip("[]"), int(port), args.token)
-        stack.callback(remote.close)
-        spec = remote.connect()
+        policy = remote.RemotePolicy(host.strip("[]"), int(port), args.token)
+        stack.callback(policy.close)
+        spec = policy.connect()
         print(f"policy server {args.server}: chunk {spec.chunk_size}, cameras {sorted(spec.cameras)}", file=sys.stderr)
-        return remote, spec
-    path = args.policy
-    if path is None:  # --sim without --policy: the demo checkpoint
-        if not Path(DEMO_POLICY).exists():
-            raise InferError(f"no demo policy at {DEMO_POLICY}: run `python train.py` first "
-                             "(about 10 minutes on a CPU), or pass --policy")
-        import sim
-
-        path, args.task = DEMO_POLICY, args.task or sim.TASK
-    args.fps = args.fps or recorded_fps(path)
+        return policy, spec, None
+    path = args.policy or DEMO_POLICY  # check_client_args lets only the simulator come without one
+    if args.policy is None and not Path(DEMO_POLICY).exists():
+        raise InferError(f"no demo policy at {DEMO_POLICY}: run `python train.py` first "
+                         "(about 10 minutes on a CPU), or pass --policy")
     print(f"loading {path} ...", file=sys.stderr, flush=True)
     policy, policy_fn, spec = prepare_policy(path, args.vlm, args.device, args.fast)
     mode = " (int8 fast mode)" if getattr(policy, "quantized", False) else ""
     print(f"policy on {policy.device}{mode}: chunk {spec.chunk_size}, cameras {sorted(spec.cameras)}", file=sys.stderr)
-    return policy_fn, spec
+    return policy_fn, spec, path
 
 
 def open_cameras(args: argparse.Namespace, spec: PolicySpec, stack: ExitStack) -> dict:
@@ -824,87 +861,81 @@ def report(metrics: Metrics, args: argparse.Namespace) -> None:
         print(f"queue and latency plot written to {args.plot}", file=sys.stderr)
 
 
-def open_arm(args: argparse.Namespace, stack: ExitStack):
-    """The arm comes first, before the slow policy load: the port and the six servos, then the
-    calibration (compared with the servos' registers). Connected with torque off until the run.
-    Returns (driver, the simulated robot with --sim or None): with --sim the driver talks to the
-    MuJoCo arm's servo bus on a pseudo-terminal exactly as to a real arm."""
-    sim_robot = None
-    if args.sim:
-        import sim
+def run_client(args: argparse.Namespace, rig: SimulatedRig | None = None) -> int:
+    """The robot client from parsed flags: the arm connected with torque off, the policy loaded and
+    checked against it, the cameras opened, torque on, then drive() until --duration, Ctrl-C or
+    SIGTERM, a failure, or (with a rig) its task done. Returns the exit status: USER_ERROR for a
+    mistake in the set-up, 1 after a failure during the run, 128 + the signal if interrupted before.
 
-        sim_robot = sim.SimRobot(realtime=True)
-        sim_robot.scene.reset(args.sim_seed)
-        sim_robot.start(connect=False)
-        stack.callback(sim_robot.close)
-        port, calibration = sim_robot.bus.port, sim_robot.bus.calibration
-    else:
-        port, calibration = args.port, args.calibration
-    so100.check_arm(port)  # a wrong port or an unpowered arm is reported before a missing calibration
-    robot = so100.SO100(port, calibration=calibration, legacy=args.legacy,
-                        max_relative_target=args.max_relative_target, robot_id=args.robot_id)
-    stack.callback(robot.disconnect)  # torque off and the port closed, whatever happens
-    robot.connect(torque=False)
-    print(f"arm on {port}: six servos answer, calibration {robot.calibration_source}", file=sys.stderr)
-    return robot, sim_robot
+    With a rig the arm is simulated: no --port, its cameras and clock, the demo policy when neither
+    --policy nor --server is given (with the scene's task unless --task), and its outcome printed
+    after the run. The rig is closed on every way out."""
+    try:
+        with sigterm_as_ctrl_c():
+            return _client(args, rig)
+    except KeyboardInterrupt as err:  # while loading: the arm, if connected, never had torque on
+        word, status = interruption(err)
+        print(f"{word} before the run started; the arm did not move", file=sys.stderr)
+        return status
 
 
-def client_main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+def _client(args: argparse.Namespace, rig: SimulatedRig | None) -> int:
     with ExitStack() as stack:
+        if rig is not None:
+            stack.callback(rig.close)  # after the driver's disconnect (the stack unwinds in reverse)
         try:
-            check_client_args(args)
-            robot, sim_robot = open_arm(args, stack)
-            policy_fn, spec = open_policy(args, stack)
+            check_client_args(args, simulated=rig is not None)
+            robot = open_arm(args, stack, rig)
+            policy_fn, spec, source = open_policy(args, stack)
             unchecked = check_policy_fits_arm(spec, robot.legacy)
             if unchecked:
                 print(f"warning: the policy records no {' or '.join(unchecked)}, so they could not be checked "
                       "against the arm: make sure it was trained on SO-100 data in degrees (`main_*` datasets "
                       "such as lerobot/svla_so100_pickplace need --legacy)", file=sys.stderr)
-            args.fps = args.fps or DEFAULT_FPS
-            config = ClientConfig(args.fps, args.threshold, args.aggregate, args.ease_in, args.similarity,
-                                  args.sync, args.n_action_steps)
-            until = None
-            if sim_robot is None:
-                client = RobotClient(robot, open_cameras(args, spec, stack), policy_fn, spec, args.task, config)
+            task = args.task if args.task is not None else rig.default_task  # only a rig's demo has none
+            config = ClientConfig(control_rate(source, args.fps), args.threshold, args.aggregate, args.ease_in,
+                                  args.similarity, args.sync, args.n_action_steps)
+            if rig is None:
+                client = RobotClient(robot, open_cameras(args, spec, stack), policy_fn, spec, task, config)
             else:  # the physics advances in the control loop's sleep, paced to the wall clock
-                client = RobotClient(robot, sim_robot.cameras_for(spec), policy_fn, spec, args.task, config,
-                                     clock=sim_robot.clock.now, sleep=sim_robot.clock.sleep)
-                until = sim_robot.task_done
+                client = RobotClient(robot, rig.cameras_for(spec), policy_fn, spec, task, config,
+                                     clock=rig.now, sleep=rig.sleep)
             robot.torque_on()  # holds the present pose; the first moves ramp from it
-        except (UserError, so100.FeetechError) as err:
+        except UserError as err:  # feetech.FeetechError too: a wrong port, a silent servo, a calibration
             print(f"error: {err}", file=sys.stderr)
-            return 2
-        print(f"running {client.metrics.mode} at {args.fps:g} fps, g = {client.threshold:g}; Ctrl-C stops",
+            return USER_ERROR
+        print(f"running {client.metrics.mode} at {config.fps:g} fps, g = {client.threshold:g}; Ctrl-C stops",
               file=sys.stderr)
-        status = drive(client, args.duration, live=not args.quiet, until=until)
-        if sim_robot is not None:
-            done = sim_robot.completed_at
-            print(f"simulation: the cube is {'in the box after %.1f s' % done if done is not None else 'not in the box'}",
-                  file=sys.stderr)
+        status = drive(client, args.duration, live=not args.quiet, until=rig.task_done if rig is not None else None)
+        if rig is not None:
+            print(rig.outcome(), file=sys.stderr)
     report(client.metrics, args)
     return status
 
 
+def interruption(err: KeyboardInterrupt) -> tuple[str, int]:
+    """What stopped a command before its run, in words, and the exit status a shell expects."""
+    if isinstance(err, Terminated):
+        return "terminated (SIGTERM)", 128 + signal.SIGTERM
+    return "interrupted", 128 + signal.SIGINT
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if {"--sim", "--sim-seed"} & set(argv):  # else argparse would take --sim for an abbreviated --similarity
+        print("error: the simulated arm moved to `python sim.py live` (the same flags; --sim-seed is "
+              "--scene-seed there)", file=sys.stderr)
+        return USER_ERROR
+    if argv[:1] != ["serve"]:
+        return run_client(build_parser().parse_args(argv))
     try:
-        with sigterm_as_ctrl_c():
-            if argv[:1] == ["serve"]:
-                import remote
-
-                return remote.serve_main(argv[1:])
-            return client_main(argv)
-    except KeyboardInterrupt as err:  # while loading: the arm, if connected, never had torque on
-        word = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
-        print(f"{word} while loading the policy" if argv[:1] == ["serve"]
-              else f"{word} before the run started; the arm did not move", file=sys.stderr)
-        return 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
+        with sigterm_as_ctrl_c():  # serving, remote.serve_main stops on either with "stopped" and 0
+            return remote.serve_main(argv[1:])
+    except KeyboardInterrupt as err:
+        word, status = interruption(err)
+        print(f"{word} while loading the policy", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":
-    # Run as the module `infer_async`, the one remote.py and sim.py import, so that their errors are
-    # this module's InferError (a script's __main__ would be a second copy, with a second class).
-    import infer_async
-
-    sys.exit(infer_async.main())
+    sys.exit(main())

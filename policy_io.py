@@ -18,8 +18,8 @@ import numpy as np
 
 from cli import UserError
 
-# flow.STATE, flow.ACTION and flow.IMAGE_PREFIX (LeRobot's feature names), spelled out: importing flow
-# would import torch (tests check that they agree).
+# LeRobot's feature names, as flow.STATE, flow.ACTION and flow.IMAGE_PREFIX spell them and a checkpoint's
+# config.json names its features: spelled out, as importing flow would import torch.
 STATE = "observation.state"
 ACTION = "action"
 IMAGE_PREFIX = "observation.images."
@@ -82,6 +82,14 @@ def recorded_fps(policy_dir: str | Path) -> float | None:
         return None
 
 
+def control_rate(policy_dir: str | Path | None, given: float | None = None, default: float = DEFAULT_FPS) -> float:
+    """The control ticks per second to run a policy at: `given` (--fps) when set, else the frame rate
+    recorded beside the policy, else `default`. A remote policy (None) has no files the robot sees."""
+    if given:
+        return float(given)
+    return (recorded_fps(policy_dir) if policy_dir is not None else None) or default
+
+
 def warm_up(policy_fn: Callable[[Observation], np.ndarray], spec: PolicySpec) -> None:
     """One inference on a blank observation: the first call is several times slower (memory
     allocation, kernel selection), and would otherwise stall the start of the run."""
@@ -101,7 +109,7 @@ def policy_spec(policy) -> PolicySpec:
     """Camera keys as the robot names them: a policy whose preprocessor renames data cameras onto
     its slots (e.g. top -> camera1) expects the data names."""
     data_name = {slot: name for name, slot in getattr(policy, "rename_map", {}).items()}
-    features, action = policy.config.input_features, policy.config.output_features["action"]
+    features, action = policy.config.input_features, policy.config.output_features[ACTION]
     cameras = {data_name.get(k, k): tuple(int(s) for s in features[k]["shape"][1:]) for k in policy.camera_keys}
     stats = policy.normalizer.stats
 
@@ -110,7 +118,7 @@ def policy_spec(policy) -> PolicySpec:
 
     return PolicySpec(cameras, int(features[STATE]["shape"][0]), int(action["shape"][0]),
                       int(policy.config.chunk_size), int(policy.config.n_action_steps),
-                      feature_names(features[STATE]), feature_names(action), mean(STATE), mean("action"))
+                      feature_names(features[STATE]), feature_names(action), mean(STATE), mean(ACTION))
 
 
 def make_policy_fn(policy) -> Callable[[Observation], np.ndarray]:

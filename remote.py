@@ -41,9 +41,8 @@ import numpy as np
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
-from cli import HelpFormatter, Parser, integer, number
-from cli import UserError
-from policy_io import STATE, Observation, PolicySpec, prepare_policy
+from cli import USER_ERROR, HelpFormatter, Parser, UserError, integer, number
+from policy_io import ACTION, STATE, Observation, PolicySpec, prepare_policy
 
 MAGIC = b"SVLA"
 PROTOCOL_VERSION = 1
@@ -202,7 +201,7 @@ class PolicyConnection(socketserver.BaseRequestHandler):
                 except Exception as err:
                     send_frame(sock, {"type": "error", "message": f"the policy failed: {type(err).__name__}: {err}"})
                     raise
-                send_frame(sock, {"type": "chunk", "timestep": observation.timestep}, {"action": chunk})
+                send_frame(sock, {"type": "chunk", "timestep": observation.timestep}, {ACTION: chunk})
         except WireError as err:
             server.log(f"{peer}: {err}; closing")
             try:
@@ -267,9 +266,9 @@ class RemotePolicy:
     def __call__(self, observation: Observation) -> np.ndarray:
         header, tensors = self._exchange({"type": "infer", "timestep": observation.timestep,
                                           "task": observation.task}, observation_tensors(observation))
-        if header["type"] != "chunk" or header.get("timestep") != observation.timestep or "action" not in tensors:
+        if header["type"] != "chunk" or header.get("timestep") != observation.timestep or ACTION not in tensors:
             raise WireError(f"unexpected reply from the policy server: {header}")
-        return tensors["action"]
+        return tensors[ACTION]
 
     def close(self) -> None:
         if self.sock is not None:
@@ -309,14 +308,14 @@ def serve_main(argv: list[str]) -> int:
         _, policy_fn, spec = prepare_policy(args.policy, args.vlm, args.device, args.fast)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return USER_ERROR
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     try:
         server = PolicyTCPServer((args.host, args.listen), policy_fn, spec, args.token,
                                  int(args.max_message_mb * 2**20), log=log)
     except OSError as err:  # the port is taken, the address is not this machine's
         print(f"error: cannot listen on {args.host}:{args.listen} (--host, --listen): {err}", file=sys.stderr)
-        return 2
+        return USER_ERROR
     host, port = server.server_address[:2]
     log(f"serving {args.policy} on {host}:{port} (chunk {spec.chunk_size}, cameras {sorted(spec.cameras)}"
         f"{', token required' if args.token else ''}); Ctrl-C or SIGTERM stops")

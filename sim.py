@@ -1,71 +1,48 @@
-"""An SO-100 arm in MuJoCo: pick up a cube and place it in a box, closed loop, on a laptop CPU.
+"""Simulated worlds behind a real arm's control loop: scripted demonstrations and closed-loop evaluation.
 
-The arm is built from the SO-100's kinematics (link offsets and joint axes of the real arm), with
-position servos that have the STS3215's torque and speed limits, a 3 cm cube at a random place and
-yaw, and a shallow box to put it in. A fixed overview camera and a wrist camera render headless.
+An `Environment` is a world a policy acts in exactly as on a robot: a `robot` read and written
+through its driver, cameras, and a `SimClock` that gives infer_async.RobotClient its clock and sleep
+so that the physics advances in the control loop's sleep and a policy's latency passes in simulated
+time. On that one interface sit the recording of LeRobot datasets from a world's scripted expert and
+the closed-loop evaluation (success rate with its interval, completion time, idle ticks, video).
 
-The simulated arm is reached the way the real one is: `so100.SO100` talks Feetech packets over a
-pseudo-terminal to a simulated servo bus whose encoders read the physics (`sim_bus.SimulatedBus`), so a
+The SO-100 environment (`--env so100`, the default) is the MuJoCo scene of sim_so100.py (an arm, a
+cube, a box, a scripted expert) reached the way the real arm is: `so100.SO100` talks Feetech packets
+over a pseudo-terminal to a simulated servo bus whose encoders read the physics (sim_bus.py), so a
 policy driven through `infer_async.RobotClient` runs the exact code path of a real arm.
 
     python sim.py record --episodes 50 --out outputs/sim_dataset --seed 0   # scripted demonstrations
     python sim.py eval --policy outputs/demo/checkpoints/last/pretrained_model --episodes 50 --seed 10000
     python sim.py eval --expert --episodes 5 --video expert.mp4             # the scripted expert
+    python sim.py live --task "Pick up the cube and place it in the box."   # infer_async's client, real time
 
 Read top to bottom:
-  1. the scene (MJCF) and its physics: servos, success judged from the physics state alone
+  1. the environment interface
   2. simulated time: physics advances in sleep(); a policy's latency passes in simulated time
-  3. cameras, and the arm + cameras as infer_async uses them
-  4. the scripted expert (inverse kinematics through waypoints)
-  5. recording a LeRobot dataset, closed-loop evaluation, video
-  6. the command line (the servo bus on a pseudo-terminal is sim_bus.py)
+  3. the SO-100 environment: scene + servo bus + driver + cameras; its expert; in real time (live)
+  4. recording a LeRobot dataset, closed-loop evaluation, video
+  5. the command line
 
-Units are the real arm's: joints in degrees (LeRobot's convention: 0 at the middle of the
-calibrated range), the gripper in percent of its range, so a recorded dataset looks like a real
+The SO-100's units are the real arm's: joints in degrees (LeRobot's convention: 0 at the middle of
+the calibrated range), the gripper in percent of its range, so a recorded dataset looks like a real
 SO-100 dataset to data.py and train.py.
 """
 
 from __future__ import annotations
 
-import os
-
-# Headless rendering: Mesa's software EGL needs no display. Set before mujoco is imported.
-os.environ.setdefault("MUJOCO_GL", "egl")
-
 import argparse
-import copy
+import itertools
 import json
 import math
+import os
 import sys
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
-
-
-
-def gl_problem(err: BaseException) -> str:
-    """One line saying what to install when MuJoCo cannot render headless."""
-    backend = os.environ.get("MUJOCO_GL", "")
-    hint = {"egl": "libEGL (Debian/Ubuntu: apt install libegl1 libgl1-mesa-dri)",
-            "osmesa": "OSMesa (Debian/Ubuntu: apt install libosmesa6)"}.get(
-        backend, "libEGL and set MUJOCO_GL=egl (or OSMesa and MUJOCO_GL=osmesa)")
-    return (f"MuJoCo cannot render with MUJOCO_GL={backend or '(unset)'} "
-            f"({type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}); install {hint}")
-
-
-try:
-    import mujoco
-except ImportError as err:
-    if "mujoco" in str(err):
-        raise SystemExit(f"sim.py needs MuJoCo: pip install mujoco ({err})") from err
-    raise SystemExit(f"sim.py: {gl_problem(err)}") from err
-except Exception as err:  # MuJoCo loads its GL back end on import: a missing or wrong one fails here
-    raise SystemExit(f"sim.py: {gl_problem(err)}") from err
 
 import cli
 import infer_async
@@ -73,351 +50,95 @@ import policy_io
 import sim_bus
 import so100
 
-TASK = "Pick up the cube and place it in the box."
-CUBE_COLOURS = {"red": "0.85 0.1 0.1 1", "green": "0.1 0.65 0.15 1"}  # the language scene's two cubes
+try:  # the SO-100 scene; TASK, task_for and CUBE_COLOURS are also its words for sim's users (tokenizers)
+    from sim_so100 import CAMERAS, CUBE_COLOURS, IMAGE_SIZE, JOINTS, SETTLE_S, TASK, Scene, ScriptedExpert, task_for
+except cli.UserError as err:  # MuJoCo is missing, or its GL back end (loaded on import) cannot start
+    if __name__ != "__main__":
+        raise
+    print(f"sim.py: {err}", file=sys.stderr)
+    sys.exit(cli.USER_ERROR)
 
-
-def task_for(colour: str) -> str:
-    """The instruction of a two-cube scene: which cube to move is said only in words."""
-    return f"Pick up the {colour} cube and place it in the box."
-FPS = 30  # the control rate of real SO-100 datasets
-CAMERAS = ("top", "wrist")
-IMAGE_SIZE = (96, 96)  # (height, width) of each camera: small, so rendering costs ~10 ms a frame
-JOINTS = so100.JOINT_NAMES  # shoulder_pan, shoulder_lift, elbow_flex, wrist_flex, wrist_roll, gripper
+FPS = int(policy_io.DEFAULT_FPS)  # the control rate of real SO-100 datasets (an int, as info.json records it)
 FEATURE_NAMES = [f"{name}.pos" for name in JOINTS]  # as current LeRobot SO-100 datasets name them
 ROBOT_TYPE = "so100_follower"
+INSTRUCTIONS = ("named", "other", "empty")  # what a two-cube episode's policy is told (see instruct)
 
-# ---------------------------------------------------------------------------------------------
-# 1. The scene
-# ---------------------------------------------------------------------------------------------
-# The kinematic chain is the SO-100's (MuJoCo Menagerie's trs_so_arm100 model, measured from the
-# real arm): each body's offset from its parent in metres, its orientation, and the joint axis in
-# its own frame. Links are capsules and boxes; only the jaw pads, the cube, the box and the table
-# collide (the links pass through each other, which real calibration ranges prevent).
-
-JOINT_RANGES = {  # radians; wrist_roll stops short of +-pi so its encoder never wraps
-    "shoulder_pan": (-2.2, 2.2), "shoulder_lift": (-3.14158, 0.2), "elbow_flex": (0.0, 3.14158),
-    "wrist_flex": (-2.0, 1.8), "wrist_roll": (-2.9, 2.9), "gripper": (-0.2, 2.0)}
-HOME = np.array([0.0, -2.8, 1.9, 1.7, 0.0, 0.35])  # radians: tucked up by the base, out of the top view
-
-# STS3215 at 7.4 V: stall torque 19.5 kg.cm (1.9 N.m), no-load speed 0.22 s per 60 degrees.
-SERVO_TORQUE = 1.9  # N.m
-SERVO_SPEED = math.radians(60) / 0.22  # rad/s
-GRIPPER_TORQUE = 0.6  # N.m: the driver caps the gripper's torque on connect, so it squeezes, not crushes
-SERVO_KP = 40.0  # N.m/rad: gravity sags the arm by ~0.3 degrees at the shoulder (arm held out)
-
-CUBE_HALF = 0.015  # a 3 cm cube
-CUBE_AREA = ((-0.11, 0.05), (-0.27, -0.17))  # x, y ranges of the cube's centre (m); forward is -y
-CUBE_YAW = (-math.pi / 4, math.pi / 4)  # a cube looks the same every quarter turn
-CUBE_GAP = 0.075  # m between two cubes' centres: the open jaws (7.5 cm) fit around one without the other
-BOX_CENTRE = (0.14, -0.21)
-BOX_INNER_HALF = 0.045  # inner half-width of the box (m)
-BOX_WALL = (0.004, 0.012)  # wall half-thickness and half-height
-
-TOP_CAMERA, TOP_CAMERA_TARGET = (0.03, -0.46, 0.42), (0.03, -0.21, 0.0)
-
-PHYSICS_DT = 0.002
-REST_SPEED = 0.02  # m/s: the cube counts as at rest below this
-SETTLE_S = 0.3  # the success condition must hold this long
-
-
-def look_at(position: Sequence[float], target: Sequence[float]) -> str:
-    """MJCF xyaxes of a camera at `position` looking at `target` with the image's up toward +z."""
-    forward = np.asarray(target, float) - np.asarray(position, float)
-    forward /= np.linalg.norm(forward)
-    right = np.cross(forward, [0.0, 0.0, 1.0])
-    right /= np.linalg.norm(right)
-    up = np.cross(right, forward)
-    return " ".join(f"{v:.4f}" for v in (*right, *up))
-
-
-def box_walls_xml() -> str:
-    h, (t, z) = BOX_INNER_HALF, BOX_WALL
-    walls = [(h + t, 0, t, h + 2 * t), (-h - t, 0, t, h + 2 * t), (0, h + t, h, t), (0, -h - t, h, t)]
-    return "\n".join(f'<geom class="box" pos="{x} {y} {z + 0.002}" size="{sx} {sy} {z}"/>'
-                     for x, y, sx, sy in walls)
-
-
-def cube_xml(name: str, colour: str, x: float) -> str:
-    return f"""
-    <body name="{name}" pos="{x} -0.22 {CUBE_HALF}">
-      <freejoint name="{name}"/>
-      <geom name="{name}" type="box" size="{CUBE_HALF} {CUBE_HALF} {CUBE_HALF}" mass="0.03" rgba="{colour}"
-            friction="1 0.005 0.0001" condim="4" contype="1" conaffinity="1"/>
-    </body>"""
-
-
-def cube_names(cubes: int) -> list[str]:
-    """Body names: `cube` (red) alone; with two, `cube` (red) and `cube_green`."""
-    return ["cube"] + [f"cube_{colour}" for colour in list(CUBE_COLOURS)[1:cubes]]
-
-
-def scene_xml(image_size: tuple[int, int] = IMAGE_SIZE, cubes: int = 1) -> str:
-    r = JOINT_RANGES
-    height, width = image_size
-    top_camera = look_at(TOP_CAMERA, TOP_CAMERA_TARGET)
-    return f"""
-<mujoco model="so100_pick_place">
-  <compiler angle="radian" autolimits="true"/>
-  <option timestep="{PHYSICS_DT}" cone="elliptic" impratio="10" integrator="implicitfast"/>
-  <visual>
-    <quality shadowsize="0" offsamples="0"/>
-    <global offwidth="{max(width, 640)}" offheight="{max(height, 480)}"/>
-  </visual>
-  <default>
-    <default class="link">
-      <joint armature="0.02" damping="0.1" frictionloss="0.01"/>
-      <geom type="capsule" size="0.018" contype="0" conaffinity="0" rgba="0.95 0.95 0.9 1" density="300"/>
-      <position kp="{SERVO_KP}" dampratio="1" forcerange="-{SERVO_TORQUE} {SERVO_TORQUE}"/>
-    </default>
-    <default class="pad">
-      <geom type="box" contype="1" conaffinity="1" friction="1 0.005 0.0001" solimp="0.95 0.99 0.001"
-            solref="0.004 1" condim="4" rgba="0.2 0.2 0.2 1" mass="0.005"/>
-    </default>
-    <default class="box">
-      <geom type="box" rgba="0.25 0.45 0.85 1" contype="1" conaffinity="1"/>
-    </default>
-  </default>
-  <asset>
-    <texture name="grid" type="2d" builtin="checker" rgb1="0.55 0.45 0.35" rgb2="0.5 0.4 0.3" width="64" height="64"/>
-    <material name="table" texture="grid" texrepeat="8 8"/>
-  </asset>
-  <worldbody>
-    <light pos="0.2 -0.4 1.0" dir="-0.2 0.3 -1" diffuse="0.8 0.8 0.8"/>
-    <light pos="-0.4 0.2 1.2" dir="0.3 -0.1 -1" diffuse="0.4 0.4 0.4"/>
-    <geom name="table" type="plane" size="0.6 0.6 0.01" material="table" contype="1" conaffinity="1"/>
-    <camera name="top" pos="{TOP_CAMERA[0]} {TOP_CAMERA[1]} {TOP_CAMERA[2]}" xyaxes="{top_camera}" fovy="45"/>
-    <body name="base" childclass="link">
-      <geom type="box" size="0.045 0.05 0.0165" pos="0 -0.03 0.0165" rgba="0.2 0.2 0.2 1"/>
-      <body name="shoulder" pos="0 -0.0452 0.0165" quat="0.707105 0.707108 0 0">
-        <joint name="shoulder_pan" axis="0 1 0" range="{r['shoulder_pan'][0]} {r['shoulder_pan'][1]}"/>
-        <geom fromto="0 0 0 0 0.1025 0.0306"/>
-        <body name="upper_arm" pos="0 0.1025 0.0306" euler="1.57079 0 0">
-          <joint name="shoulder_lift" axis="1 0 0" range="{r['shoulder_lift'][0]} {r['shoulder_lift'][1]}"/>
-          <geom fromto="0 0 0 0 0.11257 0.028" size="0.016"/>
-          <body name="lower_arm" pos="0 0.11257 0.028" euler="-1.57079 0 0">
-            <joint name="elbow_flex" axis="1 0 0" range="{r['elbow_flex'][0]} {r['elbow_flex'][1]}"/>
-            <geom fromto="0 0 0 0 0.0052 0.1349" size="0.014"/>
-            <body name="wrist" pos="0 0.0052 0.1349" euler="-1.57079 0 0">
-              <joint name="wrist_flex" axis="1 0 0" range="{r['wrist_flex'][0]} {r['wrist_flex'][1]}"/>
-              <geom fromto="0 0 0 0 -0.045 0" size="0.014"/>
-              <body name="gripper" pos="0 -0.0601 0">
-                <joint name="wrist_roll" axis="0 1 0" range="{r['wrist_roll'][0]} {r['wrist_roll'][1]}"/>
-                <geom type="box" size="0.022 0.022 0.016" pos="-0.004 -0.012 0" rgba="0.95 0.6 0.1 1"/>
-                <geom type="box" size="0.004 0.03 0.015" pos="0.012 -0.058 0" rgba="0.95 0.6 0.1 1"/>
-                <geom name="fixed_pad" class="pad" size="0.002 0.018 0.015" pos="0.007 -0.082 0"/>
-                <site name="grasp" pos="-0.024 -0.082 0" size="0.003" rgba="0 1 0 0"/>
-                <camera name="wrist" pos="-0.009 -0.04 0.032" xyaxes="-1 0 0 0 -0.58 0.81" fovy="80"/>
-                <body name="moving_jaw" pos="-0.0202 -0.0244 0" quat="0 0 1 0">
-                  <joint name="gripper" axis="0 0 1" range="{r['gripper'][0]} {r['gripper'][1]}"/>
-                  <geom type="box" size="0.004 0.04 0.014" pos="0.004 -0.038 0" rgba="0.95 0.6 0.1 1"/>
-                  <geom name="moving_pad" class="pad" size="0.002 0.018 0.015" pos="-0.002 -0.058 0"/>
-                </body>
-              </body>
-            </body>
-          </body>
-        </body>
-      </body>
-    </body>
-    {"".join(cube_xml(name, colour, 0.1 * i) for i, (name, colour) in enumerate(zip(cube_names(cubes), CUBE_COLOURS.values())))}
-    <body name="target" pos="{BOX_CENTRE[0]} {BOX_CENTRE[1]} 0">
-      <geom class="box" pos="0 0 0.001" size="{BOX_INNER_HALF + 2 * BOX_WALL[0]} {BOX_INNER_HALF + 2 * BOX_WALL[0]} 0.001"/>
-      {box_walls_xml()}
-    </body>
-  </worldbody>
-  <actuator>
-    {"".join(f'<position class="link" name="{j}" joint="{j}" ctrlrange="{r[j][0]} {r[j][1]}"/>' for j in JOINTS[:-1])}
-    <position class="link" name="gripper" joint="gripper" ctrlrange="{r['gripper'][0]} {r['gripper'][1]}"
-              kp="{SERVO_KP / 4}" forcerange="-{GRIPPER_TORQUE} {GRIPPER_TORQUE}"/>
-  </actuator>
-</mujoco>"""
-
-
-class Scene:
-    """The physics: MuJoCo's `model` and `data`, servos that move toward their goals no faster than
-    the STS3215 turns, and the success condition read from the physics state alone."""
-
-    def __init__(self, image_size: tuple[int, int] = IMAGE_SIZE, cubes: int = 1):
-        if cubes not in (1, 2):
-            raise SimError(f"the scene has 1 or 2 cubes, not {cubes}")
-        self.model = mujoco.MjModel.from_xml_string(scene_xml(image_size, cubes))
-        self.data = mujoco.MjData(self.model)
-        self.image_size = image_size
-        self.joint_ranges = JOINT_RANGES  # the servo bus calibrates its encoders from these
-        self.joint_qpos = np.array([self.model.joint(j).qposadr[0] for j in JOINTS])
-        self.cubes = cube_names(cubes)
-        self.colours = list(CUBE_COLOURS)[:cubes]
-        self.target = 0  # the cube the task names; the expert, success and the conveyor act on it
-        # Each cube's addresses in qpos/qvel and its geom id, looked up once (the conveyor reads them
-        # every physics step).
-        self._qpos_of = [int(self.model.joint(name).qposadr[0]) for name in self.cubes]
-        self._dof_of = [int(self.model.joint(name).dofadr[0]) for name in self.cubes]
-        self._geom_of = [int(self.model.geom(name).id) for name in self.cubes]
-        self.goal = HOME.copy()  # where each servo is told to go (radians)
-        self.cube_velocity = np.zeros(2)  # m/s: a cube that slides (a conveyor) until the jaws touch it
-        self._pads = {self.model.geom("fixed_pad").id, self.model.geom("moving_pad").id}
-        self.torque = np.zeros(len(JOINTS), bool)
-        self.lock = threading.RLock()  # the servo bus thread and the control loop share the physics
-        self._kp = self.model.actuator_gainprm[:, 0].copy()
-        self._bias = self.model.actuator_biasprm[:, 1:3].copy()
-        self._renderer: mujoco.Renderer | None = None
-        self.reset(0)
-
-    # -- the named cube -----------------------------------------------------------------------------
-
-    @property
-    def cube_qpos(self) -> int:
-        return self._qpos_of[self.target]
-
-    @property
-    def cube_dof(self) -> int:
-        return self._dof_of[self.target]
-
-    @property
-    def _cube_geom(self) -> int:
-        return self._geom_of[self.target]
-
-    def task(self) -> str:
-        """The instruction for this scene: with two cubes it names the target's colour."""
-        return TASK if len(self.cubes) == 1 else task_for(self.colours[self.target])
-
-    # -- state ------------------------------------------------------------------------------------
-
-    def reset(self, seed: int) -> None:
-        """The arm at rest near HOME, the cube at a random place and yaw (from `seed`)."""
-        rng = np.random.default_rng(seed)
-        with self.lock:
-            mujoco.mj_resetData(self.model, self.data)
-            q = HOME + rng.normal(0.0, 0.02, len(JOINTS))
-            self.data.qpos[self.joint_qpos] = q
-            self.data.ctrl[:] = q
-            self.goal = q.copy()
-            for servo in range(len(JOINTS)):
-                self.set_torque(servo, True)
-            self.target = 0
-            x, y = (rng.uniform(*r) for r in CUBE_AREA)
-            yaw = rng.uniform(*CUBE_YAW)
-            self._place(0, x, y, yaw)
-            if len(self.cubes) == 2:  # drawn after the first cube, so one-cube scenes keep their seeds
-                while True:
-                    x2, y2 = (rng.uniform(*r) for r in CUBE_AREA)
-                    if math.hypot(x2 - x, y2 - y) >= CUBE_GAP:
-                        break
-                self._place(1, x2, y2, rng.uniform(*CUBE_YAW))
-                self.target = int(rng.integers(2))
-            self.cube_velocity = np.zeros(2)
-            mujoco.mj_forward(self.model, self.data)
-            self.step(0.2)  # let the cube settle on the table and the servos take hold
-
-    def _place(self, cube: int, x: float, y: float, yaw: float) -> None:
-        adr = self._qpos_of[cube]
-        self.data.qpos[adr:adr + 7] = [x, y, CUBE_HALF, math.cos(yaw / 2), 0, 0, math.sin(yaw / 2)]
-
-    @property
-    def time(self) -> float:
-        return float(self.data.time)
-
-    def joint_angles(self) -> np.ndarray:
-        return self.data.qpos[self.joint_qpos].copy()
-
-    def cube_position(self) -> np.ndarray:
-        return self.data.qpos[self.cube_qpos:self.cube_qpos + 3].copy()
-
-    def cube_yaw(self) -> float:
-        w, x, y, z = self.data.qpos[self.cube_qpos + 3:self.cube_qpos + 7]
-        return math.atan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
-
-    def cube_speed(self) -> float:
-        return float(np.linalg.norm(self.data.qvel[self.cube_dof:self.cube_dof + 3]))
-
-    def set_cube(self, position: Sequence[float], yaw: float = 0.0) -> None:
-        """Put the cube somewhere by hand (tests, the judge's own checks)."""
-        with self.lock:
-            self.data.qpos[self.cube_qpos:self.cube_qpos + 7] = [*position, math.cos(yaw / 2), 0, 0, math.sin(yaw / 2)]
-            self.data.qvel[self.cube_dof:self.cube_dof + 6] = 0
-            mujoco.mj_forward(self.model, self.data)
-
-    def cube_in_box(self, cube: int | None = None) -> bool:
-        """The cube's centre (the named one's unless `cube` is given) inside the box's inner walls and
-        low enough to be in it, not above it."""
-        adr = self._qpos_of[self.target if cube is None else cube]
-        x, y, z = self.data.qpos[adr:adr + 3]
-        margin = BOX_INNER_HALF - CUBE_HALF * 0.5
-        return (abs(x - BOX_CENTRE[0]) < margin and abs(y - BOX_CENTRE[1]) < margin
-                and z < CUBE_HALF + 2 * BOX_WALL[1])
-
-    def success(self) -> bool:
-        """In the box and at rest: read from the physics state, nothing else."""
-        return self.cube_in_box() and self.cube_speed() < REST_SPEED
-
-    # -- stepping ---------------------------------------------------------------------------------
-
-    def step(self, seconds: float) -> None:
-        """Advance the physics. Each servo's set point moves toward its goal at the servo's top
-        speed (the STS3215 runs a speed-limited profile, not a jump); a servo with torque off is limp."""
-        with self.lock:
-            steps = int(round(seconds / PHYSICS_DT))
-            max_move = SERVO_SPEED * PHYSICS_DT
-            for _ in range(steps):
-                ctrl = self.data.ctrl
-                ctrl[:] = np.where(self.torque, ctrl + np.clip(self.goal - ctrl, -max_move, max_move),
-                                   self.data.qpos[self.joint_qpos])
-                if self.cube_velocity.any():
-                    self._slide_cube()
-                mujoco.mj_step(self.model, self.data)
-
-    def _slide_cube(self) -> None:
-        """Carry the cube along the table at cube_velocity, turning back at the edges of the area it
-        was placed in, until a jaw pad touches it (then it is the gripper's)."""
-        contact = self.data.contact[:self.data.ncon]
-        touching = ((contact.geom1 == self._cube_geom) & np.isin(contact.geom2, list(self._pads))) | (
-            (contact.geom2 == self._cube_geom) & np.isin(contact.geom1, list(self._pads)))
-        if touching.any() or self.cube_position()[2] > CUBE_HALF + 0.003:
-            self.cube_velocity = np.zeros(2)
-            return
-        position = self.cube_position()
-        for axis in range(2):
-            low, high = CUBE_AREA[axis]
-            if (position[axis] < low and self.cube_velocity[axis] < 0) or (
-                    position[axis] > high and self.cube_velocity[axis] > 0):
-                self.cube_velocity[axis] *= -1
-        # Moved kinematically (table friction would slow a pushed cube): a conveyor under it.
-        self.data.qpos[self.cube_qpos:self.cube_qpos + 2] += self.cube_velocity * PHYSICS_DT
-        self.data.qvel[self.cube_dof:self.cube_dof + 2] = 0.0
-        self.data.qvel[self.cube_dof + 3:self.cube_dof + 6] = 0.0
-
-    def set_torque(self, servo: int, on: bool) -> None:
-        """Torque off zeroes the servo's stiffness and damping: the joint is free (limp)."""
-        with self.lock:
-            self.torque[servo] = on
-            self.model.actuator_gainprm[servo, 0] = self._kp[servo] if on else 0.0
-            self.model.actuator_biasprm[servo, 1:3] = self._bias[servo] if on else 0.0
-
-    # -- rendering --------------------------------------------------------------------------------
-
-    def render(self, camera: str) -> np.ndarray:
-        """uint8 (H, W, 3) RGB from the named camera."""
-        with self.lock:
-            if self._renderer is None:
-                self._renderer = open_renderer(self.model, *self.image_size)
-            self._renderer.update_scene(self.data, camera)
-            return self._renderer.render().copy()
-
-    def close(self) -> None:
-        if self._renderer is not None:
-            self._renderer.close()
-            self._renderer = None
-
-
-def open_renderer(model, height: int, width: int) -> "mujoco.Renderer":
-    try:
-        return mujoco.Renderer(model, height, width)
-    except Exception as err:  # the GL library is missing or cannot start headless
-        raise SimError(gl_problem(err)) from err
+PolicyFn = Callable[[policy_io.Observation], np.ndarray]
 
 
 class SimError(cli.UserError):
-    """A problem the user can fix (the command lines print it and exit)."""
+    """A problem the user can fix (the command lines print it in one line and exit USER_ERROR)."""
+
+# ---------------------------------------------------------------------------------------------
+# 1. The environment interface
+# ---------------------------------------------------------------------------------------------
+# Recording and evaluation see a world only through this: a second world (Meta-World, issue 18)
+# is a new class with these members, not edits to the loops below.
+
+
+class Robot(Protocol):
+    def read(self) -> np.ndarray: ...  # the state, float32 (S,), in the units of the world's datasets
+
+    def write(self, action: np.ndarray) -> None: ...  # one action (A,), in the same units
+
+
+class Camera(Protocol):
+    def read(self) -> np.ndarray: ...  # uint8 (H, W, 3) RGB, rendered now
+
+
+class Demonstration(Protocol):
+    """A world's scripted expert for the episode just reset."""
+
+    def act(self, t: float) -> tuple[np.ndarray, np.ndarray] | None:
+        """At `t` seconds into the episode: (the action to record, the action to execute; they differ
+        when noise is injected), or None once the demonstration is over."""
+
+    def succeeded(self) -> bool:
+        """Judged at the end: only a successful demonstration goes into a dataset."""
+
+
+class Environment(Protocol):
+    """A simulated world as a policy meets it: what infer_async.RobotClient needs of a robot, plus
+    episodes, the world's own success signal, and its scripted expert."""
+
+    fps: float  # its control rate (a policy trained on its data runs at that data's rate)
+    time_limit_s: float  # an episode's length when no success ends it sooner
+    robot: Robot
+    clock: SimClock  # over the world (a world's own file need not import sim: open_environment can give it one)
+    cameras: dict[str, Camera]  # its cameras under the policy's keys, at the size datasets record
+    image_size: tuple[int, int]  # (height, width) of those cameras
+    client_defaults: dict  # infer_async.ClientConfig fields this world needs (e.g. ease_in=0 for deltas)
+    robot_type: str  # a recorded dataset's robot type and feature names (info.json)
+    state_names: list[str]
+    action_names: list[str]
+    settings: dict  # the world's own settings, reported in an evaluation's summary
+    completed_at: float | None  # after task_done(): simulated seconds from the reset to success
+
+    def reset(self, seed: int) -> str:
+        """A new episode from `seed` (the same seed, the same episode); returns its instruction."""
+
+    def task_done(self) -> bool:
+        """Called once a control tick: True once the world's own success signal says so."""
+
+    def episode_facts(self) -> dict[str, bool]:
+        """What else the end of an episode shows, counted over episodes in the summary."""
+
+    def cameras_for(self, spec: policy_io.PolicySpec) -> dict[str, Camera]:
+        """The cameras a policy asks for, at the sizes it asks for; a SimError names any it lacks."""
+
+    def frame(self) -> np.ndarray:
+        """uint8 (H, W, 3): what a video of the episode shows now."""
+
+    def expert(self, seed: int, fps: float, noise: float = 0.0) -> Demonstration:
+        """The scripted expert for the episode just reset from `seed`, acting `fps` times a second."""
+
+    def expert_policy(self, fps: float) -> tuple[PolicyFn, policy_io.PolicySpec]:
+        """The scripted expert as a policy (observation -> chunk): evaluation should score it ~1."""
+
+    def action_limits(self) -> tuple[np.ndarray, np.ndarray]:
+        """The lowest and highest action the robot takes (a random policy draws between them)."""
+
+    def close(self) -> None: ...
 
 # ---------------------------------------------------------------------------------------------
 # 2. Simulated time
@@ -429,13 +150,22 @@ class SimError(cli.UserError):
 # any extra given). So an evaluation runs as fast as the CPU allows, yet the arm moves exactly as
 # far during an inference as a real arm would in real time, and idle ticks, stale actions and
 # completion times mean what they would on a robot. realtime=True instead paces the physics to
-# the wall clock and lets the policy run freely beside it (infer_async.py --sim).
+# the wall clock and lets the policy run freely beside it (`python sim.py live`).
+
+
+class World(Protocol):
+    time: float  # simulated seconds
+
+    def step(self, seconds: float) -> None: ...  # advance the physics
 
 
 class SimClock:
-    def __init__(self, scene: "Scene", bus: "sim_bus.SimulatedBus | None" = None, realtime: bool = False):
-        self.scene, self.bus, self.realtime = scene, bus, realtime
-        self.policy_busy: Callable[[], bool] = lambda: False  # the policy server's `busy` and `stopping`
+    """The clock and sleep of a control loop driving `world`. `before_advance`, if given, runs
+    before time moves (the SO-100's servo bus acting on every goal already written to it)."""
+
+    def __init__(self, world: World, realtime: bool = False, before_advance: Callable[[], None] | None = None):
+        self.world, self.realtime, self.before_advance = world, realtime, before_advance
+        self.policy_busy: Callable[[], bool] = lambda: False  # the policy thread's `busy` and `stopping`
         self.policy_stopping: Callable[[], bool] = lambda: False
         self._cond = threading.Condition()
         self._computing = False
@@ -444,7 +174,7 @@ class SimClock:
         self._wall_start: float | None = None
 
     def now(self) -> float:
-        return self.scene.time
+        return self.world.time
 
     def sleep(self, seconds: float) -> None:
         target = self.now() + max(seconds, 0.0)
@@ -467,7 +197,7 @@ class SimClock:
     def _pending_due(self) -> float | None:
         """None when no chunk is on its way; else when it arrives. Waits while an observation is
         submitted but not started, being skipped as too similar, or computed: each of those ends
-        with a notification (the server's on_change, or timed()'s run)."""
+        with a notification (the policy thread's on_change, or timed()'s run)."""
         with self._cond:
             while self.policy_busy() and (self._computing or self._due is None):
                 self._cond.wait()
@@ -486,11 +216,11 @@ class SimClock:
             self._cond.notify_all()
 
     def _advance_to(self, when: float) -> None:
-        if self.bus is not None:
-            self.bus.settle()  # the goals already written reach the servos before time moves
-        self.scene.step(when - self.now())
+        if self.before_advance is not None:
+            self.before_advance()
+        self.world.step(when - self.now())
 
-    def timed(self, policy_fn: Callable, extra_latency: float = 0.0, measure: bool = True) -> Callable:
+    def timed(self, policy_fn: PolicyFn, extra_latency: float = 0.0, measure: bool = True) -> PolicyFn:
         """policy_fn wrapped so that its chunk arrives `latency` after the observation in simulated
         time: the wall time it took (if `measure`) plus `extra_latency`. In real time it runs as is."""
         if self.realtime:
@@ -509,24 +239,24 @@ class SimClock:
                     self._due, self._released = observation.captured_at + latency, False
                     self._cond.notify_all()
                     # Until sleep() has brought simulated time to _due, or the run has ended
-                    # (the server stopping, its chunk no longer wanted).
+                    # (the policy thread stopping, its chunk no longer wanted).
                     while not self._released and not self.policy_stopping():
                         self._cond.wait()
 
         return run
 
-    def attach(self, server) -> None:
-        """Follow this infer_async.PolicyServer (None: none). Forgets any chunk of a server before."""
-        if server is not None:
-            server.on_change = self._wake
+    def attach(self, policy_thread) -> None:
+        """Follow this infer_async.PolicyThread (None: none). Forgets any chunk of one before."""
+        if policy_thread is not None:
+            policy_thread.on_change = self._wake
         with self._cond:
-            self.policy_busy = (lambda: server.busy) if server is not None else (lambda: False)
-            self.policy_stopping = (lambda: server.stopping) if server is not None else (lambda: False)
+            self.policy_busy = (lambda: policy_thread.busy) if policy_thread is not None else (lambda: False)
+            self.policy_stopping = (lambda: policy_thread.stopping) if policy_thread is not None else (lambda: False)
             self._computing, self._due, self._released = False, None, True
             self._cond.notify_all()
 
 # ---------------------------------------------------------------------------------------------
-# 3. Cameras, and the simulated robot as infer_async uses it
+# 3. The SO-100 environment
 # ---------------------------------------------------------------------------------------------
 
 
@@ -549,31 +279,37 @@ class SimCamera:
         pass
 
 
-class SimRobot:
-    """The scene, its servo bus on a pseudo-terminal, the so100.SO100 driver connected to it, the
-    cameras and a clock: `robot`, `cameras` and `clock` plug into infer_async.RobotClient where a
-    real arm's do. `model` and `data` are MuJoCo's."""
+class SO100Env:
+    """The SO-100 scene, its servo bus on a pseudo-terminal, the so100.SO100 driver connected to it,
+    the cameras and a clock: `robot`, `cameras` and `clock` plug into infer_async.RobotClient where a
+    real arm's do. With two cubes, `instruction` says what each episode's policy is told (see
+    instruct); `cube_speed` (m/s) slides the cube in a random direction until the jaws touch it."""
 
-    def __init__(self, image_size: tuple[int, int] = IMAGE_SIZE, realtime: bool = False, cubes: int = 1):
+    fps = FPS
+    time_limit_s = 25.0  # three times the demo policy's mean completion
+    client_defaults: dict = {}  # ClientConfig's defaults are the SO-100's
+    robot_type, state_names, action_names = ROBOT_TYPE, FEATURE_NAMES, FEATURE_NAMES
+
+    def __init__(self, image_size: tuple[int, int] = IMAGE_SIZE, cubes: int = 1, realtime: bool = False,
+                 instruction: str = "named", cube_speed: float = 0.0):
+        check_instruction(instruction, cubes)  # before anything slow (the policy) is loaded
         self.scene = Scene(image_size, cubes)
+        self.image_size = image_size
         self.bus = sim_bus.SimulatedBus(scene=self.scene)
-        self.clock = SimClock(self.scene, self.bus, realtime)
+        self.clock = SimClock(self.scene, realtime, before_advance=self.bus.settle)
         self.robot: so100.SO100 | None = None
         self.cameras = {policy_io.IMAGE_PREFIX + name: SimCamera(self.scene, name) for name in CAMERAS}
+        self.instruction, self.cube_speed = instruction, cube_speed
         self._episode_start, self._success_since = 0.0, None
         self.completed_at: float | None = None
 
     @property
-    def model(self):
-        return self.scene.model
+    def settings(self) -> dict:
+        return {"cube_speed": self.cube_speed, "instruction": self.instruction}
 
-    @property
-    def data(self):
-        return self.scene.data
-
-    def start(self, connect: bool = True) -> "SimRobot":
-        """Serve the bus; with `connect`, also connect `robot` (torque on). infer_async.py --sim
-        connects its own driver to `bus.port`, as to a real arm."""
+    def start(self, connect: bool = True) -> "SO100Env":
+        """Serve the bus; with `connect`, also connect `robot` (torque on). `sim.py live` connects
+        infer_async's own driver to `bus.port` instead, as to a real arm."""
         self.bus.start()
         if connect:
             # A generous reply timeout: a busy CPU can delay the bus thread, and simulated time does not
@@ -583,13 +319,19 @@ class SimRobot:
         self._episode_start = self.clock.now()
         return self
 
-    def reset(self, seed: int) -> None:
-        """A new episode: the scene from `seed`, the driver holding the new pose (torque on again)."""
+    def reset(self, seed: int) -> str:
+        """A new episode: the scene from `seed`, the driver holding the new pose (torque on again);
+        returns the instruction the policy is given."""
         self.scene.reset(seed)
         self.bus.settle()
         self.robot.torque_on()
         self._episode_start = self.clock.now()
         self._success_since, self.completed_at = None, None
+        task = instruct(self.scene, self.instruction)
+        if self.cube_speed > 0:
+            heading = np.random.default_rng([seed, 1]).uniform(0, 2 * math.pi)
+            self.scene.cube_velocity = self.cube_speed * np.array([math.cos(heading), math.sin(heading)])
+        return task
 
     def task_done(self) -> bool:
         """Called once a control tick: True once the cube has been in the box and at rest for SETTLE_S.
@@ -605,237 +347,215 @@ class SimRobot:
             return True
         return False
 
+    def episode_facts(self) -> dict[str, bool]:
+        scene = self.scene
+        return {"other_cube_in_box": any(scene.cube_in_box(c) for c in range(len(scene.cubes))
+                                         if c != scene.target_cube)}
+
+    def cameras_for(self, spec: policy_io.PolicySpec) -> dict[str, SimCamera]:
+        """The cameras a policy asks for (policy_io.PolicySpec), at the sizes it asks for."""
+        missing = sorted(set(spec.cameras) - set(self.cameras))
+        if missing:
+            raise SimError(f"the policy expects camera(s) {missing}; the simulator has {sorted(self.cameras)}")
+        return {key: SimCamera(self.scene, key.rsplit(".", 1)[-1], size) for key, size in spec.cameras.items()}
+
+    def frame(self) -> np.ndarray:
+        return np.concatenate([self.scene.render(c) for c in CAMERAS], axis=1)
+
+    def units(self, angles: np.ndarray) -> np.ndarray:
+        """Joint angles (radians) in the robot's units (degrees, gripper percent), as the driver
+        would report them."""
+        return so100.ticks_to_units([sim_bus.radians_to_ticks(a) for a in angles], self.bus.calibration)
+
+    def action_limits(self) -> tuple[np.ndarray, np.ndarray]:
+        return so100.unit_limits(self.bus.calibration)
+
+    def expert(self, seed: int, fps: float, noise: float = 0.0) -> "SO100Demonstration":
+        return SO100Demonstration(self, seed, fps, noise)
+
+    def expert_policy(self, fps: float, chunk_size: int = 30) -> tuple[PolicyFn, policy_io.PolicySpec]:
+        """The scripted expert as a policy (observation -> chunk), and its policy_io.PolicySpec: a
+        check that evaluation scores a perfect policy as perfect. It plans from the scene (it is an
+        oracle) on the first observation of each episode."""
+        plan: dict = {}
+
+        def run(observation) -> np.ndarray:
+            if observation.timestep == 0 or "expert" not in plan:
+                plan["expert"] = ScriptedExpert(self.scene, np.random.default_rng(0))
+            expert = plan["expert"]
+            return np.stack([self.units(expert.goal((observation.timestep + i) / fps)) for i in range(chunk_size)])
+
+        cameras = {key: self.image_size for key in self.cameras}
+        return run, policy_io.PolicySpec(cameras, len(JOINTS), len(JOINTS), chunk_size, chunk_size)
+
     def close(self) -> None:
         if self.robot is not None and self.robot.is_connected:
             self.robot.disconnect()
         self.bus.stop()
         self.scene.close()
 
-    def __enter__(self) -> "SimRobot":
+    def __enter__(self) -> "SO100Env":
         return self.start()
 
     def __exit__(self, *exc_info) -> bool:
         self.close()
         return False
 
-    def cameras_for(self, spec) -> dict[str, SimCamera]:
-        """The cameras a policy asks for (infer_async.PolicySpec), at the sizes it asks for."""
-        missing = sorted(set(spec.cameras) - set(self.cameras))
-        if missing:
-            raise SimError(f"the policy expects camera(s) {missing}; the simulator has {sorted(self.cameras)}")
-        return {key: SimCamera(self.scene, key.rsplit(".", 1)[-1], size) for key, size in spec.cameras.items()}
 
-    def units(self, angles: np.ndarray) -> np.ndarray:
-        """Joint angles (radians) in the robot's units (degrees, gripper percent), as the driver
-        would report them."""
-        calibration = self.bus.calibration
-        return so100.ticks_to_units([sim_bus.radians_to_ticks(a) for a in angles], calibration)
+def check_instruction(instruction: str, cubes: int) -> None:
+    if instruction not in INSTRUCTIONS:
+        raise SimError(f"unknown instruction {instruction!r}: {', '.join(INSTRUCTIONS)}")
+    if instruction != "named" and cubes < 2:
+        raise SimError(f"instruction {instruction!r} needs the two-cube scene (--cubes 2)")
 
 
-# ---------------------------------------------------------------------------------------------
-# 4. The scripted expert
-# ---------------------------------------------------------------------------------------------
-# Waypoints for the point between the jaw pads ("grasp" site), the gripper pointing straight
-# down with its jaws closing across two faces of the cube: above the cube, down, close, lift,
-# over the box, down, open, up. Each waypoint becomes joint angles by damped least squares on
-# MuJoCo's site Jacobian; between waypoints the joints follow a smooth (minimum-jerk) profile.
-# The cube does not move until it is grasped, so the plan is made once, from the first state.
-
-GRASP_HEIGHT = CUBE_HALF + 0.006  # the site a little above the cube's centre: pad tips clear the table
-OPEN, CLOSED = 1.1, -0.15  # gripper radians: wide open (7.5 cm at the pads), squeezing (the cube stops it)
+def instruct(scene: Scene, instruction: str) -> str:
+    """The instruction an episode gets. "other" re-targets the scene at the cube the scene did not
+    name, so success then means that cube moved; "empty" keeps the named cube as the one judged."""
+    check_instruction(instruction, len(scene.cubes))
+    if instruction == "other":
+        scene.target_cube = 1 - scene.target_cube
+    return "" if instruction == "empty" else scene.task()
 
 
-def down_orientation(yaw: float) -> np.ndarray:
-    """Rotation (world from site) with the gripper pointing down (site -y = world -z) and the jaws
-    closing along (cos yaw, sin yaw, 0)."""
-    c, s = math.cos(yaw), math.sin(yaw)
-    return np.array([[c, 0.0, s], [s, 0.0, -c], [0.0, 1.0, 0.0]])
-
-
-def solve_ik(model, scratch, position: np.ndarray, orientation: np.ndarray, q0: np.ndarray,
-             iterations: int = 200, damping: float = 1e-3) -> tuple[np.ndarray, float]:
-    """Joint angles (the five arm joints; gripper kept) putting the grasp site at `position` with
-    `orientation`; returns (angles, position error in m)."""
-    site = model.site("grasp").id
-    arm = np.arange(5)
-    q = q0.copy()
-    jac_p, jac_r = np.zeros((3, model.nv)), np.zeros((3, model.nv))
-    target_quat, site_quat, error_rot = np.zeros(4), np.zeros(4), np.zeros(3)
-    mujoco.mju_mat2Quat(target_quat, orientation.flatten())
-    low = np.array([JOINT_RANGES[j][0] for j in JOINTS])
-    high = np.array([JOINT_RANGES[j][1] for j in JOINTS])
-    for _ in range(iterations):
-        scratch.qpos[:len(JOINTS)] = q
-        mujoco.mj_kinematics(model, scratch)
-        mujoco.mj_comPos(model, scratch)
-        error_pos = position - scratch.site_xpos[site]
-        mujoco.mju_mat2Quat(site_quat, scratch.site_xmat[site])
-        mujoco.mju_subQuat(error_rot, target_quat, site_quat)
-        error_rot_world = scratch.site_xmat[site].reshape(3, 3) @ error_rot
-        if np.linalg.norm(error_pos) < 1e-4 and np.linalg.norm(error_rot_world) < 1e-3:
-            break
-        mujoco.mj_jacSite(model, scratch, jac_p, jac_r, site)
-        jac = np.vstack([jac_p[:, arm], 0.1 * jac_r[:, arm]])  # metres weigh more than radians
-        error = np.concatenate([error_pos, 0.1 * error_rot_world])
-        step = jac.T @ np.linalg.solve(jac @ jac.T + damping * np.eye(6), error)
-        q[arm] = np.clip(q[arm] + step, low[arm], high[arm])
-    scratch.qpos[:len(JOINTS)] = q
-    mujoco.mj_kinematics(model, scratch)
-    return q, float(np.linalg.norm(position - scratch.site_xpos[site]))
-
-
-def min_jerk(s: float) -> float:
-    s = min(max(s, 0.0), 1.0)
-    return s * s * s * (10 - 15 * s + 6 * s * s)
-
-
-@dataclass
-class Segment:
-    duration: float
-    goal: np.ndarray  # joint angles at the end (radians)
-
-
-class ScriptedExpert:
-    """A pick-and-place plan for the scene's current state, varied by `rng` (speed, approach height,
-    grasp point, release height). `goal(t)` gives the joint goals (radians) t seconds after start.
-    `check(scene, t)`, called every tick, notices a grasp that lifted nothing and plans a new attempt
-    from where the arm and the cube are then (at most MAX_ATTEMPTS)."""
-
-    MAX_ATTEMPTS = 3
-
-    def __init__(self, scene: Scene, rng: np.random.Generator):
-        self.rng, self.attempts = rng, 0
-        self._plan(scene, 0.0)
-
-    def _plan(self, scene: Scene, t0: float) -> None:
-        model, rng = scene.model, self.rng
-        scratch = mujoco.MjData(model)
-        cube, cube_yaw = scene.cube_position(), scene.cube_yaw()
-        q = scene.joint_angles()
-        # Of the four ways to grip a cube (every quarter turn), the one needing the least wrist roll.
-        best = None
-        for k in range(-2, 3):
-            yaw = cube_yaw + k * math.pi / 2
-            above = cube + [0.0, 0.0, 0.08]
-            solution, err = solve_ik(model, scratch, above, down_orientation(yaw), q)
-            score = abs(solution[4]) + 10 * err
-            if best is None or score < best[0]:
-                best = (score, yaw)
-        yaw = best[1]
-        speed = rng.uniform(0.8, 1.25)
-        hover = rng.uniform(0.06, 0.10)
-        lift = rng.uniform(0.09, 0.13)
-        grasp_at = cube + [*rng.normal(0.0, 0.002, 2), 0.0]
-        grasp_at[2] = GRASP_HEIGHT
-        box = np.array([BOX_CENTRE[0], BOX_CENTRE[1], 0.0]) + [*rng.uniform(-0.01, 0.01, 2), 0.0]
-        release = rng.uniform(0.05, 0.07)
-        box_yaw = math.atan2(box[1], box[0]) - math.atan2(cube[1], cube[0]) + yaw  # carried without roll
-
-        def pose(position, yaw_, gripper):
-            nonlocal q
-            q, _ = solve_ik(model, scratch, np.asarray(position, float), down_orientation(yaw_), q)
-            q = q.copy()
-            q[5] = gripper
-            return q
-
-        plan = [  # (seconds at speed 1, where)
-            (1.6, pose(cube + [0, 0, hover], yaw, OPEN)),
-            (1.2, pose(grasp_at, yaw, OPEN)),
-            (0.8, pose(grasp_at, yaw, CLOSED)),
-            (0.8, pose(grasp_at + [0, 0, lift], yaw, CLOSED)),  # the grasp is judged at the end of this
-            (1.4, pose(box + [0, 0, lift], box_yaw, CLOSED)),
-            (0.8, pose(box + [0, 0, release], box_yaw, CLOSED)),
-            (0.5, pose(box + [0, 0, release], box_yaw, OPEN)),
-            (1.0, pose(box + [0, 0, release + 0.08], box_yaw, OPEN)),
-        ]
-        self.t0, self.start = t0, scene.joint_angles()
-        self.segments = [Segment(seconds / speed, goal) for seconds, goal in plan]
-        self.lifted_at = t0 + sum(s.duration for s in self.segments[:4])
-        self.duration = t0 + sum(s.duration for s in self.segments)
-        self.attempts += 1
-
-    def check(self, scene: Scene, t: float) -> None:
-        if self.lifted_at <= t and self.attempts < self.MAX_ATTEMPTS:
-            self.lifted_at = math.inf
-            if scene.cube_position()[2] < CUBE_HALF + 0.02:  # still on the table: try again
-                self._plan(scene, t)
-
-    def goal(self, t: float) -> np.ndarray:
-        previous, t = self.start, t - self.t0
-        for segment in self.segments:
-            if t < segment.duration:
-                return previous + (segment.goal - previous) * min_jerk(t / segment.duration)
-            t -= segment.duration
-            previous = segment.goal
-        return previous.copy()
-
-# ---------------------------------------------------------------------------------------------
-# 5. Recording demonstrations, closed-loop evaluation, video
-# ---------------------------------------------------------------------------------------------
-
-
-def expert_episode(sim_robot: SimRobot, seed: int, fps: int, noise: float = 0.0, tail_s: float = 1.0) -> dict | None:
-    """One scripted demonstration from `seed`, recorded as LeRobot records a real arm: each tick the
-    observation (state, both cameras), then the action. None if the expert failed.
+class SO100Demonstration:
+    """The scripted expert (sim_so100.ScriptedExpert) driving the arm through the driver, in the
+    driver's units. It plans from the scene as reset from `seed`, and plans a new attempt when a
+    grasp lifted nothing; the demonstration ends `tail_s` after the plan's end.
 
     With `noise` (radians), the arm executes the expert's goals plus a slowly wandering offset
     (Ornstein-Uhlenbeck, 0.5 s time constant) while the dataset records the expert's own goals
     (DART, Laskey et al. 2017): the policy then sees states off the expert's path labelled with
     the way back, and the grasps the noise spoils with the expert's second attempt."""
-    sim_robot.reset(seed)
-    rng = np.random.default_rng(seed)
-    expert = ScriptedExpert(sim_robot.scene, rng)
-    robot, clock = sim_robot.robot, sim_robot.clock
-    low, high = so100.unit_limits(sim_robot.bus.calibration)
+
+    def __init__(self, env: SO100Env, seed: int, fps: float, noise: float = 0.0, tail_s: float = 1.0):
+        self.env, self.noise, self.tail_s = env, noise, tail_s
+        self.rng = np.random.default_rng(seed)  # the plan's variations, then the noise, from one stream
+        self.plan = ScriptedExpert(env.scene, self.rng)
+        self.low, self.high = env.action_limits()
+        self.offset, self.dt, self.tau = np.zeros(len(JOINTS)), 1.0 / fps, 0.5
+
+    def act(self, t: float) -> tuple[np.ndarray, np.ndarray] | None:
+        if t >= self.plan.duration + self.tail_s:
+            return None
+        self.plan.replan_if_grasp_missed(self.env.scene, t)
+        goal = self.plan.goal(t)
+        recorded = np.clip(self.env.units(goal), self.low, self.high).astype(np.float32)
+        dt, tau = self.dt, self.tau
+        self.offset[:5] += -self.offset[:5] * dt / tau + self.noise * math.sqrt(2 * dt / tau) * self.rng.normal(size=5)
+        return recorded, self.env.units(goal + self.offset)
+
+    def succeeded(self) -> bool:
+        return self.env.scene.success()
+
+
+class LiveSO100:
+    """The SO-100 environment in real time as an infer_async.SimulatedRig (`python sim.py live`):
+    its bus served for the client's own driver, the physics paced to the wall clock, the policy
+    running freely beside it."""
+
+    default_task = TASK
+
+    def __init__(self, scene_seed: int):
+        self.env, self.scene_seed = SO100Env(realtime=True), scene_seed
+
+    def open_bus(self) -> tuple[str, dict]:
+        self.env.scene.reset(self.scene_seed)
+        self.env.start(connect=False)
+        return self.env.bus.port, self.env.bus.calibration
+
+    def cameras_for(self, spec: policy_io.PolicySpec) -> dict[str, SimCamera]:
+        return self.env.cameras_for(spec)
+
+    def now(self) -> float:
+        return self.env.clock.now()
+
+    def sleep(self, seconds: float) -> None:
+        self.env.clock.sleep(seconds)
+
+    def task_done(self) -> bool:
+        return self.env.task_done()
+
+    def outcome(self) -> str:
+        done = self.env.completed_at
+        return f"simulation: the cube is {'in the box after %.1f s' % done if done is not None else 'not in the box'}"
+
+    def close(self) -> None:
+        self.env.close()
+
+# ---------------------------------------------------------------------------------------------
+# 4. Recording demonstrations, closed-loop evaluation, video
+# ---------------------------------------------------------------------------------------------
+
+
+def expert_episode(env: Environment, seed: int, fps: float, noise: float = 0.0) -> dict | None:
+    """One scripted demonstration from `seed`, recorded as LeRobot records a real arm: each tick the
+    observation (state, cameras), then the action. None if the expert failed."""
+    task = env.reset(seed)
+    expert = env.expert(seed, fps, noise)
     state = policy_io.STATE
-    episode: dict = {"task": sim_robot.scene.task(), state: [], "action": []}
-    episode.update({key: [] for key in sim_robot.cameras})
-    offset, dt, tau = np.zeros(len(JOINTS)), 1.0 / fps, 0.5
-    k = 0
-    while k * dt < expert.duration + tail_s:
-        expert.check(sim_robot.scene, k * dt)
-        goal = expert.goal(k * dt)
-        episode[state].append(robot.read())
-        for key, camera in sim_robot.cameras.items():
+    episode: dict = {"task": task, state: [], policy_io.ACTION: []}
+    episode.update({key: [] for key in env.cameras})
+    dt, k = 1.0 / fps, 0
+    while (step := expert.act(k * dt)) is not None:
+        recorded, executed = step
+        episode[state].append(env.robot.read())
+        for key, camera in env.cameras.items():
             episode[key].append(camera.read())
-        episode["action"].append(np.clip(sim_robot.units(goal), low, high).astype(np.float32))
-        offset[:5] += -offset[:5] * dt / tau + noise * math.sqrt(2 * dt / tau) * rng.normal(size=5)
-        robot.write(sim_robot.units(goal + offset))
-        clock.sleep(dt)
+        episode[policy_io.ACTION].append(recorded)
+        env.robot.write(executed)
+        env.clock.sleep(dt)
         k += 1
-    if not sim_robot.scene.success():
+    if not expert.succeeded():
         return None
     episode[state] = np.stack(episode[state])
-    episode["action"] = np.stack(episode["action"])
+    episode[policy_io.ACTION] = np.stack(episode[policy_io.ACTION])
     return episode
 
 
-def record(out: str | Path, episodes: int, seed: int = 0, fps: int = FPS, noise: float = 0.0,
-           image_size: tuple[int, int] = IMAGE_SIZE, log: Callable[[str], None] = print, cubes: int = 1) -> dict:
-    """A LeRobot v3.0 dataset of `episodes` successful demonstrations at `out`, from seeds
-    seed, seed+1, ... (a seed where the expert fails is skipped). Returns what was recorded. With two
-    cubes each episode's task names the cube the expert moves."""
+def demonstrations(env: Environment, episodes: int, seed: int = 0, fps: float | None = None, noise: float = 0.0,
+                   log: Callable[[str], None] = print, used: list | None = None,
+                   failed: list | None = None) -> Iterator[dict]:
+    """`episodes` successful demonstrations in `env` at `fps` (default: the world's), from seeds seed,
+    seed+1, ...; a seed where the expert fails is skipped. The seeds go into `used` and `failed`.
+    A dataset of several worlds (one per task) chains these, one world after another."""
+    fps = fps or env.fps
+    used = [] if used is None else used
+    failed = [] if failed is None else failed
+    s, start, done = seed, time.monotonic(), 0
+    while done < episodes:
+        episode = expert_episode(env, s, fps, noise)
+        (used if episode is not None else failed).append(s)
+        if episode is not None:
+            done += 1
+            log(f"episode {done}/{episodes} (seed {s}): {len(episode[policy_io.ACTION])} frames, "
+                f"{time.monotonic() - start:.0f} s")
+            yield episode
+        elif len(failed) > max(10, episodes):
+            raise SimError(f"the scripted expert failed on {len(failed)} seeds ({failed[:10]} ...)")
+        s += 1
+
+
+def record(envs: Environment | Iterable[Environment], out: str | Path, episodes: int, seed: int = 0,
+           fps: float | None = None, noise: float = 0.0, log: Callable[[str], None] = print) -> dict:
+    """A LeRobot v3.0 dataset of `episodes` successful demonstrations in each world at `out` (see
+    demonstrations), with the worlds' robot type and feature names. `envs`: one world, or several
+    taken one after another (a generator may open each and close it when the next is asked for:
+    Meta-World, one world per task). Each episode's task is the instruction its reset gave. Returns
+    what was recorded."""
     import data
 
+    worlds = iter([envs]) if hasattr(envs, "reset") else iter(envs)
+    first = next(worlds)
     used, failed = [], []
 
-    def demonstrations() -> Iterator[dict]:
-        with SimRobot(image_size, cubes=cubes) as sim_robot:
-            s, start = seed, time.monotonic()
-            while len(used) < episodes:
-                episode = expert_episode(sim_robot, s, fps, noise)
-                (used if episode is not None else failed).append(s)
-                if episode is not None:
-                    log(f"episode {len(used)}/{episodes} (seed {s}): {len(episode['action'])} frames, "
-                        f"{time.monotonic() - start:.0f} s")
-                    yield episode
-                elif len(failed) > max(10, episodes):
-                    raise SimError(f"the scripted expert failed on {len(failed)} seeds ({failed[:10]} ...)")
-                s += 1
+    def every_world() -> Iterator[dict]:
+        for env in itertools.chain([first], worlds):
+            yield from demonstrations(env, episodes, seed, fps, noise, log, used, failed)
 
-    data.write_dataset(out, demonstrations(), fps=fps, robot_type=ROBOT_TYPE,
-                       state_names=FEATURE_NAMES, action_names=FEATURE_NAMES)
-    return {"dataset": str(out), "episodes": len(used), "seeds": [used[0], used[-1]] if used else [],
+    data.write_dataset(out, every_world(), fps=round(fps or first.fps), robot_type=first.robot_type,
+                       state_names=first.state_names, action_names=first.action_names)
+    return {"dataset": str(out), "episodes": len(used), "seeds": [min(used), max(used)] if used else [],
             "expert_failures": failed}
 
 
@@ -853,86 +573,69 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 class EvalConfig:
     episodes: int = 50
     seed: int = 10_000  # episode i uses seed + i; recording uses small seeds, so these are held out
-    fps: float = FPS
     time_limit_s: float = 25.0
-    sync: bool = False
-    threshold: float = 0.7  # g
-    n_action_steps: int | None = None  # --sync: actions executed per chunk
+    # The control loop exactly as on a real arm: fps, threshold g, aggregation, ease-in, observation
+    # skipping, sync. Make it with client_config(env, fps), which applies the world's own defaults.
+    client: infer_async.ClientConfig = field(default_factory=infer_async.ClientConfig)
     latency_s: float = 0.0  # added to the measured inference time (a slower model, a remote server)
     measure_latency: bool = True  # False: the policy costs no time (only latency_s), fully repeatable
-    cube_speed: float = 0.0  # m/s: the cube slides in a random direction (a moving object)
-    instruction: str = "named"  # two cubes: "named" (the scene's), "other" (names the other cube), "empty"
     video: str | None = None
     video_episodes: int = 4
 
 
-def evaluate(sim_robot: SimRobot, policy_fn: Callable, spec, config: EvalConfig,
+def client_config(env: Environment, fps: float | None = None, **given) -> infer_async.ClientConfig:
+    """The control loop's settings for `env`: ClientConfig's defaults, then the world's own (its fps
+    and env.client_defaults), then those given (`fps` and any ClientConfig field; None: not given)."""
+    given = {key: value for key, value in {"fps": fps, **given}.items() if value is not None}
+    return infer_async.ClientConfig(**{"fps": env.fps, **env.client_defaults, **given})
+
+
+def evaluate(env: Environment, policy_fn: PolicyFn, spec: policy_io.PolicySpec, config: EvalConfig,
              log: Callable[[str], None] = print) -> dict:
     """Closed-loop success rate of a policy through infer_async.RobotClient (the queue, threshold g
-    and aggregation a real arm uses). Success: the cube in the box and at rest for SETTLE_S,
-    read from the physics. Completion time: simulated seconds from the start to that moment."""
-    clock = sim_robot.clock
+    and aggregation a real arm uses). Success is the world's own signal (SO-100: the cube in the box
+    and at rest for SETTLE_S, read from the physics); completion time: simulated seconds from the
+    start to that moment."""
+    clock = env.clock
     results, frames = [], []
     for i in range(config.episodes):
         seed = config.seed + i
-        sim_robot.reset(seed)
-        task = instruct(sim_robot.scene, config.instruction)
-        if config.cube_speed > 0:
-            heading = np.random.default_rng([seed, 1]).uniform(0, 2 * math.pi)
-            sim_robot.scene.cube_velocity = config.cube_speed * np.array([math.cos(heading), math.sin(heading)])
+        task = env.reset(seed)
         client = infer_async.RobotClient(
-            sim_robot.robot, sim_robot.cameras_for(spec),
-            clock.timed(policy_fn, config.latency_s, config.measure_latency), spec, task,
-            infer_async.ClientConfig(fps=config.fps, threshold=config.threshold, sync=config.sync,
-                                     n_action_steps=config.n_action_steps),
-            clock=clock.now, sleep=clock.sleep)
-        clock.attach(client.server)
+            env.robot, env.cameras_for(spec), clock.timed(policy_fn, config.latency_s, config.measure_latency),
+            spec, task, config.client, clock=clock.now, sleep=clock.sleep)
+        clock.attach(client.policy_thread)
         film = config.video is not None and i < config.video_episodes
         episode_frames = []
 
         def done() -> bool:
             if film:
-                episode_frames.append(np.concatenate([sim_robot.scene.render(c) for c in CAMERAS], axis=1))
-            return sim_robot.task_done()
+                episode_frames.append(env.frame())
+            return env.task_done()
 
         metrics = client.run(duration=config.time_limit_s, until=done)
         clock.attach(None)
-        completed = sim_robot.completed_at
+        completed = env.completed_at
         success = completed is not None
         latencies = [latency for _, latency in metrics.latencies]
-        scene = sim_robot.scene
         results.append({"seed": seed, "success": success, "completion_s": completed,
                         "idle_ticks": metrics.idle_ticks, "ticks": metrics.ticks, "latencies": latencies,
-                        "task": task, "other_cube_in_box": any(scene.cube_in_box(c) for c in range(len(scene.cubes))
-                                                               if c != scene.target)})
+                        "task": task, "facts": env.episode_facts()})
         outcome = f"success at {completed:.1f} s" if success else "failure"
         if film:
             frames.extend(annotate(f, f"seed {seed}: {outcome}", success) for f in episode_frames)
         log(f"episode {i + 1}/{config.episodes} (seed {seed}): {outcome}, idle ticks {metrics.idle_ticks}")
     if config.video is not None:
-        write_video(config.video, frames, config.fps)
-    return summarise(results, config)
+        write_video(config.video, frames, config.client.fps)
+    return summarise(results, config, env.settings)
 
 
-def instruct(scene: Scene, instruction: str) -> str:
-    """The instruction an episode gets. "other" re-targets the scene at the cube the scene did not
-    name, so success then means that cube moved; "empty" keeps the named cube as the one judged."""
-    if instruction == "named":
-        return scene.task()
-    if len(scene.cubes) < 2:
-        raise SimError(f"instruction {instruction!r} needs the two-cube scene (--cubes 2)")
-    if instruction == "other":
-        scene.target = 1 - scene.target
-        return scene.task()
-    if instruction == "empty":
-        return ""
-    raise SimError(f"unknown instruction {instruction!r}: named, other or empty")
-
-
-def summarise(results: list[dict], config: EvalConfig) -> dict:
+def summarise(results: list[dict], config: EvalConfig, settings: dict) -> dict:
+    """The evaluation's JSON summary: the outcome, then every setting that was run."""
     successes = sum(r["success"] for r in results)
     times = [r["completion_s"] for r in results if r["success"]]
     latencies = np.array([x for r in results for x in r["latencies"]] or [np.nan])
+    client = config.client
     return {
         "success_rate": successes / len(results), "episodes": len(results), "successes": successes,
         "ci95": [round(x, 4) for x in wilson_interval(successes, len(results))],
@@ -941,12 +644,61 @@ def summarise(results: list[dict], config: EvalConfig) -> dict:
         "ticks": int(sum(r["ticks"] for r in results)),
         "latency_ms_mean": round(float(np.nanmean(latencies)) * 1000, 1),
         "latency_ms_p95": round(float(np.nanpercentile(latencies, 95)) * 1000, 1),
-        "control_period_ms": round(1000 / config.fps, 1),
-        "mode": "sync" if config.sync else "async", "threshold": 0.0 if config.sync else config.threshold,
-        "added_latency_s": config.latency_s, "cube_speed": config.cube_speed,
-        "seeds": [config.seed, config.seed + len(results) - 1],
-        "instruction": config.instruction, "other_cube_in_box": int(sum(r.get("other_cube_in_box", False) for r in results)),
+        "control_period_ms": round(1000 / client.fps, 1),
+        "mode": "sync" if client.sync else "async", "threshold": 0.0 if client.sync else client.threshold,
+        "aggregate": client.aggregate, "ease_in": client.ease_in, "similarity": client.similarity,
+        "added_latency_s": config.latency_s, "seeds": [config.seed, config.seed + len(results) - 1],
+        **settings, **{key: int(sum(r["facts"][key] for r in results)) for key in results[0]["facts"]},
     }
+
+
+def benchmark_summary(per_task: dict[str, dict], group_of: dict[str, str]) -> dict:
+    """Several worlds' evaluations as one: successes over all episodes, per group and per task, each
+    with its 95% Wilson interval. `group_average` is the mean of the groups' success rates, the
+    average the SmolVLA paper reports for Meta-World (its 57.3% = the mean of 82.5, 41.8, 45.0, 60.0)."""
+    def rate(successes: int, episodes: int) -> dict:
+        return {"success_rate": round(successes / episodes, 4), "successes": successes, "episodes": episodes,
+                "ci95": [round(x, 4) for x in wilson_interval(successes, episodes)]}
+
+    groups: dict[str, list[str]] = {}
+    for task in per_task:
+        groups.setdefault(group_of[task], []).append(task)
+    per_group = {group: {**rate(sum(per_task[t]["successes"] for t in tasks), sum(per_task[t]["episodes"] for t in tasks)),
+                         "tasks": len(tasks)} for group, tasks in groups.items()}
+    total = rate(sum(s["successes"] for s in per_task.values()), sum(s["episodes"] for s in per_task.values()))
+    return {**total, "group_average": round(float(np.mean([g["success_rate"] for g in per_group.values()])), 4),
+            "per_group": per_group,
+            "per_task": {task: {**rate(s["successes"], s["episodes"]), "group": group_of[task],
+                                "mean_completion_s": s["mean_completion_s"], "idle_ticks": s["idle_ticks"]}
+                         for task, s in per_task.items()},
+            "seeds": next(iter(per_task.values()))["seeds"], "mode": next(iter(per_task.values()))["mode"]}
+
+
+def benchmark_table(summary: dict) -> str:
+    """The per-task, per-group and overall rows of benchmark_summary, as a plain-text table."""
+    def row(name: str, r: dict) -> str:
+        low, high = r["ci95"]
+        return f"{name:28s} {r['successes']:4d}/{r['episodes']:<4d} {100 * r['success_rate']:5.1f}%  ({100 * low:.0f}-{100 * high:.0f}%)"
+
+    lines = [f"{'task':28s} {'success':>9s} {'rate':>6s}  95% interval"]
+    for group, g in summary["per_group"].items():
+        lines += [row(task, r) for task, r in summary["per_task"].items() if r["group"] == group]
+        lines += [row(f"[{group}: {g['tasks']} tasks]", g), ""]
+    lines.append(row("all", summary))
+    lines.append(f"{'average of the groups':28s} {100 * summary['group_average']:16.1f}%")
+    return "\n".join(lines)
+
+
+def random_policy(env: Environment, chunk_size: int = 30, seed: int = 0) -> tuple[PolicyFn, policy_io.PolicySpec]:
+    """Uniformly random actions within the robot's limits: what a policy that learnt nothing scores."""
+    rng = np.random.default_rng(seed)
+    low, high = env.action_limits()
+
+    def run(observation) -> np.ndarray:
+        return rng.uniform(low, high, size=(chunk_size, len(low)))
+
+    cameras = {key: env.image_size for key in env.cameras}
+    return run, policy_io.PolicySpec(cameras, len(env.state_names), len(low), chunk_size, chunk_size)
 
 
 def annotate(frame: np.ndarray, label: str, success: bool, scale: int = 2) -> np.ndarray:
@@ -978,42 +730,15 @@ def write_video(path: str | Path, frames: list[np.ndarray], fps: float) -> None:
         for packet in stream.encode():
             container.mux(packet)
 
-
-def expert_policy(sim_robot: SimRobot, fps: float, chunk_size: int = 30):
-    """The scripted expert as a policy (observation -> chunk), and its infer_async.PolicySpec: a
-    check that evaluation scores a perfect policy as perfect. It plans from the scene (it is an
-    oracle) on the first observation of each episode."""
-    plan: dict = {}
-
-    def run(observation) -> np.ndarray:
-        if observation.timestep == 0 or "expert" not in plan:
-            plan["expert"] = ScriptedExpert(sim_robot.scene, np.random.default_rng(0))
-        expert = plan["expert"]
-        return np.stack([sim_robot.units(expert.goal((observation.timestep + i) / fps)) for i in range(chunk_size)])
-
-    cameras = {key: sim_robot.scene.image_size for key in sim_robot.cameras}
-    return run, policy_io.PolicySpec(cameras, len(JOINTS), len(JOINTS), chunk_size, chunk_size)
-
-
-def random_policy(sim_robot: SimRobot, chunk_size: int = 30, seed: int = 0):
-    """Uniformly random goals within the joint ranges: what a policy that learnt nothing scores."""
-    rng = np.random.default_rng(seed)
-    low, high = so100.unit_limits(sim_robot.bus.calibration)
-
-    def run(observation) -> np.ndarray:
-        return rng.uniform(low, high, size=(chunk_size, len(JOINTS)))
-
-    cameras = {key: sim_robot.scene.image_size for key in sim_robot.cameras}
-    return run, policy_io.PolicySpec(cameras, len(JOINTS), len(JOINTS), chunk_size, chunk_size)
-
 # ---------------------------------------------------------------------------------------------
-# 6. Command line
+# 5. Command line
 # ---------------------------------------------------------------------------------------------
 
 
 positive_int, non_negative_int = cli.integer(1), cli.integer(0)
 positive_float, non_negative_float = cli.number(above=0), cli.number(0)
 unit_interval = cli.number(0, 1)
+ENVIRONMENTS = ("so100", "metaworld")  # --env: the worlds record and eval can run
 
 
 def image_size(text: str) -> tuple[int, int]:
@@ -1027,44 +752,107 @@ def image_size(text: str) -> tuple[int, int]:
     return size
 
 
+def open_environment(name: str, image_size: tuple[int, int] | None = None, cubes: int = 1,
+                     instruction: str = "named", task: str | None = None) -> Environment:
+    """The world --env names, set up as the command's flags say (started by `with`). Meta-World is one
+    world per task; its file does not import this one, so its clock is given here."""
+    if name == "so100":
+        if task is not None:
+            raise SimError("--task names a Meta-World task or group (--env metaworld); the SO-100 scene has one "
+                           "task (two cubes: --cubes 2)")
+        return SO100Env(image_size or IMAGE_SIZE, cubes=cubes, instruction=instruction)
+    if name != "metaworld":
+        raise SimError(f"unknown --env {name!r}: {', '.join(ENVIRONMENTS)}")
+    import sim_metaworld
+
+    env = sim_metaworld.MetaWorldEnv(task, image_size or sim_metaworld.IMAGE_SIZE)
+    env.clock = SimClock(env)
+    return env
+
+
+def benchmark_tasks(name: str, task: str | None) -> list[str | None]:
+    """The worlds a command runs one after another: the SO-100 scene once ([None]); Meta-World's task,
+    group (easy, medium, hard, very_hard) or all 50 (mt50)."""
+    if name != "metaworld":
+        return [task]
+    if task is None:
+        raise SimError("--env metaworld needs --task: a task such as pick-place-v3, a group (easy, medium, "
+                       "hard, very_hard) or mt50")
+    import sim_metaworld
+
+    return sim_metaworld.tasks_for(task)
+
+
+def open_worlds(name: str, tasks: list[str | None], image_size: tuple[int, int] | None = None, cubes: int = 1,
+                instruction: str = "named") -> Iterator[Environment]:
+    """Each task's world in turn, opened when asked for and closed when the next is."""
+    for task in tasks:
+        with open_environment(name, image_size, cubes, instruction, task) as env:
+            yield env
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.Parser(description="An SO-100 in MuJoCo: scripted demonstrations and closed-loop "
-                                       "evaluation of a policy on pick-and-place.")
+    client = infer_async.ClientConfig()
+    p = cli.Parser(description="Simulated worlds (default: an SO-100 in MuJoCo): scripted demonstrations and "
+                               "closed-loop evaluation of a policy.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("record", help="record scripted demonstrations as a LeRobot v3.0 dataset")
-    r.add_argument("--episodes", type=positive_int, default=50, help="successful episodes to record (default 50)")
+    r.add_argument("--env", choices=ENVIRONMENTS, default="so100", help="the world (default so100)")
+    r.add_argument("--task", default=None, help="--env metaworld: a task (pick-place-v3), a group (easy, medium, "
+                                                "hard, very_hard) or mt50")
+    r.add_argument("--episodes", type=positive_int, default=50,
+                   help="successful episodes to record, per task (default 50)")
     r.add_argument("--out", required=True, help="dataset directory (must not exist)")
     r.add_argument("--seed", type=non_negative_int, default=0, help="first scene seed; episode i uses seed + i")
-    r.add_argument("--fps", type=positive_int, default=FPS, help=f"frames per second (default {FPS})")
-    r.add_argument("--size", type=image_size, default=IMAGE_SIZE, help="camera HEIGHTxWIDTH (default 96x96)")
+    r.add_argument("--fps", type=positive_int, default=None,
+                   help=f"frames per second (default: the world's: so100 {FPS}, metaworld 80)")
+    r.add_argument("--size", type=image_size, default=None,
+                   help="camera HEIGHTxWIDTH (default: the world's: so100 96x96, metaworld 128x128)")
     r.add_argument("--noise", type=non_negative_float, default=0.0,
                    help="radians of wandering offset added to the executed goals, not to the recorded ones (DART)")
     r.add_argument("--cubes", type=int, choices=(1, 2), default=1,
                    help="2: a red and a green cube, each episode's task names the one to move")
     e = sub.add_parser("eval", help="closed-loop success rate of a policy (JSON summary on the last line)")
+    e.add_argument("--env", choices=ENVIRONMENTS, default="so100", help="the world (default so100)")
+    e.add_argument("--task", default=None, help="--env metaworld: a task (pick-place-v3), a group (easy, medium, "
+                                                "hard, very_hard) or mt50; a table per task and group")
+    e.add_argument("--size", type=image_size, default=None,
+                   help="--env metaworld: the camera's HEIGHTxWIDTH for videos (default 128x128; a policy's "
+                        "cameras render at the size it was trained on)")
     who = e.add_mutually_exclusive_group(required=True)
     who.add_argument("--policy", help="policy directory or Hub id (a checkpoint's pretrained_model)")
     who.add_argument("--expert", action="store_true", help="the scripted expert as the policy (should score 1.0)")
     who.add_argument("--random", action="store_true", help="random goals (should score about 0)")
     e.add_argument("--vlm", default=None, help="where the policy's VLM config/tokenizer are (default: its config)")
-    e.add_argument("--episodes", type=positive_int, default=50, help="episodes (default 50)")
+    e.add_argument("--episodes", type=positive_int, default=50, help="episodes per task (default 50)")
     e.add_argument("--seed", type=non_negative_int, default=10_000,
                    help="first scene seed (default 10000: never used for recording by the demo)")
     e.add_argument("--fps", type=positive_float, default=None,
-                   help="control rate; default: the policy's training dataset's, else 30")
+                   help=f"control rate; default: the policy's training dataset's, else {FPS}")
     e.add_argument("--sync", action="store_true", help="synchronous: infer, execute the chunk, repeat")
-    e.add_argument("--threshold", type=unit_interval, default=0.7, help="g of asynchronous inference (default 0.7)")
+    e.add_argument("--threshold", type=unit_interval, default=None,
+                   help=f"g of asynchronous inference (default {client.threshold:g})")
     e.add_argument("--n-action-steps", type=positive_int, default=None, help="--sync: actions per chunk")
+    e.add_argument("--aggregate", choices=sorted(infer_async.AGGREGATES), default=None,
+                   help=f"overlapping actions of two chunks (default {client.aggregate})")
+    e.add_argument("--ease-in", type=non_negative_int, default=None,
+                   help=f"ticks of crossfade into each new chunk, 0: off (default {client.ease_in})")
+    e.add_argument("--similarity", type=non_negative_float, default=None,
+                   help=f"skip an observation within this many degrees of the last one, 0: never "
+                        f"(default {client.similarity:g})")
     e.add_argument("--latency", type=non_negative_float, default=0.0,
                    help="seconds added to each measured inference (a slower model or a remote server)")
-    e.add_argument("--time-limit", type=positive_float, default=25.0, help="seconds per episode (default 25)")
+    e.add_argument("--time-limit", type=positive_float, default=None,
+                   help="seconds per episode (default: the world's: so100 25, metaworld 6.25 = 500 steps)")
     e.add_argument("--video", default=None, help="mp4 of the first episodes, both cameras, success written on them")
     e.add_argument("--video-episodes", type=positive_int, default=4, help="episodes in the video (default 4)")
     e.add_argument("--json", default=None, help="also write the summary to this file")
     e.add_argument("--cubes", type=int, choices=(1, 2), default=1, help="2: the red/green scene (language)")
-    e.add_argument("--instruction", choices=("named", "other", "empty"), default="named",
+    e.add_argument("--instruction", choices=INSTRUCTIONS, default="named",
                    help="--cubes 2: name the scene's cube, the other cube (judged on that one) or say nothing")
     e.add_argument("--device", default=None, help="torch device for the policy (default: cuda if available)")
+    sub.add_parser("live", add_help=False,
+                   help="infer_async's robot client on the SO-100 in real time (its flags: sim.py live --help)")
     b = sub.add_parser("bus", help="serve a simulated servo bus on a pseudo-terminal (no physics); prints its "
                                    "path, for trying `so100.py read/calibrate` without an arm")
     b.add_argument("--uncalibrated", action="store_true", help="factory registers (to try `calibrate`)")
@@ -1080,10 +868,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["live"]:  # infer_async's own flags, errors, Ctrl-C and SIGTERM handling
+        return live_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "record":
-            summary = record(args.out, args.episodes, args.seed, args.fps, args.noise, args.size, cubes=args.cubes)
+            if Path(args.out).exists():  # before the scene is built and the expert runs
+                raise SimError(f"{args.out} already exists: a recording never overwrites a dataset")
+            worlds = open_worlds(args.env, benchmark_tasks(args.env, args.task), args.size, args.cubes)
+            try:
+                summary = record(worlds, args.out, args.episodes, args.seed, args.fps, args.noise)
+            finally:
+                worlds.close()  # the world being recorded, if an error stopped it
             print(json.dumps(summary))
             return 0
         if args.command == "bus":
@@ -1097,12 +894,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}")
             return 0
         return eval_main(args)
-    except (SimError, so100.FeetechError) as err:
+    except cli.UserError as err:  # so100.FeetechError too
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return cli.USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def live_main(argv: list[str]) -> int:
+    parser = infer_async.build_parser(prog="sim.py live")
+    parser.description = ("Run a policy on the simulated SO-100 in real time, through the robot client a\n"
+                          "real arm uses (infer_async.py): its driver talks to the scene's servo bus on a\n"
+                          "pseudo-terminal. Without --policy or --server: the demo's policy and task.")
+    parser.add_argument("--scene-seed", type=non_negative_int, default=10_000,
+                        help="the scene (cube place and yaw); the demo records from seed 0 up, so the default "
+                             "is one it never saw")
+    args = parser.parse_args(argv)
+    try:
+        rig = LiveSO100(args.scene_seed)
+    except cli.UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return cli.USER_ERROR
+    return infer_async.run_client(args, rig=rig)
 
 
 def serve_bus(args: argparse.Namespace) -> int:
@@ -1123,34 +937,51 @@ def serve_bus(args: argparse.Namespace) -> int:
 
 
 def eval_main(args: argparse.Namespace) -> int:
-    fps = args.fps or (policy_io.recorded_fps(args.policy) if args.policy else None) or FPS
-    config = EvalConfig(episodes=args.episodes, seed=args.seed, fps=fps, time_limit_s=args.time_limit,
-                        sync=args.sync, threshold=args.threshold, n_action_steps=args.n_action_steps,
-                        latency_s=args.latency, video=args.video, video_episodes=args.video_episodes,
-                        instruction=args.instruction)
-    with SimRobot(cubes=args.cubes) as sim_robot:
-        if args.expert:
-            policy_fn, spec = expert_policy(sim_robot, fps)
-        elif args.random:
-            policy_fn, spec = random_policy(sim_robot)
-        else:
-            try:
-                policy = policy_io.load_policy(args.policy, args.vlm, args.device)
-            except cli.UserError as err:
-                raise SimError(str(err)) from err
-            spec = policy_io.policy_spec(policy)
-            sim_robot.cameras_for(spec)  # the policy's cameras exist here, before anything runs
-            policy_fn = policy_io.make_policy_fn(policy)
-            policy_io.warm_up(policy_fn, spec)
-        print(f"evaluating on seeds {config.seed}..{config.seed + config.episodes - 1} at {fps:g} fps, "
-              f"{'sync' if config.sync else f'async (g={config.threshold})'}", file=sys.stderr)
-        summary = evaluate(sim_robot, policy_fn, spec, config, log=lambda m: print(m, file=sys.stderr))
+    tasks = benchmark_tasks(args.env, args.task)
+    if args.policy:  # loaded once, whatever the number of worlds
+        _, policy_fn, spec = policy_io.prepare_policy(args.policy, args.vlm, args.device)
+    say = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    summaries = {}
+    worlds = open_worlds(args.env, tasks, args.size, args.cubes, args.instruction)
+    try:
+        for task, env in zip(tasks, worlds):
+            fps = policy_io.control_rate(args.policy, args.fps, env.fps)
+            client = client_config(env, fps, sync=args.sync, threshold=args.threshold,
+                                   n_action_steps=args.n_action_steps, aggregate=args.aggregate,
+                                   ease_in=args.ease_in, similarity=args.similarity)
+            video = args.video if args.video is None or len(tasks) == 1 else video_path(args.video, task)
+            config = EvalConfig(episodes=args.episodes, seed=args.seed, time_limit_s=args.time_limit or env.time_limit_s,
+                                client=client, latency_s=args.latency, video=video, video_episodes=args.video_episodes)
+            if args.expert:
+                policy_fn, spec = env.expert_policy(fps)
+            elif args.random:
+                policy_fn, spec = random_policy(env)
+            else:
+                env.cameras_for(spec)  # the policy's cameras exist here, before anything runs
+            say(f"{task + ': ' if task else ''}evaluating on seeds {config.seed}..{config.seed + config.episodes - 1} "
+                f"at {fps:g} fps, {'sync' if client.sync else f'async (g={client.threshold:g})'}")
+            summaries[task] = evaluate(env, policy_fn, spec, config, log=say)
+    finally:
+        worlds.close()
     if args.video:
-        print(f"video: {args.video}", file=sys.stderr)
+        say(f"video: {args.video}" if len(tasks) == 1 else f"videos: {video_path(args.video, '<task>')}")
+    if args.env == "metaworld":
+        import sim_metaworld
+
+        summary = benchmark_summary(summaries, sim_metaworld.GROUP_OF)
+        say(benchmark_table(summary))
+    else:
+        summary = summaries[None]
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
     return 0
+
+
+def video_path(path: str, task: str) -> str:
+    """One video per task: eval.mp4 -> eval-pick-place-v3.mp4."""
+    base = Path(path)
+    return str(base.with_name(f"{base.stem}-{task}{base.suffix or '.mp4'}"))
 
 
 if __name__ == "__main__":

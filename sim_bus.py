@@ -2,10 +2,11 @@
 pseudo-terminal, so that so100.SO100 talks to it exactly as to a real arm.
 
 Without a scene each servo moves toward its goal at a fixed speed (the driver's tests, and `python
-sim.py bus` to try the driver's command line without hardware). With a scene (sim.py's SO-100 in
-MuJoCo) the encoders read the physics (Present_Position from the joint angle) and Goal_Position /
-Torque_Enable drive the joints. Faults can be injected into any servo's replies. No MuJoCo here: the
-scene is anything with joint_angles(), joint_ranges, goal, torque, set_torque() and a lock.
+sim.py bus` to try the driver's command line without hardware). With a scene (sim_so100.Scene, the
+SO-100 in MuJoCo) the encoders read the physics (Present_Position from the joint angle) and
+Goal_Position / Torque_Enable drive the joints. Faults can be injected into any servo's replies. No
+MuJoCo here: the scene is anything with joint_angles(), joint_ranges, goal, torque, set_torque() and
+a lock.
 
     with SimulatedBus() as bus, so100.SO100(bus.port, calibration=bus.calibration) as arm:
         arm.read()
@@ -21,15 +22,10 @@ import time
 from collections import deque
 from typing import Sequence
 
+import feetech
 import so100
 
 JOINTS = so100.JOINT_NAMES  # shoulder_pan, shoulder_lift, elbow_flex, wrist_flex, wrist_roll, gripper
-
-# Six STS3215 register tables answering Feetech packets on a pseudo-terminal, so that
-# so100.SO100 talks to it as to a real arm. With a Scene attached the encoders read the physics
-# (Present_Position from the joint angle) and Goal_Position / Torque_Enable drive the servos in
-# it; without one, each servo moves toward its goal at a fixed speed (driver tests, and
-# `python sim.py bus` to try the driver's command line without hardware).
 
 FAULTS = ("no_reply", "bad_checksum", "truncated", "noise", "error", "wrong_id")
 NOISE = b"\x00\xff\x13\xff\xfe\x37"  # garbage before a reply, with lone FF bytes to test resync
@@ -43,7 +39,7 @@ BUS_CALIBRATION = {
     "wrist_roll": (600, 0, so100.MAX_RESOLUTION),
     "gripper": (-1200, 2020, 3420),
 }
-TICKS_PER_RADIAN = so100.STEPS_PER_TURN / (2 * math.pi)
+TICKS_PER_RADIAN = feetech.STEPS_PER_TURN / (2 * math.pi)
 CENTRE_TICKS = 2048  # a joint angle of 0 rad reads here: the scene's joint ranges fit inside one turn
 
 
@@ -75,7 +71,7 @@ class SimulatedServo:
         self.registers = bytearray(256)
         self.actual = 2048.0
         defaults = {
-            "Firmware_Major_Version": 3, "Firmware_Minor_Version": 10, "Model_Number": so100.STS3215_MODEL,
+            "Firmware_Major_Version": 3, "Firmware_Minor_Version": 10, "Model_Number": feetech.STS3215_MODEL,
             "ID": servo_id, "Baud_Rate": 0, "Return_Delay": 250, "Response_Status_Level": 1,
             "Min_Position_Limit": 0, "Max_Position_Limit": so100.MAX_RESOLUTION, "Max_Temperature_Limit": 70,
             "Max_Voltage_Limit": 140, "Min_Voltage_Limit": 40, "Max_Torque_Limit": 1000, "Phase": 0x0C,
@@ -89,19 +85,19 @@ class SimulatedServo:
         self.set("Goal_Position", self.present())
 
     def get(self, name: str) -> int:
-        address, size, _ = so100.REGISTERS[name]
-        return so100.decode_register(name, bytes(self.registers[address:address + size]))
+        address, size, _ = feetech.REGISTERS[name]
+        return feetech.decode_register(name, bytes(self.registers[address:address + size]))
 
     def set(self, name: str, value: int) -> None:
-        address, size, _ = so100.REGISTERS[name]
-        self.registers[address:address + size] = so100.encode_register(name, value)
+        address, size, _ = feetech.REGISTERS[name]
+        self.registers[address:address + size] = feetech.encode_register(name, value)
 
     def present(self) -> int:
         """Present = Actual - Homing_Offset, wrapped to one turn (single-turn mode)."""
-        return int(round(self.actual - self.get("Homing_Offset"))) % so100.STEPS_PER_TURN
+        return int(round(self.actual - self.get("Homing_Offset"))) % feetech.STEPS_PER_TURN
 
     def set_present(self, present: float) -> None:
-        self.actual = (present + self.get("Homing_Offset")) % so100.STEPS_PER_TURN
+        self.actual = (present + self.get("Homing_Offset")) % feetech.STEPS_PER_TURN
 
     def goal(self) -> int:
         """Goal_Position inside the position limits (the servo itself keeps goals there)."""
@@ -114,12 +110,12 @@ class SimulatedServo:
         velocity = 0
         if self.get("Torque_Enable"):
             offset = self.get("Homing_Offset")
-            present = (self.actual - offset) % so100.STEPS_PER_TURN
+            present = (self.actual - offset) % feetech.STEPS_PER_TURN
             error = self.goal() - present
             step = min(abs(error), speed * dt)
             if step > 0:
                 present += step if error > 0 else -step
-                self.actual = (present + offset) % so100.STEPS_PER_TURN
+                self.actual = (present + offset) % feetech.STEPS_PER_TURN
                 velocity = int(round(step / dt)) * (1 if error > 0 else -1) if dt > 0 else 0
         self.refresh(velocity)
 
@@ -131,9 +127,9 @@ class SimulatedServo:
     def write(self, address: int, data: bytes) -> None:
         for offset, byte in enumerate(data):
             a = address + offset
-            if a < so100.REGISTERS["Return_Delay"][0]:
+            if a < feetech.REGISTERS["Return_Delay"][0]:
                 continue  # firmware, model, id and baud rate stay fixed in the simulator
-            if a < so100.EEPROM_END and self.get("Lock"):
+            if a < feetech.EEPROM_END and self.get("Lock"):
                 continue  # EEPROM is write-protected while locked (simplification: ignored, no error)
             if a < len(self.registers):
                 self.registers[a] = byte
@@ -167,7 +163,7 @@ class SimulatedBus:
                 servo.set("Homing_Offset", offset)
                 servo.set("Min_Position_Limit", low)
                 servo.set("Max_Position_Limit", high)
-            servo.actual = ((low + high) // 2 + offset) % so100.STEPS_PER_TURN  # rest pose: mid-range
+            servo.actual = ((low + high) // 2 + offset) % feetech.STEPS_PER_TURN  # rest pose: mid-range
             servo.set("Goal_Position", servo.present())
             servo.advance(0.0, speed)
         self._faults: dict[int, deque] = {i: deque() for i in servo_ids}
@@ -299,7 +295,7 @@ class SimulatedBus:
         for j, name in enumerate(JOINTS):
             servo = self.servos.get(so100.MOTOR_IDS[name])
             if servo is not None:
-                servo.actual = (radians_to_ticks(angles[j]) + servo.get("Homing_Offset")) % so100.STEPS_PER_TURN
+                servo.actual = (radians_to_ticks(angles[j]) + servo.get("Homing_Offset")) % feetech.STEPS_PER_TURN
                 servo.refresh()
 
     def _drive_physics(self) -> None:
@@ -327,37 +323,28 @@ class SimulatedBus:
             if not ready:
                 buffer.clear()  # a packet left incomplete this long is abandoned, as a servo's timeout does
                 continue
+            # Working from the read until every whole packet read is acted on (its reply sent): the bytes
+            # have left the port by then, and settle() must not take the port's silence for "done".
             with self._lock:
                 self._working = True
             try:
                 buffer += os.read(self._master, 4096)
+                while (packet := self._take_instruction(buffer)) is not None:
+                    with self._lock:
+                        self._advance()
+                        try:
+                            reply = self._handle(*packet)
+                        except (ValueError, IndexError):
+                            reply = b""  # a malformed instruction is ignored, as a servo would
+                        self._drive_physics()
+                    if reply:
+                        self._send(reply)
             except OSError:
                 time.sleep(0.01)
-                continue
             finally:
                 with self._lock:
                     self._working = False
                     self._idle.notify_all()
-            while True:
-                packet = self._take_instruction(buffer)
-                if packet is None:
-                    break
-                with self._lock:
-                    self._working = True
-                    self._advance()
-                    try:
-                        reply = self._handle(*packet)
-                    except (ValueError, IndexError):
-                        reply = b""  # a malformed instruction is ignored, as a servo would
-                    self._drive_physics()
-                    self._working = bool(reply)
-                    if not reply:
-                        self._idle.notify_all()
-                if reply:
-                    self._send(reply)
-                    with self._lock:
-                        self._working = False
-                        self._idle.notify_all()
 
     @staticmethod
     def _take_instruction(buffer: bytearray) -> tuple[int, int, bytes] | None:
@@ -365,19 +352,19 @@ class SimulatedBus:
         as a servo drops it."""
         while True:
             try:
-                packet = so100.parse_packet(buffer, instruction=True)
-            except so100.ChecksumError:
+                packet = feetech.parse_packet(buffer, instruction=True)
+            except feetech.ChecksumError:
                 continue
             return None if packet is None else (packet.servo_id, packet.code, packet.params)
 
     def _handle(self, servo_id: int, instruction: int, params: bytes) -> bytes:
         """Apply one instruction packet; return the bytes the bus answers with."""
         self.log.append((servo_id, instruction))
-        if instruction == so100.SYNC_READ and servo_id == so100.BROADCAST_ID and len(params) >= 2:
+        if instruction == feetech.SYNC_READ and servo_id == feetech.BROADCAST_ID and len(params) >= 2:
             address, size = params[0], params[1]
             return b"".join(self._reply(i, bytes(self.servos[i].registers[address:address + size]))
                             for i in params[2:] if i in self.servos)
-        if instruction == so100.SYNC_WRITE and servo_id == so100.BROADCAST_ID and len(params) >= 2:
+        if instruction == feetech.SYNC_WRITE and servo_id == feetech.BROADCAST_ID and len(params) >= 2:
             address, size = params[0], params[1]
             body = params[2:]
             for k in range(0, len(body) - size, size + 1):
@@ -388,12 +375,12 @@ class SimulatedBus:
         servo = self.servos.get(servo_id)
         if servo is None:
             return b""
-        if instruction == so100.PING:
+        if instruction == feetech.PING:
             return self._reply(servo_id, b"")
-        if instruction == so100.READ and len(params) == 2:
+        if instruction == feetech.READ and len(params) == 2:
             address, size = params
             return self._reply(servo_id, bytes(servo.registers[address:address + size]))
-        if instruction == so100.WRITE and len(params) >= 2:
+        if instruction == feetech.WRITE and len(params) >= 2:
             servo.write(params[0], params[1:])
             return self._reply(servo_id, b"")
         return b""
@@ -401,13 +388,13 @@ class SimulatedBus:
     def _reply(self, servo_id: int, data: bytes) -> bytes:
         queue = self._faults[servo_id]
         if not queue:
-            return so100.status_packet(servo_id, 0, data)
+            return feetech.status_packet(servo_id, 0, data)
         entry = queue[0]
         fault, bits = entry[0], entry[2]
         entry[1] -= 1
         if entry[1] <= 0:
             queue.popleft()
-        packet = so100.status_packet(servo_id, bits if fault == "error" else 0, data)
+        packet = feetech.status_packet(servo_id, bits if fault == "error" else 0, data)
         if fault == "no_reply":
             return b""
         if fault == "bad_checksum":
@@ -417,7 +404,7 @@ class SimulatedBus:
         if fault == "noise":
             return NOISE + packet
         if fault == "wrong_id":
-            return so100.status_packet((servo_id % 253) + 1, 0, data)
+            return feetech.status_packet((servo_id % 253) + 1, 0, data)
         return packet
 
     def _send(self, data: bytes) -> None:

@@ -1,6 +1,6 @@
 """Fine-tune SmolVLA on a LeRobot dataset: resumable, multi-GPU (torchrun), with an offline demo.
 
-    python train.py                                          # offline demo: pick-and-place in MuJoCo (sim.py)
+    python train.py                                          # offline demo: pick-and-place in MuJoCo (demo.py)
     python train.py --data lerobot/svla_so100_pickplace      # fine-tune lerobot/smolvla_base
     python train.py --data DATA --from-vlm HuggingFaceTB/SmolVLM2-500M-Video-Instruct   # new policy
     python train.py --output-dir outputs/train --resume      # continue from checkpoints/last
@@ -16,21 +16,19 @@ Layout under --output-dir:
     checkpoints/<step:06d>/training_state.pt   optimizer, scheduler, step, RNG states, sampler position
     checkpoints/last -> <step:06d>             symlink to the newest complete checkpoint
     metrics.jsonl, loss.png                    one JSON line per log interval / validation; the curves
-    vision_cache/                              --cache-vision: frozen image embeddings, float16
-    (demo only) dataset/, vlm/                 the demo dataset (recorded in sim.py) and the tiny VLM
-    (demo only) eval.json, eval.mp4            closed-loop success on held-out scenes, and a video
+    vision_cache/                              --cache-vision: frozen image embeddings (vision_cache.py)
+    (demo only) dataset/, vlm/, eval.*         the demo's recording, tiny VLM and verdict (demo.py)
 """
-# The file reads top down: the configuration, the training loop, one step, a run's set-up (resume,
-# checkpoints, progress), then the parts they use: the policy for a dataset, the schedule, the data,
-# the demo, distributed set-up, and last the command line.
+# The file reads top down: the configuration, the training loop, one step, a run's set-up, resume
+# (what --output-dir already holds), then the parts they use: checkpoints, progress, the policy for a
+# dataset, the schedule, the data, distributed set-up, and last the command line, where a run's
+# settings are made once (parse_args; resumed_settings when resuming): nothing changes them after.
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import errno
-import hashlib
 import itertools
 import json
 import math
@@ -48,32 +46,20 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import checkpoint
 import cli
 import data
+import demo
 import flow
 import policy_io
+import vision_cache
 from flow import ACTION, IMAGE_PREFIX, STATE, SmolVLA, SmolVLAConfig
 
 # ----------------------------------------------------------------------------------------------
-# Configuration. The flags (build_parser, at the end) default to SmolVLA's fine-tuning recipe.
+# Configuration. The flags (build_parser, at the end) default to SmolVLA's fine-tuning recipe; the
+# offline demo (no --data) has its own recipe, demo.DEFAULTS.
 
 DEFAULT_POLICY = "lerobot/smolvla_base"
-
-# The demo's recipe: a tiny model learns faster with a higher learning rate and a short schedule. Its
-# VLM is random (there is no pretrained VLM this small), so it is trained too: then the policy really
-# reads the cube's position from the images (frozen random features carry it only weakly).
-DEMO_DEFAULTS = dict(chunk_size=10, steps=3_000, batch_size=32, lr=1e-3, warmup_steps=100, decay_steps=3_000, decay_lr=2e-5,
-                     train_vision=True, train_vlm=True,
-                     save_every=500, log_every=25, eval_every=250, val_episodes="2", val_samples=128,
-                     num_workers=0, preload=True, output_dir="outputs/demo")
-DEMO_IMAGE = 96  # the tiny vision encoder's input side, the cameras' size: 12-pixel patches, 8x8 of them
-DEMO_FPS = 10
-DEMO_NOISE = 0.04  # radians of wandering offset while recording (DART): demonstrations of recovering
-DEMO_EVAL_SEED = 10_000  # recording uses scene seeds 0, 1, ...; evaluation starts here, far above
-
-# What --resume takes from the command line rather than from the checkpoint's saved arguments.
-RUN_ONLY = {"resume", "output_dir", "device", "num_workers", "param_checksum_file", "preload",
-            "demo_eval_episodes"}
 
 # The action expert's attention (SmolVLA config fields): every other layer self-attention (the
 # paper's choice), or one kind throughout.
@@ -93,20 +79,14 @@ class TrainError(cli.UserError):
 
 
 def train(args: argparse.Namespace) -> dict:
-    """Run (or resume) a training run; returns a summary (steps, final loss, checkpoint path, ...)."""
+    """Run (or resume) the run `args` asks for (parse_args's); returns a summary (steps, final loss,
+    checkpoint path, ...)."""
     rank, world_size, device = setup_device(args.device)
     try:
-        checkpoint, resume_state = None, None
-        if args.resume:
-            args, checkpoint, resume_state = load_resume(args)
-            if args.steps == resume_state["step"]:
-                return nothing_to_do(args, args.steps, rank, f"{Path(args.output_dir)} holds a finished run "
-                                     f"({args.steps} of {args.steps} steps; pass a larger --steps to train it further)")
-        else:
-            args.demo = args.data is None  # saved with the run's arguments
-            if (Path(args.output_dir) / "checkpoints").exists():
-                return finished_run(args, rank)  # a run is never overwritten
-        return train_loop(start_run(args, checkpoint, resume_state, rank, world_size, device))
+        start = resume_or_start(args)
+        if start.done:
+            return nothing_to_do(Path(args.output_dir), start.step, rank, start.done)
+        return train_loop(start_run(start, rank, world_size, device))
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -166,7 +146,7 @@ def flow_noise_and_time(seed: int, stream: int, step: int, rank: int, batch_size
     The times are the model's training distribution (flow.sample_time), drawn after the noise."""
     state = np.random.SeedSequence([seed, stream, step, rank]).generate_state(2)
     generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-    noise = torch.randn(batch_size, policy.cfg.chunk_size, policy.cfg.max_action_dim, generator=generator)
+    noise = torch.randn(batch_size, policy.config.chunk_size, policy.config.max_action_dim, generator=generator)
     return noise.to(device), flow.sample_time(batch_size, generator, device)
 
 
@@ -221,7 +201,7 @@ class Run:
     """What the loop works with, made by start_run: the policy and its optimiser, the data, where the
     run writes; and the loop's other duties: validate, save, stop on a non-finite loss, report."""
 
-    args: argparse.Namespace
+    args: argparse.Namespace  # the run's settings (parse_args, or resume_or_start when resuming)
     policy: SmolVLA
     model: nn.Module  # FlowLoss(policy), wrapped in DistributedDataParallel when distributed
     optimizer: torch.optim.Optimizer
@@ -277,36 +257,39 @@ class Run:
     def finish(self, step: int, stopped: bool, seconds: float, last_result: dict | None) -> dict:
         """The summary; the demo's closed-loop evaluation; the last line, naming the outputs."""
         args, output_dir = self.args, self.output_dir
-        if args.param_checksum_file:
-            Path(args.param_checksum_file.format(rank=self.rank)).write_text(parameter_digest(self.policy) + "\n")
         last = output_dir / "checkpoints" / "last"
         summary = {"step": step, "stopped": stopped, "seconds": seconds,
                    "loss": last_result["loss"] if last_result else None,
                    "checkpoint": str(last.resolve()) if last.exists() else None}
         if args.demo and self.rank == 0 and not stopped and args.demo_eval_episodes > 0:
-            summary["eval"] = evaluate_demo(self.policy, output_dir, args.demo_eval_episodes, self.fps)
+            summary["eval"] = demo.evaluate(self.policy, output_dir, args.demo_eval_episodes, self.fps)
         outputs = run_outputs(output_dir) if last.exists() else "no checkpoint was saved"
         log(self.rank, f"{'stopped' if stopped else 'done'} at step {step} in {duration(seconds)}: {outputs}")
         return summary
 
 
-def start_run(args: argparse.Namespace, checkpoint: Path | None, resume_state: dict | None, rank: int,
-              world_size: int, device: torch.device) -> Run:
+def start_run(start: RunStart, rank: int, world_size: int, device: torch.device) -> Run:
     """Everything the loop needs: the demo's dataset and VLM (recorded the first time), the datasets, the
     policy (built, or the checkpoint's), the optimiser and schedule (restored when resuming), the data
     loaders and the metrics log (cut back to the checkpoint's step)."""
+    args, resume_state = start.args, start.state
     if args.cache_vision and (args.train_vision or args.train_vlm):
         raise TrainError("--cache-vision needs a frozen vision encoder and connector: drop --train-vision/--train-vlm")
     output_dir = Path(args.output_dir)
-    vlm_dir = prepare_demo(args, rank) if args.demo else None
-    whole, train_eps, val_eps = open_datasets(args)
+    if args.demo:
+        if rank == 0:  # the others wait for the recording
+            demo.ensure(output_dir, args.demo_episodes)
+        barrier()
+        log(rank, f"demo: training a tiny SmolVLA on {args.data} (pass --data to train on your dataset)")
+    whole = data.LeRobotDataset(args.data, revision=args.revision)  # its metadata: cameras, dims, stats, fps
+    train_eps, val_eps = split_episodes(args.val_episodes, whole.episodes)
     if resume_state is None:
-        policy = build_policy(args, whole, device, vlm_dir)
+        policy = build_policy(args, whole, device)
     else:
-        policy = SmolVLA.from_pretrained(checkpoint / "pretrained_model", vlm=args.vlm, device=device)
-        log(rank, f"resuming from {checkpoint} (step {resume_state['step']})")
-    trained = set(freeze(policy, args.train_vision, args.train_vlm))
-    chunk = policy.cfg.chunk_size
+        policy = SmolVLA.from_pretrained(start.checkpoint / "pretrained_model", vlm=args.vlm, device=device)
+        log(rank, f"resuming from {start.checkpoint} (step {resume_state['step']})")
+    trained = set(set_trainable(policy, args.train_vision, args.train_vlm))
+    chunk = policy.config.chunk_size
     train_set = data.LeRobotDataset(whole.root, chunk_size=chunk, episodes=train_eps)
     val_set = data.LeRobotDataset(whole.root, chunk_size=chunk, episodes=val_eps) if val_eps else None
     log(rank, f"data: {len(train_set)} training frames ({len(train_eps)} episodes), "
@@ -315,14 +298,14 @@ def start_run(args: argparse.Namespace, checkpoint: Path | None, resume_state: d
               f"{sum(p.numel() for n, p in policy.named_parameters() if n in trained) / 1e6:.2f} M trained; "
               f"device {device}, {world_size} process(es)")
     if args.preload:
-        train_set = PreloadedDataset(train_set, "training", rank == 0)
-        val_set = PreloadedDataset(val_set, "validation", rank == 0) if val_set is not None else None
+        train_set = data.PreloadedDataset(train_set, "training", rank == 0)
+        val_set = data.PreloadedDataset(val_set, "validation", rank == 0) if val_set is not None else None
     if args.cache_vision:
         cache_root = Path(args.cache_dir) if args.cache_dir else output_dir / "vision_cache"
-        cache = build_vision_cache(policy, data.LeRobotDataset(whole.root, chunk_size=chunk), cache_root,
+        cache = vision_cache.build(policy, data.LeRobotDataset(whole.root, chunk_size=chunk), cache_root,
                                    args.batch_size, args.num_workers, rank, world_size)
-        train_set = CachedVisionDataset(train_set, cache)
-        val_set = CachedVisionDataset(val_set, cache) if val_set is not None else None
+        train_set = vision_cache.CachedVisionDataset(train_set, cache)
+        val_set = vision_cache.CachedVisionDataset(val_set, cache) if val_set is not None else None
 
     optimizer = make_optimizer(policy, args)
     scheduler = make_scheduler(optimizer, args)
@@ -349,34 +332,6 @@ def start_run(args: argparse.Namespace, checkpoint: Path | None, resume_state: d
                device=device, step=step, resumed=resume_state is not None)
 
 
-def load_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, Path, dict]:
-    """--resume: the run's saved arguments (flags given now override them), the checkpoint, its state."""
-    checkpoint = last_checkpoint(Path(args.output_dir))
-    state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
-    merged = flag_defaults(build_parser())  # flags added since the run was saved take their defaults
-    merged.update(state["args"])
-    merged.update({k: getattr(args, k) for k in args.explicit})
-    merged.update({k: getattr(args, k) for k in RUN_ONLY | {"explicit"}})
-    for key in ("batch_size", "seed", "lr", "betas", "warmup_steps", "decay_steps", "decay_lr"):
-        if key in args.explicit and state["args"].get(key) != merged[key]:
-            print(f"warning: --{key.replace('_', '-')} {merged[key]} differs from the run's {state['args'].get(key)}: "
-                  "the curve will not match an uninterrupted run", flush=True)
-    saved = state["args"]
-    before = fitted_schedule(saved["steps"], saved["warmup_steps"], saved["decay_steps"])
-    after = fitted_schedule(merged["steps"], merged["warmup_steps"], merged["decay_steps"])
-    if "steps" in args.explicit and before != after:
-        print(f"warning: --steps {merged['steps']} (the run's: {saved['steps']}) refits the learning-rate schedule "
-              f"(warm-up {before[0]} -> {after[0]}, decay {before[1]} -> {after[1]} steps): the learning rate jumps "
-              "here and the curve will not match an uninterrupted run", flush=True)
-    merged["betas"] = tuple(merged["betas"])
-    merged["demo"] = bool(merged.get("demo", False))  # what the run was, not what this command line says
-    resumed = argparse.Namespace(**merged)
-    if resumed.steps < state["step"]:
-        raise TrainError(f"--steps {resumed.steps}: the run in {resumed.output_dir} is already at step "
-                         f"{state['step']}; pass a larger --steps to train it further")
-    return resumed, checkpoint, state
-
-
 def restore_training_state(state: dict, optimizer: torch.optim.Optimizer, scheduler, rank: int,
                            world_size: int) -> int:
     """The optimiser, schedule and random number generators as they were at the checkpoint; its step."""
@@ -388,32 +343,47 @@ def restore_training_state(state: dict, optimizer: torch.optim.Optimizer, schedu
                   "the data order changes from here")
     return int(state["step"])
 
+# ----------------------------------------------------------------------------------------------
+# Resume: what --output-dir already holds decides what a command does. A run is never overwritten.
+# --resume continues it with its saved arguments (the flags given now on top); without --resume, a
+# finished run asked for again with the same flags trains nothing and says where its results are
+# (the demo's `python train.py` run twice), and anything else is an error saying what to do instead.
 
-def saved_args(args: argparse.Namespace) -> dict:
-    """The run's arguments as a checkpoint keeps them (what --resume restores)."""
-    return {k: v for k, v in vars(args).items() if k not in RUN_ONLY | {"explicit"}}
-
-
-def run_outputs(output_dir: Path) -> str:
-    """Where a run's results are, for the messages that end or refuse a run."""
-    return (f"policy {output_dir / 'checkpoints' / 'last' / 'pretrained_model'}, loss plot {output_dir / 'loss.png'}, "
-            f"metrics {output_dir / 'metrics.jsonl'}")
-
-
-def nothing_to_do(args: argparse.Namespace, step: int, rank: int, where: str) -> dict:
-    """A finished run asked for again: nothing is trained or overwritten; the message says where it is."""
-    log(rank, f"nothing to do: {where}: {run_outputs(Path(args.output_dir))}")
-    last = Path(args.output_dir) / "checkpoints" / "last"
-    return {"step": step, "stopped": False, "seconds": 0.0, "loss": None, "complete": True,
-            "checkpoint": str(last.resolve())}
+# What --resume takes from the command line (or its default) rather than from the saved arguments;
+# a checkpoint does not save these, and asking for a finished run again does not compare them.
+RUN_ONLY = {"resume", "output_dir", "device", "num_workers", "preload", "demo_eval_episodes"}
 
 
-def finished_run(args: argparse.Namespace, rank: int) -> dict:
-    """When --output-dir already holds a run and --resume is not given. A complete run asked for again
-    with the same flags (the demo's `python train.py` run twice): nothing_to_do. Otherwise a
-    TrainError: a stopped run points to --resume, flags that ask for a different run to another
-    --output-dir."""
+@dataclass
+class RunStart:
+    """Where a command starts, by what --output-dir holds: a new run, a resumed one, or nothing to do."""
+
+    args: argparse.Namespace  # the run's settings: when resuming, its saved arguments with the flags given on top
+    checkpoint: Path | None = None  # resuming from this checkpoint ...
+    state: dict | None = None  # ... and its training_state.pt
+    step: int = 0  # the steps the run has done
+    done: str | None = None  # nothing to train: says which finished run, for the message naming its outputs
+
+
+def resume_or_start(args: argparse.Namespace) -> RunStart:
+    """The run that `args` (parse_args's) asks for, given what --output-dir holds. Raises a TrainError
+    for a run that cannot start: --resume without a checkpoint, or with fewer --steps than done; or,
+    without --resume, a run already there that is unfinished, stopped, or asked for with other flags."""
     output_dir = Path(args.output_dir)
+    if args.resume:
+        checkpoint = last_checkpoint(output_dir)
+        state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
+        resumed, step = resumed_settings(args, state["args"]), int(state["step"])
+        if resumed.steps < step:
+            raise TrainError(f"--steps {resumed.steps}: the run in {resumed.output_dir} is already at step "
+                             f"{step}; pass a larger --steps to train it further")
+        done = None
+        if resumed.steps == step:
+            done = (f"{output_dir} holds a finished run ({step} of {step} steps; pass a larger --steps to train "
+                    "it further)")
+        return RunStart(resumed, checkpoint, state, step, done)
+    if not (output_dir / "checkpoints").exists():
+        return RunStart(args)  # a new run
     last = output_dir / "checkpoints" / "last"
     if not last.exists():
         raise TrainError(f"{output_dir} holds an unfinished training run without a checkpoint: delete "
@@ -431,8 +401,44 @@ def finished_run(args: argparse.Namespace, rank: int) -> dict:
         flags = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved[k]})" for k in different)
         raise TrainError(f"{where}: {run_outputs(output_dir)}. The flags given ask for another run ({flags}): choose "
                          f"another --output-dir, or to train this run for longer pass --resume --steps N with N > {step}")
-    return nothing_to_do(args, step, rank, where)
+    return RunStart(args, step=step, done=where)
 
+
+def resumed_settings(args: argparse.Namespace, saved: dict) -> argparse.Namespace:
+    """A resumed run's settings: the recipe of its kind (the demo's or the fine-tuning one: what the
+    run was, not what this command line says), its saved arguments, the flags given now, and the
+    directory it was found in. Warns where a flag given changes the curve an uninterrupted run draws."""
+    given = {k: getattr(args, k) for k in args.explicit} | {"output_dir": args.output_dir}
+    resumed = run_settings(bool(saved.get("demo", False)), given, args.explicit, saved)
+    for key in ("batch_size", "seed", "lr", "betas", "warmup_steps", "decay_steps", "decay_lr"):
+        if key in args.explicit and saved.get(key) != getattr(resumed, key):
+            print(f"warning: --{key.replace('_', '-')} {getattr(resumed, key)} differs from the run's {saved.get(key)}: "
+                  "the curve will not match an uninterrupted run", flush=True)
+    before = fitted_schedule(saved["steps"], saved["warmup_steps"], saved["decay_steps"])
+    after = fitted_schedule(resumed.steps, resumed.warmup_steps, resumed.decay_steps)
+    if "steps" in args.explicit and before != after:
+        print(f"warning: --steps {resumed.steps} (the run's: {saved['steps']}) refits the learning-rate schedule "
+              f"(warm-up {before[0]} -> {after[0]}, decay {before[1]} -> {after[1]} steps): the learning rate jumps "
+              "here and the curve will not match an uninterrupted run", flush=True)
+    return resumed
+
+
+def saved_args(args: argparse.Namespace) -> dict:
+    """The run's settings as a checkpoint keeps them (what --resume restores)."""
+    return {k: v for k, v in vars(args).items() if k not in RUN_ONLY | {"explicit"}}
+
+
+def run_outputs(output_dir: Path) -> str:
+    """Where a run's results are, for the messages that end or refuse a run."""
+    return (f"policy {output_dir / 'checkpoints' / 'last' / 'pretrained_model'}, loss plot {output_dir / 'loss.png'}, "
+            f"metrics {output_dir / 'metrics.jsonl'}")
+
+
+def nothing_to_do(output_dir: Path, step: int, rank: int, where: str) -> dict:
+    """A finished run asked for again: nothing is trained or overwritten; the message says where it is."""
+    log(rank, f"nothing to do: {where}: {run_outputs(output_dir)}")
+    return {"step": step, "stopped": False, "seconds": 0.0, "loss": None, "complete": True,
+            "checkpoint": str((output_dir / "checkpoints" / "last").resolve())}
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
@@ -466,7 +472,7 @@ def save_checkpoint(output_dir: Path, step: int, policy: SmolVLA, training_state
     try:
         with cli.writing_dir(final, checkpoints / f".partial-{step:06d}-{os.getpid()}", durable=True) as partial:
             policy.save_pretrained(partial / "pretrained_model")
-            if dataset_info is not None:  # the control rate to run the policy at (sim.py eval, infer_async --sim)
+            if dataset_info is not None:  # the control rate to run the policy at (sim.py, infer_async.py)
                 (partial / "pretrained_model" / policy_io.DATASET_INFO).write_text(json.dumps(dataset_info, indent=2) + "\n")
             torch.save(training_state, partial / "training_state.pt")
         link = checkpoints / f".last-{os.getpid()}"
@@ -677,23 +683,21 @@ def dataset_stats(dataset: data.LeRobotDataset) -> dict[str, dict[str, torch.Ten
         if "mean" not in found or "std" not in found:
             raise TrainError(f"the dataset {dataset.root} has no mean/std for {key!r} in meta/stats.json; "
                              "normalisation needs them")
-        stats[key] = {k: v for k, v in found.items() if k in flow.STAT_NAMES}
+        stats[key] = {k: v for k, v in found.items() if k in checkpoint.STAT_NAMES}
     return stats
 
 
-def build_policy(args: argparse.Namespace, dataset: data.LeRobotDataset, device: torch.device,
-                 vlm_dir: Path | None = None) -> SmolVLA:
-    """The policy to train on this dataset: the tiny demo configuration (vlm_dir given), a new policy
-    from a pretrained VLM (--from-vlm), or a pretrained policy (--policy); adapted to the dataset's
-    cameras and dims, with the dataset's normalisation stats, the camera mapping printed."""
+def build_policy(args: argparse.Namespace, dataset: data.LeRobotDataset, device: torch.device) -> SmolVLA:
+    """The policy to train on this dataset: the demo's tiny one (demo.policy_config), a new policy from
+    a pretrained VLM (--from-vlm), or a pretrained policy (--policy); adapted to the dataset's cameras
+    and dims, with the dataset's normalisation stats, the camera mapping printed."""
     rename = parse_rename(args.rename)
     torch.manual_seed(args.seed)  # fresh weights (expert, projections) are the same on every rank
-    if vlm_dir is not None or args.from_vlm:
+    if args.demo or args.from_vlm:
         mapping = camera_mapping(dataset.camera_keys, None, rename)
-        if vlm_dir is not None:
-            cfg = SmolVLAConfig(chunk_size=args.chunk_size, n_action_steps=args.chunk_size, tokenizer_max_length=16,
-                                num_vlm_layers=4, **EXPERT_ATTENTION[args.expert_attention],
-                                resize_imgs_with_padding=(DEMO_IMAGE, DEMO_IMAGE), vlm_model_name=str(vlm_dir.resolve()))
+        if args.demo:
+            vlm_dir = demo.vlm_dir(Path(args.output_dir))
+            cfg = demo.policy_config(vlm_dir, args.chunk_size, EXPERT_ATTENTION[args.expert_attention])
             adapt_to_dataset(cfg, dataset, mapping)
             _, vlm_config, tokenizer = flow.load_vlm_files(vlm_dir, cfg, weights=False)
             policy = SmolVLA(cfg, vlm_config, tokenizer)
@@ -714,9 +718,9 @@ def build_policy(args: argparse.Namespace, dataset: data.LeRobotDataset, device:
             policy = SmolVLA.from_pretrained(args.policy, vlm=args.vlm, device="cpu")
         except (ValueError, KeyError) as err:
             raise TrainError(f"cannot load the policy {args.policy}: {err}") from err
-        mapping = camera_mapping(dataset.camera_keys, policy.cfg.camera_keys, rename)
-        unused = [slot for slot in policy.cfg.camera_keys if slot not in mapping.values()]
-        adapt_to_dataset(policy.cfg, dataset, mapping)
+        mapping = camera_mapping(dataset.camera_keys, policy.config.camera_keys, rename)
+        unused = [slot for slot in policy.config.camera_keys if slot not in mapping.values()]
+        adapt_to_dataset(policy.config, dataset, mapping)
         if unused:
             print(f"policy camera slot(s) {unused} have no camera in this dataset: removed from the policy's "
                   "input features", flush=True)
@@ -731,10 +735,10 @@ FROZEN_VISION = ("vision.",)
 FROZEN_VLM = ("connector.", "lm.", "lm_head.")
 
 
-def freeze(policy: SmolVLA, train_vision: bool = False, train_vlm: bool = False) -> list[str]:
-    """Set requires_grad: the expert and the state/action/time projections train; the vision encoder
-    and the VLM (connector, text layers) stay frozen unless asked. lm_head is never used: frozen.
-    Returns the names of the trained parameters."""
+def set_trainable(policy: SmolVLA, train_vision: bool = False, train_vlm: bool = False) -> list[str]:
+    """Choose what trains (requires_grad) and return those parameters' names: the expert and the
+    state/action/time projections; the vision encoder and the VLM (connector, text layers) only when
+    asked, frozen otherwise. lm_head is never used: always frozen."""
     frozen = () if train_vision else FROZEN_VISION
     frozen += ("lm_head.",) + (() if train_vlm else FROZEN_VLM)
     trained = []
@@ -790,14 +794,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: the split, a resumable sampler, preloading, the vision cache
-
-
-def open_datasets(args: argparse.Namespace, chunk_size_hint: int = 50):
-    """(the whole dataset, training episodes, validation episodes), checking the split."""
-    whole = data.LeRobotDataset(args.data, chunk_size=chunk_size_hint, revision=args.revision)
-    train_eps, val_eps = split_episodes(args.val_episodes, whole.episodes)
-    return whole, train_eps, val_eps
+# Data: the split, a resumable sampler, the loaders (preloading: data.PreloadedDataset; the vision
+# cache: vision_cache.py)
 
 
 def split_episodes(spec: str, episodes: list[int]) -> tuple[list[int], list[int]]:
@@ -852,246 +850,6 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, sampler: tor
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                        pin_memory=pin_memory, drop_last=True, worker_init_fn=ignore_sigint,
                                        prefetch_factor=4 if num_workers else None)
-
-
-class PreloadedDataset(torch.utils.data.Dataset):
-    """Every item of a dataset decoded once and kept in memory, images as uint8 (a decoded frame is
-    k/255 exactly, so nothing is lost). For datasets small enough to fit, like the demo's ~9,000
-    frames (~500 MB), where decoding video for every sample would cost more than the step itself."""
-
-    def __init__(self, dataset: data.LeRobotDataset, name: str, verbose: bool = True):
-        self.camera_keys = list(dataset.camera_keys)
-        start, self.items = time.perf_counter(), []
-        for i in range(len(dataset)):
-            item = dataset[i]
-            for key in self.camera_keys:
-                item[key] = (item[key] * 255).round().to(torch.uint8)
-            self.items.append(item)
-        if verbose:
-            print(f"preloaded {len(self.items)} {name} frames in {time.perf_counter() - start:.0f} s", flush=True)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = dict(self.items[i])
-        for key in self.camera_keys:
-            item[key] = item[key].float() / 255
-        return item
-
-
-def without_video(dataset: data.LeRobotDataset) -> data.LeRobotDataset:
-    """A view of the dataset whose items lack the camera images: no video is opened or decoded."""
-    view = copy.copy(dataset)
-    view.decode_video = False
-    return view
-
-
-class CachedVisionDataset(torch.utils.data.Dataset):
-    """Items of `dataset` without decoding video, with `image_embeddings` {policy camera: (tokens, hidden)
-    float16} read from the cache's memory-mapped arrays (rows follow the global frame `index`)."""
-
-    def __init__(self, dataset: data.LeRobotDataset, cache_dir: Path):
-        self.dataset = without_video(dataset)
-        meta = json.loads((cache_dir / "meta.json").read_text())
-        self.cameras = meta["cameras"]
-        frame_index = np.load(cache_dir / "index.npy")
-        self.order = np.argsort(frame_index, kind="stable")
-        self.sorted_index = frame_index[self.order]
-        self.cache_dir = cache_dir
-        self.arrays: dict[str, np.ndarray] | None = None  # opened lazily: once per worker process
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def row(self, frame_index: int) -> int:
-        position = int(np.searchsorted(self.sorted_index, frame_index))
-        if position >= len(self.sorted_index) or self.sorted_index[position] != frame_index:
-            raise TrainError(f"frame {frame_index} is not in the vision cache {self.cache_dir}")
-        return int(self.order[position])
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        if self.arrays is None:
-            self.arrays = {key: np.load(self.cache_dir / f"{n}.npy", mmap_mode="r") for n, key in enumerate(self.cameras)}
-        item = self.dataset[i]
-        row = self.row(int(item["index"]))
-        item["image_embeddings"] = {key: torch.from_numpy(np.array(a[row])) for key, a in self.arrays.items()}
-        return item
-
-
-def vision_cache_key(policy: SmolVLA, dataset: data.LeRobotDataset, dtype: torch.dtype) -> str:
-    """A digest of everything the embeddings depend on: the vision encoder and connector weights, the
-    image preprocessing, the camera mapping, the dataset's files and the compute dtype."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(policy.state_dict().items()):
-        if name.startswith(("vision.", "connector.")):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    info = (dataset.root / "meta" / "info.json").read_bytes()
-    episodes = sorted((dataset.root / "meta").glob("episodes/**/*.parquet")) + [dataset.root / "meta" / "episodes.jsonl"]
-    stamp = [(str(p.relative_to(dataset.root)), p.stat().st_size, p.stat().st_mtime_ns) for p in episodes if p.is_file()]
-    digest.update(json.dumps([str(dataset.root), info.decode(), stamp, policy.rename_map, policy.camera_keys,
-                              list(policy.cfg.resize_imgs_with_padding), str(dtype)]).encode())
-    return digest.hexdigest()[:16]
-
-
-def build_vision_cache(policy: SmolVLA, dataset: data.LeRobotDataset, cache_root: Path, batch_size: int = 64,
-                       num_workers: int = 0, rank: int = 0, world_size: int = 1) -> Path:
-    """Encode every frame of `dataset` (all its episodes) once: `<cache_root>/<key>/<n>.npy` float16
-    (frames, tokens, hidden) per policy camera n, `index.npy` (the frames' global index), meta.json.
-    Reused when the key (see vision_cache_key) matches; built in a temporary directory and renamed, so
-    a half-built cache is never used. Ranks each encode a share of the frames."""
-    autocast = policy.device.type == "cuda"
-    key = vision_cache_key(policy, dataset, torch.bfloat16 if autocast else torch.float32)
-    final = cache_root / key
-    if final.is_dir():
-        log(rank, f"vision cache: reusing {final}")
-        return final
-    cameras = list(policy.camera_keys)
-    frames = len(dataset)
-    with torch.no_grad():
-        probe = policy.encode_images({source: dataset[0][source][None] for source in dataset.camera_keys
-                                      if policy.rename_map.get(source, source) in cameras})
-    # Rank 0 owns the directory being built (renamed into place once complete, removed on an error);
-    # every rank writes its share of the rows into it between the barriers.
-    partial = cache_root / f"{key}.partial"
-    with cli.writing_dir(final, partial) if rank == 0 else contextlib.nullcontext():
-        if rank == 0:
-            for n, camera in enumerate(cameras):
-                np.lib.format.open_memmap(partial / f"{n}.npy", mode="w+", dtype=np.float16,
-                                          shape=(frames, *probe[camera].shape[1:])).flush()
-            log(rank, f"vision cache: encoding {frames} frames x {len(cameras)} cameras into {final}")
-        barrier()
-        index = encode_frames(policy, dataset, partial, cameras, batch_size, num_workers, rank, world_size)
-        np.save(partial / f"index.{rank}.npy", index)
-        barrier()
-        if rank == 0:
-            index = sum(np.load(partial / f"index.{r}.npy") for r in range(world_size))
-            np.save(partial / "index.npy", index)
-            (partial / "meta.json").write_text(json.dumps({"cameras": cameras, "frames": frames,
-                                                           "dataset": str(dataset.root), "dtype": "float16"}, indent=2))
-    barrier()
-    return final
-
-
-def encode_frames(policy: SmolVLA, dataset: data.LeRobotDataset, cache_dir: Path, cameras: list[str],
-                  batch_size: int, num_workers: int, rank: int, world_size: int) -> np.ndarray:
-    """This rank's share of the frames (every world_size-th) encoded into the cache's arrays; returns
-    the frames' global index at the rows written (zero elsewhere)."""
-    autocast = policy.device.type == "cuda"
-    arrays = [np.load(cache_dir / f"{n}.npy", mmap_mode="r+") for n in range(len(cameras))]
-    index = np.zeros(len(dataset), np.int64)
-    mine = list(range(rank, len(dataset), world_size))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
-                                         num_workers=num_workers, worker_init_fn=ignore_sigint)
-    live = rank == 0 and sys.stdout.isatty()
-    done = 0
-    start = shown = time.perf_counter()
-    for batch in loader:
-        rows = mine[done:done + len(batch["index"])]
-        with torch.autocast(policy.device.type, torch.bfloat16, enabled=autocast):
-            embeddings = policy.encode_images(batch)
-        for n, camera in enumerate(cameras):
-            arrays[n][rows] = embeddings[camera].float().cpu().numpy().astype(np.float16)
-        index[rows] = batch["index"].numpy()
-        done += len(rows)
-        if rank == 0 and (live or done == len(mine) or time.perf_counter() - shown > 30):
-            shown = time.perf_counter()
-            rate = done * world_size / max(shown - start, 1e-9)
-            text = f"vision cache: ~{done * world_size}/{len(dataset)} frames, {rate:.1f} frames/s"
-            print(("\r" + text) if live else text, end="" if live else "\n", flush=True)
-    for array in arrays:
-        array.flush()
-    if live:
-        print(flush=True)
-    return index
-
-
-# ----------------------------------------------------------------------------------------------
-# Offline demo: pick-and-place in the MuJoCo SO-100 (sim.py). Scripted demonstrations are recorded
-# as a LeRobot dataset, a tiny SmolVLA with a random VLM learns them from scratch, and the policy is
-# then judged closed loop on scenes never used for recording.
-
-
-def prepare_demo(args: argparse.Namespace, rank: int) -> Path:
-    """Records the demo's dataset and writes its VLM the first time (rank 0; the others wait), points
-    --data at the dataset; returns the VLM's directory."""
-    output_dir = Path(args.output_dir)
-    if rank == 0:
-        ensure_demo(output_dir, args.demo_episodes)
-    barrier()
-    dataset_dir, vlm_dir = output_dir / "dataset", output_dir / "vlm"
-    args.data = str(dataset_dir)
-    log(rank, f"demo: training a tiny SmolVLA on {dataset_dir} (pass --data to train on your dataset)")
-    return vlm_dir
-
-
-def demo_vlm_config(vocab_size: int) -> dict:
-    """A SmolVLM-shaped config small enough to train on a laptop CPU in minutes (~0.5 M parameters)."""
-    return {
-        "model_type": "smolvlm", "scale_factor": 2,
-        "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-                        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-                        "rms_norm_eps": 1e-5, "vocab_size": vocab_size},
-        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                          "num_attention_heads": 4, "image_size": DEMO_IMAGE, "patch_size": DEMO_IMAGE // 8,
-                          "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh"},
-    }
-
-
-def write_demo_vlm(vlm_dir: Path, tasks: list[str]) -> None:
-    """config.json and a byte-level BPE tokenizer.json trained on the demo's task strings, with
-    SmolVLM's special tokens (<|im_end|> is the padding token), so flow.Tokenizer reads it as the real one."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator([t + "\n" for t in tasks], trainer=trainer)
-    with cli.writing_dir(vlm_dir) as partial:
-        tokenizer.save(str(partial / "tokenizer.json"))
-        (partial / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|im_end|>"}, indent=2))
-        (partial / "config.json").write_text(json.dumps(demo_vlm_config(tokenizer.get_vocab_size()), indent=2))
-
-
-def ensure_demo(out_dir: Path, episodes: int) -> tuple[Path, Path]:
-    """The demo dataset (recorded in the simulator) and tiny VLM under out_dir, written the first
-    time (both atomically)."""
-    import sim  # MuJoCo: needed by the demo only
-
-    dataset_dir, vlm_dir = out_dir / "dataset", out_dir / "vlm"
-    if not vlm_dir.is_dir():
-        write_demo_vlm(vlm_dir, [sim.TASK])
-    if not dataset_dir.is_dir():
-        print(f"recording {episodes} scripted demonstrations in the simulator to {dataset_dir} "
-              f"(LeRobot v3.0, {DEMO_FPS} fps) ...", flush=True)
-        sim.record(dataset_dir, episodes, seed=0, fps=DEMO_FPS, noise=DEMO_NOISE,
-                   log=lambda line: print("  " + line, flush=True))
-    return dataset_dir, vlm_dir
-
-
-def evaluate_demo(policy: SmolVLA, output_dir: Path, episodes: int, fps: float) -> dict:
-    """The trained policy closed loop in the simulator on held-out scenes: success rate, its 95%
-    interval, completion time; eval.json and a video of the first episodes beside the run."""
-    import sim
-
-    policy.eval()
-    config = sim.EvalConfig(episodes=episodes, seed=DEMO_EVAL_SEED, fps=fps, video=str(output_dir / "eval.mp4"))
-    print(f"evaluating closed loop on {episodes} held-out scenes (seeds {DEMO_EVAL_SEED}.."
-          f"{DEMO_EVAL_SEED + episodes - 1}) ...", flush=True)
-    with sim.SimRobot() as sim_robot:
-        summary = sim.evaluate(sim_robot, policy_io.make_policy_fn(policy), policy_io.policy_spec(policy),
-                               config, log=lambda line: print("  " + line, flush=True))
-    (output_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-    low, high = summary["ci95"]
-    completion = summary["mean_completion_s"]
-    print(f"success {summary['successes']}/{episodes} = {summary['success_rate']:.0%} (95% CI {low:.0%}-{high:.0%})"
-          + (f", mean completion {completion:.1f} s" if completion is not None else "")
-          + f", idle ticks {summary['idle_ticks']}; {output_dir / 'eval.json'}, video {config.video}", flush=True)
-    return summary
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1169,14 +927,6 @@ class StopRequest:
         return False
 
 
-def parameter_digest(policy: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, param in policy.named_parameters():
-        digest.update(name.encode())
-        digest.update(param.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------
 # Command line
 
@@ -1250,33 +1000,43 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--demo-episodes", type=cli.integer(1), default=100,
                    help="scripted demonstrations to record in the simulator (scene seeds 0, 1, ...)")
     g.add_argument("--demo-eval-episodes", type=cli.integer(0), default=50,
-                   help=f"closed-loop evaluation episodes after training, on held-out scene seeds from {DEMO_EVAL_SEED}; "
+                   help=f"closed-loop evaluation episodes after training, on held-out scene seeds from {demo.EVAL_SEED}; "
                         "0 skips it")
-    p.add_argument("--param-checksum-file", help=argparse.SUPPRESS)  # tests: each rank writes a digest
     return p
 
 
-def flag_defaults(parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Every flag's default, by name (the fine-tuning recipe)."""
-    return {action.dest: action.default for action in parser._actions if action.default is not argparse.SUPPRESS}
+def recipe(is_demo: bool) -> dict[str, Any]:
+    """Every flag's default for a run of this kind: the fine-tuning recipe, or the demo's on top of it."""
+    defaults = {action.dest: action.default for action in build_parser()._actions
+                if action.default is not argparse.SUPPRESS}
+    return {**defaults, **demo.DEFAULTS} if is_demo else defaults
+
+
+def run_settings(is_demo: bool, given: dict[str, Any], explicit: list[str],
+                 saved: dict | None = None) -> argparse.Namespace:
+    """A run's settings, made once: its kind's recipe, then (resuming) its saved arguments but for the
+    RUN_ONLY ones, then the flags `given`. Besides the flags: `demo`, whether the run is the offline
+    demo, which trains on its recording under --output-dir (`data`), and `explicit`, the flags given."""
+    settings = recipe(is_demo)
+    settings.update({k: v for k, v in (saved or {}).items() if k not in RUN_ONLY})
+    settings.update(given)
+    settings["betas"] = tuple(settings["betas"])
+    settings["demo"] = is_demo  # saved with the run: what it was decides what --resume continues
+    if is_demo:
+        settings["data"] = str(demo.dataset_dir(Path(settings["output_dir"])))
+    return argparse.Namespace(**settings, explicit=explicit)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags, with the demo's defaults when --data is absent. `args.explicit` names the flags given
-    on the command line: they override the demo's defaults and, on --resume, the run's saved arguments."""
+    """The settings of the run a command line asks for: the flags given, over the demo's recipe when
+    --data is absent (also to resume a demo), over the fine-tuning recipe. `explicit` names the flags
+    given: they override the demo's defaults and, on --resume, the run's saved arguments."""
     parser = build_parser()
-    defaults = flag_defaults(parser)
     # argparse fills in a flag's default only where the namespace lacks it: starting from None for
     # every flag, one parse sets exactly the flags given (none of them can be given as None).
-    args = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(defaults)))
-    args.explicit = sorted(key for key, value in vars(args).items() if value is not None)
-    if args.data is None:  # the demo (also when resuming it)
-        defaults.update(DEMO_DEFAULTS)
-    for key, value in defaults.items():
-        if key not in args.explicit:
-            setattr(args, key, value)
-    args.betas = tuple(args.betas)
-    return args
+    given = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(recipe(False))))
+    explicit = sorted(key for key, value in vars(given).items() if value is not None)
+    return run_settings(given.data is None, {key: getattr(given, key) for key in explicit}, explicit)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -1286,7 +1046,7 @@ def main(argv: list[str] | None = None) -> dict:
     except (cli.UserError, FileNotFoundError) as err:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says why
             print(f"train.py: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        raise SystemExit(cli.USER_ERROR) from None
     except KeyboardInterrupt:
         print("\ntrain.py: aborted without saving", file=sys.stderr, flush=True)
         raise SystemExit(130) from None

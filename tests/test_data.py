@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import cli
 import data
 
 FPS = 30
@@ -326,6 +327,18 @@ def test_items_without_video(tiny_v3_dataset, tmp_path):
     assert item["action"].shape == (3, 6) and item["frame_index"] == 5
 
 
+def test_preloaded_items_are_the_decoded_ones_bit_for_bit(tiny_v3_dataset):
+    """Preloading keeps the images as uint8 (a quarter of float32's memory): a decoded frame is k/255,
+    so every item comes back exactly as the dataset decodes it."""
+    dataset = data.LeRobotDataset(tiny_v3_dataset[0], chunk_size=3)
+    preloaded = data.PreloadedDataset(dataset, "test", verbose=False)
+    assert len(preloaded) == len(dataset) and preloaded.items[0][CAMERAS[0]].dtype == torch.uint8
+    for i in range(len(dataset)):
+        decoded, kept = dataset[i], preloaded[i]
+        assert list(kept) == list(decoded) and kept["task"] == decoded["task"]
+        assert all(torch.equal(kept[k], decoded[k]) for k in decoded if k != "task")
+
+
 def test_dataloader_workers_open_their_own_decoders(tiny_v3_dataset):
     root, episodes = tiny_v3_dataset
     dataset = data.LeRobotDataset(root, chunk_size=4)
@@ -399,8 +412,9 @@ def test_writer_refuses_bad_input_and_leaves_nothing(tmp_path):
         data.write_dataset(tmp_path / "bad", episodes, fps=FPS)
     assert list(tmp_path.iterdir()) == []  # no half-written dataset, no .partial directory
     (tmp_path / "exists").mkdir()
-    with pytest.raises(FileExistsError):
+    with pytest.raises(data.DatasetExistsError, match="already exists") as raised:
         data.write_dataset(tmp_path / "exists", make_episodes()[:1], fps=FPS)
+    assert isinstance(raised.value, FileExistsError) and isinstance(raised.value, cli.UserError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,16 +588,28 @@ def test_writing_av1_leaves_threads_and_children_at_normal_priority(tmp_path):
     """SVT-AV1 run as root switches the encoding thread to SCHED_FIFO 99, inherited by every later
     thread and process (checked by hand: 0 before an encode, 1 after, without the guard)."""
     assert _scheduling_of_main_new_thread_and_child() == [os.SCHED_OTHER] * 3
+    # Threads that other libraries started earlier in this process keep their own policy (Mesa's
+    # shader-cache thread "disk$0", started by an earlier test's rendering, runs at SCHED_BATCH);
+    # every other thread, the encoder's own included, must be at the normal one afterwards.
+    before = thread_policies()
     rng = np.random.default_rng(0)
     episode = {"task": "t", "observation.state": np.zeros((6, 2), np.float32), "action": np.zeros((6, 2), np.float32),
                "observation.images.top": rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)}
-    data.write_dataset(tmp_path / "ds", [episode, episode], fps=10, vcodec="libsvtav1")
+    data.write_dataset(tmp_path / "ds", [episode, episode], fps=10)
     assert _scheduling_of_main_new_thread_and_child() == [os.SCHED_OTHER] * 3
-    for task in os.listdir("/proc/self/task"):  # the encoder's own threads too, if any are left
+    for task, policy in thread_policies().items():
+        assert policy == before.get(task, os.SCHED_OTHER), f"thread {task}"
+
+
+def thread_policies() -> dict[int, int]:
+    """Each thread of this process: its scheduling policy (threads that end meanwhile are left out)."""
+    found = {}
+    for task in os.listdir("/proc/self/task"):
         try:
-            assert os.sched_getscheduler(int(task)) == os.SCHED_OTHER, f"thread {task}"
+            found[int(task)] = os.sched_getscheduler(int(task))
         except ProcessLookupError:
             pass
+    return found
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setscheduler"), reason="POSIX scheduling policies (Linux)")

@@ -5,6 +5,7 @@ import json
 
 from PIL import Image
 
+import cli
 import experiments
 
 
@@ -28,7 +29,7 @@ def test_table_and_plot_are_written(tmp_path):
 
 
 def test_missing_policy_is_one_line(tmp_path, capsys):
-    assert experiments.main(["async", "--policy", str(tmp_path / "none")]) == 2
+    assert experiments.main(["async", "--policy", str(tmp_path / "none")]) == cli.USER_ERROR
     assert "no policy at" in capsys.readouterr().err
 
 
@@ -57,3 +58,31 @@ def test_a_stopped_training_stops_the_experiment_and_the_next_run_resumes_it(tmp
     assert "--resume" not in calls[0] and (tmp_path / "runs" / "v" / "dataset").resolve() == (demos / "dataset").resolve()
     experiments.main(["steps", "--out", str(tmp_path)])
     assert "--resume" in calls[1] and calls[1][calls[1].index("--steps") + 1] == "100"
+
+
+def test_each_setting_reaches_the_client_the_evaluation_or_the_scene(monkeypatch):
+    """A setting names fields of three configurations; each must take effect where it belongs, and
+    everything it does not name stays at the fixed own latency and the defaults."""
+    import numpy as np
+
+    import policy_io
+
+    spec = policy_io.PolicySpec({"observation.images.top": (24, 32)}, 6, 6, 10, 10)
+    tasks = []
+
+    def hold_still(observation):
+        tasks.append(observation.task)
+        return np.tile(observation.state, (10, 1))
+
+    monkeypatch.setattr(policy_io, "prepare_policy", lambda path: (None, hold_still, spec))
+    settings = [("sync", {"sync": True, "latency_s": 0.5, "time_limit_s": 1.0}),
+                ("two cubes", {"threshold": 0.2, "instruction": "empty", "cube_speed": 0.02, "time_limit_s": 0.5})]
+    sync, other = experiments.run_settings("no/such/policy", settings, 1, 20_000, lambda line: None, cubes=2)
+    assert (sync["mode"], sync["threshold"], sync["added_latency_s"], sync["latency_ms_mean"]) == ("sync", 0.0, 0.5, 500.0)
+    # 1 s and 0.5 s at 30 fps (no policy files: the default); the last tick may land a physics step short
+    assert sync["ticks"] in (30, 31) and other["ticks"] in (15, 16)
+    assert sync["instruction"] == "named" and sync["cube_speed"] == 0.0 and sync["ease_in"] == 3
+    assert (other["mode"], other["threshold"], other["added_latency_s"]) == ("async", 0.2, experiments.OWN_LATENCY_S)
+    assert (other["instruction"], other["cube_speed"]) == ("empty", 0.02)
+    assert other["setting"] == "two cubes" and other["time_limit_s"] == 0.5
+    assert tasks[0].startswith("Pick up the") and tasks[-1] == ""  # the scene's instruction, then none

@@ -1,29 +1,44 @@
-"""The MuJoCo SO-100 (sim.py): the scene renders, the expert succeeds, the judge reads physics,
-datasets read back through data.py, and evaluation scores a perfect policy 1 and a random one 0."""
+"""The MuJoCo SO-100 (sim_so100.py, sim.py): the scene renders, the expert succeeds, the judge reads
+physics, datasets read back through data.py, evaluation scores a perfect policy 1 and a random one 0,
+and the real-time rig of `sim.py live` serves the driver.
 
+MuJoCo is a requirement (requirements.txt pins it), so these tests import it rather than skip: a
+machine where it cannot load or render fails here, loudly, instead of passing with nothing run."""
+
+import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sim = pytest.importorskip("sim")
-import data  # noqa: E402
-import sim_bus  # noqa: E402
-import so100  # noqa: E402
+import cli
+import data
+import policy_io
+import infer_async
+import sim
+import sim_bus
+import sim_so100
+import so100
+from sim_so100 import BOX_CENTRE, BOX_INNER_HALF, CUBE_AREA, CUBE_GAP, CUBE_HALF, JOINT_RANGES
 
 
 @pytest.fixture(scope="module")
 def sim_robot():
-    with sim.SimRobot() as robot:
-        yield robot
+    with sim.SO100Env() as env:
+        yield env
+
+
+def config_at(fps: float, **fields) -> sim.EvalConfig:
+    return sim.EvalConfig(client=infer_async.ClientConfig(fps=fps), **fields)
 
 
 def cube_pixels(scene, camera: str, where) -> int:
     """Pixels that turn red when the cube is put at `where` (against the cube far out of view)."""
     scene.set_cube(where)
     with_cube = scene.render(camera).astype(int)
-    scene.set_cube((0.5, 0.5, sim.CUBE_HALF))
+    scene.set_cube((0.5, 0.5, CUBE_HALF))
     without = scene.render(camera).astype(int)
     changed = np.abs(with_cube - without).sum(-1) > 30
     red = (with_cube[..., 0] > with_cube[..., 1] + 50) & (with_cube[..., 0] > with_cube[..., 2] + 50)
@@ -31,21 +46,21 @@ def cube_pixels(scene, camera: str, where) -> int:
 
 
 def test_scene_renders_both_cameras_and_the_cube_is_seen():
-    scene = sim.Scene()
+    scene = sim_so100.Scene()
     scene.reset(3)
     top, wrist = scene.render("top"), scene.render("wrist")
-    assert top.shape == wrist.shape == (*sim.IMAGE_SIZE, 3) and top.dtype == np.uint8
+    assert top.shape == wrist.shape == (*sim_so100.IMAGE_SIZE, 3) and top.dtype == np.uint8
     assert top.std() > 10 and wrist.std() > 10
     assert cube_pixels(scene, "top", scene.cube_position()) > 5  # the red cube where it was placed
     x, y, _ = scene.data.site("grasp").xpos
-    assert cube_pixels(scene, "wrist", (x, y, sim.CUBE_HALF)) > 20  # right below the jaws
+    assert cube_pixels(scene, "wrist", (x, y, CUBE_HALF)) > 20  # right below the jaws
     scene.close()
 
 
 def test_kinematics_reach_matches_the_arm():
     """Arm straight out (all joints 0): the grasp point lies ~0.40 m in front of the shoulder, the
     sum of the SO-100's link lengths (0.11 + 0.135 + 0.06 + 0.08 m), at shoulder height."""
-    scene = sim.Scene()
+    scene = sim_so100.Scene()
     scene.data.qpos[scene.joint_qpos] = 0.0
     import mujoco
 
@@ -60,10 +75,10 @@ def test_driver_reads_joint_angles_in_degrees(sim_robot):
     0.5 rad in degrees (28.65), to the encoder's resolution (360/4096 degrees)."""
     scene = sim_robot.scene
     sim_robot.reset(0)
-    low, high = sim.JOINT_RANGES["shoulder_pan"]
+    low, high = JOINT_RANGES["shoulder_pan"]
     with scene.lock:
         scene.data.qpos[scene.joint_qpos[0]] = (low + high) / 2 + 0.5
-        scene.data.qpos[scene.joint_qpos[5]] = sim.JOINT_RANGES["gripper"][1]  # fully open: 100 %
+        scene.data.qpos[scene.joint_qpos[5]] = JOINT_RANGES["gripper"][1]  # fully open: 100 %
     state = sim_robot.robot.read()
     assert state[0] == pytest.approx(math.degrees(0.5), abs=2 * 360 / 4096)
     assert state[5] == pytest.approx(100.0, abs=0.2)
@@ -88,10 +103,10 @@ def test_servo_speed_is_the_sts3215s(sim_robot):
 
 
 def test_expert_succeeds_on_fixed_seeds():
-    scene = sim.Scene()
+    scene = sim_so100.Scene()
     for seed in (0, 7, 21):
         scene.reset(seed)
-        expert = sim.ScriptedExpert(scene, np.random.default_rng(seed))
+        expert = sim_so100.ScriptedExpert(scene, np.random.default_rng(seed))
         t = 0.0
         while t < expert.duration + 1.0:
             scene.goal = expert.goal(t)
@@ -101,31 +116,31 @@ def test_expert_succeeds_on_fixed_seeds():
 
 
 def test_judge_reads_the_physics_only():
-    scene = sim.Scene()
+    scene = sim_so100.Scene()
     scene.reset(5)
     assert not scene.success()  # the cube starts on the table, outside the box
-    scene.set_cube((sim.BOX_CENTRE[0], sim.BOX_CENTRE[1], sim.CUBE_HALF + 0.002))
+    scene.set_cube((BOX_CENTRE[0], BOX_CENTRE[1], CUBE_HALF + 0.002))
     scene.step(0.3)
     assert scene.success()
     with scene.lock:  # in the box but sliding: not at rest
         scene.data.qvel[scene.cube_dof] = 0.2
     assert not scene.success()
-    scene.set_cube((sim.BOX_CENTRE[0], sim.BOX_CENTRE[1], 0.2))  # above the box, not in it
+    scene.set_cube((BOX_CENTRE[0], BOX_CENTRE[1], 0.2))  # above the box, not in it
     assert not scene.success()
-    scene.set_cube((sim.BOX_CENTRE[0] + sim.BOX_INNER_HALF + 0.03, sim.BOX_CENTRE[1], sim.CUBE_HALF))
+    scene.set_cube((BOX_CENTRE[0] + BOX_INNER_HALF + 0.03, BOX_CENTRE[1], CUBE_HALF))
     scene.step(0.3)
     assert not scene.success()  # beside the box
 
 
-def test_recorded_dataset_reads_back_through_data_py(tmp_path):
-    summary = sim.record(tmp_path / "ds", episodes=2, seed=0, fps=10, log=lambda m: None)
+def test_recorded_dataset_reads_back_through_data_py(tmp_path, sim_robot):
+    summary = sim.record(sim_robot, tmp_path / "ds", episodes=2, seed=0, fps=10, log=lambda m: None)
     assert summary["episodes"] == 2
     ds = data.LeRobotDataset(tmp_path / "ds", chunk_size=5)
     assert ds.fps == 10
     assert sorted(ds.camera_keys) == ["observation.images.top", "observation.images.wrist"]
     item = ds[0]
     assert item["task"] == "Pick up the cube and place it in the box."
-    assert item["observation.images.top"].shape == (3, *sim.IMAGE_SIZE)
+    assert item["observation.images.top"].shape == (3, *sim_so100.IMAGE_SIZE)
     assert item["observation.state"].shape == (6,) and item["action"].shape == (5, 6)
     info = data.read_json(tmp_path / "ds" / "meta" / "info.json")
     assert info["robot_type"] == "so100_follower"
@@ -136,13 +151,13 @@ def test_recorded_dataset_reads_back_through_data_py(tmp_path):
 
 
 def test_evaluation_scores_the_expert_one_and_random_goals_zero(sim_robot):
-    config = sim.EvalConfig(episodes=2, seed=500, fps=30, time_limit_s=12, measure_latency=False)
-    policy, spec = sim.expert_policy(sim_robot, config.fps)
+    config = config_at(30, episodes=2, seed=500, time_limit_s=12, measure_latency=False)
+    policy, spec = sim_robot.expert_policy(config.client.fps)
     expert = sim.evaluate(sim_robot, policy, spec, config, log=lambda m: None)
     assert expert["success_rate"] == 1.0 and expert["idle_ticks"] == 0
     assert 3.0 < expert["mean_completion_s"] < 12.0
     policy, spec = sim.random_policy(sim_robot)
-    random = sim.evaluate(sim_robot, policy, spec, sim.EvalConfig(episodes=2, seed=500, fps=30, time_limit_s=6),
+    random = sim.evaluate(sim_robot, policy, spec, config_at(30, episodes=2, seed=500, time_limit_s=6),
                           log=lambda m: None)
     assert random["success_rate"] == 0.0
     assert random["ci95"][1] == pytest.approx(0.6576, abs=1e-3)  # Wilson, 0 of 2: 3.84 / 5.84
@@ -154,16 +169,16 @@ def test_latency_passes_in_simulated_time(sim_robot):
     observation is sent on tick 38 with the last action and its chunk arrives at tick 47, so ticks
     39..46 are idle (8), again on 77..84 (8), and from 115 to the end. Asynchronous with g = 0.5,
     above the bound 0.3 s / (30 x 1/30 s) = 0.3: never idle; with g = 0.2, below it: idle."""
-    base, spec = sim.expert_policy(sim_robot, 30)
-    config = sim.EvalConfig(episodes=1, seed=600, fps=30, time_limit_s=4, sync=True, latency_s=0.3,
-                            measure_latency=False)
+    base, spec = sim_robot.expert_policy(30)
+    config = sim.EvalConfig(episodes=1, seed=600, time_limit_s=4, latency_s=0.3, measure_latency=False,
+                            client=infer_async.ClientConfig(fps=30, sync=True))
     sync = sim.evaluate(sim_robot, base, spec, config, log=lambda m: None)
     assert sync["latency_ms_mean"] == pytest.approx(300.0, abs=1e-6)  # simulated time, whatever the wall clock did
     assert sync["ticks"] in (120, 121)  # the last tick may land a physics step (2 ms) short of 4 s
     assert sync["idle_ticks"] == 8 + 8 + (sync["ticks"] - 115)
-    config.sync, config.threshold = False, 0.5
+    config.client.sync, config.client.threshold = False, 0.5
     assert sim.evaluate(sim_robot, base, spec, config, log=lambda m: None)["idle_ticks"] == 0
-    config.threshold = 0.2
+    config.client.threshold = 0.2
     assert sim.evaluate(sim_robot, base, spec, config, log=lambda m: None)["idle_ticks"] > 0
 
 
@@ -174,20 +189,20 @@ def test_wilson_interval_by_hand():
 
 
 def test_bus_calibration_is_a_valid_lerobot_file():
-    with sim_bus.SimulatedBus(scene=sim.Scene()) as bus:
+    with sim_bus.SimulatedBus(scene=sim_so100.Scene()) as bus:
         calibration = so100.validate_calibration(bus.calibration, "sim")
         assert calibration["gripper"]["range_min"] < calibration["gripper"]["range_max"]
 
 
 def test_a_moving_cube_slides_at_its_speed_turns_at_the_edge_and_stops_when_lifted():
-    scene = sim.Scene()
+    scene = sim_so100.Scene()
     scene.reset(2)
     start = scene.cube_position()
     scene.cube_velocity = np.array([0.05, 0.0])
     scene.step(0.4)
     moved = scene.cube_position() - start
     assert moved[0] == pytest.approx(0.02, abs=0.002) and abs(moved[1]) < 0.002  # 5 cm/s for 0.4 s
-    scene.set_cube((sim.CUBE_AREA[0][1] + 0.01, start[1], sim.CUBE_HALF))  # past the area's edge: turns back
+    scene.set_cube((CUBE_AREA[0][1] + 0.01, start[1], CUBE_HALF))  # past the area's edge: turns back
     scene.step(0.2)
     assert scene.cube_velocity[0] < 0
     scene.set_cube((0.0, -0.2, 0.08))  # off the table (as if lifted by the gripper): no longer carried
@@ -203,55 +218,222 @@ def test_a_missing_gl_back_end_is_one_line_naming_what_to_install(tmp_path):
     env = {**os.environ, "MUJOCO_GL": "no-such-gl"}
     result = subprocess.run([sys.executable, str(Path(sim.__file__)), "view", "--out", str(tmp_path / "v.png")],
                             env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and not (tmp_path / "v.png").exists()
+    assert result.returncode == cli.USER_ERROR and not (tmp_path / "v.png").exists()
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "MUJOCO_GL=no-such-gl" in lines[0] and "install libEGL" in lines[0]
 
 
 def test_two_cube_scene_names_the_cube_to_move_and_judges_that_one():
-    one, two = sim.Scene(), sim.Scene(cubes=2)
+    one, two = sim_so100.Scene(), sim_so100.Scene(cubes=2)
     targets = set()
     for seed in range(12):
         one.reset(seed)
         two.reset(seed)
         red, green = (two.data.body(name).xpos[:2] for name in ("cube", "cube_green"))
-        assert np.hypot(*(red - green)) >= sim.CUBE_GAP
+        assert np.hypot(*(red - green)) >= CUBE_GAP
         np.testing.assert_allclose(red, one.cube_position()[:2])  # one-cube scenes keep their seeds
-        targets.add(two.target)
+        targets.add(two.target_cube)
         named = two.task().split()[3]  # "Pick up the <colour> cube ..."
-        rgba = two.model.geom(two.cubes[two.target]).rgba
+        rgba = two.model.geom(two.cubes[two.target_cube]).rgba
         assert named == ("red" if rgba[0] > rgba[1] else "green")  # the words name the cube of that colour
-        np.testing.assert_allclose(two.cube_position()[:2], two.data.body(two.cubes[two.target]).xpos[:2])
+        np.testing.assert_allclose(two.cube_position()[:2], two.data.body(two.cubes[two.target_cube]).xpos[:2])
     assert targets == {0, 1}
     assert sim.instruct(two, "empty") == "" and sim.instruct(two, "named") == two.task()
-    before = two.target
-    assert sim.instruct(two, "other") == sim.task_for(two.colours[1 - before]) and two.target == 1 - before
+    before = two.target_cube
+    assert sim.instruct(two, "other") == sim_so100.task_for(two.colours[1 - before]) and two.target_cube == 1 - before
     with pytest.raises(sim.SimError, match="two-cube"):
         sim.instruct(one, "other")
 
 
 def test_expert_moves_the_named_cube_and_leaves_the_other():
-    scene = sim.Scene(cubes=2)
+    scene = sim_so100.Scene(cubes=2)
     scene.reset(4)
-    other = 1 - scene.target
-    expert = sim.ScriptedExpert(scene, np.random.default_rng(4))
+    other = 1 - scene.target_cube
+    expert = sim_so100.ScriptedExpert(scene, np.random.default_rng(4))
     t = 0.0
     while t < expert.duration + 1.0:
         scene.goal = expert.goal(t)
         scene.step(0.05)
         t += 0.05
-    assert scene.success() and scene.cube_in_box(scene.target) and not scene.cube_in_box(other)
+    assert scene.success() and scene.cube_in_box(scene.target_cube) and not scene.cube_in_box(other)
 
 
 def test_two_cube_recording_gives_each_episode_the_task_of_its_scene(tmp_path):
-    summary = sim.record(tmp_path / "ds", episodes=3, seed=0, fps=10, log=lambda m: None, cubes=2)
+    with sim.SO100Env(cubes=2) as env:
+        summary = sim.record(env, tmp_path / "ds", episodes=3, seed=0, fps=10, log=lambda m: None)
     ds = data.LeRobotDataset(tmp_path / "ds")
-    scene = sim.Scene(cubes=2)
+    scene = sim_so100.Scene(cubes=2)
     seeds = range(summary["seeds"][0], summary["seeds"][1] + 1)
     expected = []
     for seed in seeds:
         if seed not in summary["expert_failures"]:
             scene.reset(seed)
-            expected.append(sim.task_for(scene.colours[scene.target]))
+            expected.append(sim_so100.task_for(scene.colours[scene.target_cube]))
     starts = [i for i in range(len(ds)) if ds[i]["frame_index"] == 0]
     assert [ds[i]["task"] for i in starts] == expected
+
+
+def test_the_evaluation_runs_the_client_settings_it_holds(sim_robot):
+    """EvalConfig.client is the control loop's whole configuration: observation skipping (similarity)
+    is one of the settings the evaluation once dropped. 3 s at 30 fps are ticks 0..90; with 30-action
+    chunks and g = 0.7 an observation goes out whenever the queue is down to 21 actions (every 9
+    ticks). With every observation within 1000 degrees of the last, those are skipped, and the policy
+    is asked only when the queue has run dry (every 30 ticks)."""
+    base, spec = sim_robot.expert_policy(30)
+
+    def asked_at(similarity: float) -> list[int]:
+        timesteps = []
+
+        def policy(observation):
+            timesteps.append(observation.timestep)
+            return base(observation)
+
+        config = sim.EvalConfig(episodes=1, seed=600, time_limit_s=3, measure_latency=False,
+                                client=infer_async.ClientConfig(fps=30, similarity=similarity))
+        summary = sim.evaluate(sim_robot, policy, spec, config, log=lambda m: None)
+        assert summary["similarity"] == similarity and summary["ticks"] == 91
+        return timesteps
+
+    assert asked_at(0.0) == list(range(0, 91, 9))
+    assert asked_at(1000.0) == [0, 30, 60, 90]
+
+
+def test_command_line_settings_and_mistakes(tmp_path, capsys):
+    summary_path = tmp_path / "eval.json"
+    assert sim.main(["eval", "--expert", "--episodes", "1", "--time-limit", "1", "--ease-in", "0", "--similarity", "0",
+                     "--aggregate", "latest", "--threshold", "0.5", "--json", str(summary_path)]) == 0
+    summary = json.loads(summary_path.read_text())
+    assert (summary["ease_in"], summary["similarity"], summary["aggregate"], summary["threshold"]) == (0, 0.0, "latest", 0.5)
+    assert summary["control_period_ms"] == pytest.approx(1000 / 30, abs=0.05)  # no policy: the SO-100's 30 fps
+    capsys.readouterr()
+    assert sim.main(["eval", "--expert", "--episodes", "1", "--instruction", "other"]) == cli.USER_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs the two-cube scene (--cubes 2)" in err[0]
+    with pytest.raises(SystemExit) as exit_:
+        sim.main(["eval", "--env", "nowhere", "--expert"])
+    assert exit_.value.code == cli.USER_ERROR and "--env" in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()
+    assert sim.main(["record", "--episodes", "1", "--out", str(tmp_path / "taken")]) == cli.USER_ERROR
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'taken'} already exists: a recording never overwrites a dataset"
+    assert not any((tmp_path / "taken").iterdir())
+
+
+def test_live_rig_serves_the_driver_and_paces_the_physics_to_the_wall_clock():
+    """What `sim.py live` gives infer_async.run_client: a bus the driver connects to as to a real arm,
+    the scene of --scene-seed, and sleep() that takes as long on the wall clock as in the physics."""
+    rig = sim.LiveSO100(scene_seed=7)
+    try:
+        port, calibration = rig.open_bus()
+        scene = sim_so100.Scene()
+        scene.reset(7)
+        np.testing.assert_allclose(rig.env.scene.cube_position(), scene.cube_position())  # the seed's scene
+        with so100.SO100(port, calibration=calibration) as arm:
+            assert arm.read().shape == (6,)
+            start_sim, start_wall = rig.now(), time.monotonic()
+            for _ in range(10):
+                rig.sleep(0.05)
+            assert rig.now() - start_sim == pytest.approx(0.5, abs=0.01)
+            assert time.monotonic() - start_wall >= 0.45
+        assert not rig.task_done() and rig.outcome() == "simulation: the cube is not in the box"
+    finally:
+        rig.close()
+
+
+class PointWorld:
+    """The smallest world behind sim.Environment: a point on a line that should reach 0, its velocity
+    the action (clipped to [-1, 1]), a camera whose brightness shows where it is. Recording and
+    evaluation must run it with no SO-100 in sight."""
+
+    fps, image_size, robot_type, state_names, action_names = 10, (64, 64), "point", ["x"], ["v"]
+    client_defaults = {"ease_in": 0, "similarity": 0.0}  # its own, as Meta-World's deltas need
+    settings: dict = {}
+
+    def __init__(self):
+        self.time, self.x, self.v, self.completed_at, self.start = 0.0, 0.0, 0.0, None, 0.0
+        self.clock = sim.SimClock(self)
+        self.robot, self.cameras = self, {"observation.images.top": PointCamera(self)}
+
+    def step(self, seconds: float) -> None:  # the physics
+        self.x += self.v * seconds
+        self.time += seconds
+
+    def read(self) -> np.ndarray:  # the robot's state
+        return np.array([self.x], np.float32)
+
+    def write(self, action) -> None:
+        self.v = float(np.clip(action[0], -1, 1))
+
+    def render(self) -> np.ndarray:
+        return np.full((*self.image_size, 3), int(np.clip(128 + 100 * self.x, 0, 255)), np.uint8)
+
+    def reset(self, seed: int) -> str:
+        self.x, self.v = np.random.default_rng(seed).uniform(0.5, 1.0), 0.0
+        self.start, self.completed_at = self.time, None
+        return "go to zero"
+
+    def task_done(self) -> bool:
+        if abs(self.x) < 0.05 and self.completed_at is None:
+            self.completed_at = self.time - self.start
+        return self.completed_at is not None
+
+    def episode_facts(self) -> dict:
+        return {}
+
+    def cameras_for(self, spec) -> dict:
+        return {key: PointCamera(self) for key in spec.cameras}
+
+    def frame(self) -> np.ndarray:
+        return self.render()
+
+    def expert(self, seed: int, fps: float, noise: float = 0.0):
+        world = self
+
+        class Halving:  # halves the distance each tick, for 2 s
+            def act(self, t):
+                return None if t >= 2.0 else (np.array([-5 * world.x], np.float32),) * 2
+
+            def succeeded(self):
+                return abs(world.x) < 0.05
+
+        return Halving()
+
+    def expert_policy(self, fps: float):
+        return (lambda observation: np.array([[-5 * self.x]])), policy_io.PolicySpec({}, 1, 1, 1, 1)
+
+    def action_limits(self):
+        return np.array([-1.0]), np.array([1.0])
+
+    def close(self) -> None:
+        pass
+
+
+class PointCamera:
+    def __init__(self, world: PointWorld):
+        self.world = world
+
+    def read(self) -> np.ndarray:
+        return self.world.render()
+
+
+def test_a_second_world_records_and_evaluates_through_the_same_interface(tmp_path):
+    world = PointWorld()
+    summary = sim.record(world, tmp_path / "ds", episodes=2, seed=3, log=lambda m: None)
+    assert summary["episodes"] == 2 and summary["seeds"] == [3, 4]
+    ds = data.LeRobotDataset(tmp_path / "ds", chunk_size=4)
+    assert ds.fps == 10 and ds.camera_keys == ["observation.images.top"] and len(ds) == 40  # 2 s at 10 fps, twice
+    item = ds[0]
+    assert item["task"] == "go to zero" and item["observation.state"].shape == (1,) and item["action"].shape == (4, 1)
+    assert item["observation.state"][0] == pytest.approx(np.random.default_rng(3).uniform(0.5, 1.0), abs=1e-6)
+    assert item["action"][0, 0] == pytest.approx(-5 * item["observation.state"][0], abs=1e-5)  # as recorded: unclipped
+    info = data.read_json(tmp_path / "ds" / "meta" / "info.json")
+    assert info["robot_type"] == "point" and info["features"]["observation.state"]["names"] == ["x"]
+
+    policy, spec = world.expert_policy(world.fps)
+    config = sim.EvalConfig(episodes=3, seed=0, time_limit_s=3, measure_latency=False, client=sim.client_config(world))
+    result = sim.evaluate(world, policy, spec, config, log=lambda m: None)
+    # From 0.5-1.0 to within 0.05 at no more than 1 a second: at least 0.45 s; at full speed down to 0.2,
+    # then halving each tick: at most 0.8 s + 3 ticks, and a tick or two before the first action.
+    assert result["success_rate"] == 1.0 and 0.45 <= result["mean_completion_s"] <= 1.3
+    assert (result["ease_in"], result["similarity"], result["control_period_ms"]) == (0, 0.0, 100.0)  # the world's
+    policy, spec = sim.random_policy(world, chunk_size=5)
+    assert sim.evaluate(world, policy, spec, config, log=lambda m: None)["episodes"] == 3

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sim_bus import SimulatedBus  # noqa: E402
+import feetech  # noqa: E402
 import so100  # noqa: E402
 
 
@@ -26,70 +27,70 @@ def h(text: str) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 def test_ping_packet_and_reply():
-    assert so100.ping_packet(1) == h("FF FF 01 02 01 FB")
-    assert so100.status_packet(1, 0) == h("FF FF 01 02 00 FC")
-    reply = so100.parse_packet(bytearray(h("FF FF 01 02 00 FC")))
+    assert feetech.ping_packet(1) == h("FF FF 01 02 01 FB")
+    assert feetech.status_packet(1, 0) == h("FF FF 01 02 00 FC")
+    reply = feetech.parse_packet(bytearray(h("FF FF 01 02 00 FC")))
     assert (reply.servo_id, reply.code, reply.params) == (1, 0, b"")
 
 
 def test_read_packet_and_reply():
-    assert so100.read_packet(1, 56, 2) == h("FF FF 01 04 02 38 02 BE")
+    assert feetech.read_packet(1, 56, 2) == h("FF FF 01 04 02 38 02 BE")
     # Present_Position 2048 = 0x0800 from id 1: checksum ~(01+04+00+00+08) = ~0x0D = 0xF2.
-    reply = so100.parse_packet(bytearray(h("FF FF 01 04 00 00 08 F2")), params_length=2)
+    reply = feetech.parse_packet(bytearray(h("FF FF 01 04 00 00 08 F2")), params_length=2)
     assert reply.params == h("00 08")
-    assert so100.decode_register("Present_Position", reply.params) == 2048
+    assert feetech.decode_register("Present_Position", reply.params) == 2048
 
 
 def test_write_packet():
     # WRITE Goal_Position (42 = 0x2A) 2048 to id 1: ~(01+05+03+2A+00+08) = ~0x3B = 0xC4.
-    assert so100.write_packet(1, 42, so100.encode_register("Goal_Position", 2048)) == h("FF FF 01 05 03 2A 00 08 C4")
+    assert feetech.write_packet(1, 42, feetech.encode_register("Goal_Position", 2048)) == h("FF FF 01 05 03 2A 00 08 C4")
 
 
 def test_sync_read_packet_and_replies():
-    assert so100.sync_read_packet([1, 2, 3, 4, 5, 6], 56, 2) == h("FF FF FE 0A 82 38 02 01 02 03 04 05 06 26")
+    assert feetech.sync_read_packet([1, 2, 3, 4, 5, 6], 56, 2) == h("FF FF FE 0A 82 38 02 01 02 03 04 05 06 26")
     # One reply per servo, in order; positions 2048 + id, checksums by hand: ~(id + 4 + 0 + id + 8).
     stream = bytearray()
     for i in range(1, 7):
         stream += bytes([0xFF, 0xFF, i, 4, 0, i, 8, ~(i + 4 + i + 8) & 0xFF])
     got = []
-    while (reply := so100.parse_packet(stream, params_length=2)) is not None:
-        got.append((reply.servo_id, so100.decode_register("Present_Position", reply.params)))
+    while (reply := feetech.parse_packet(stream, params_length=2)) is not None:
+        got.append((reply.servo_id, feetech.decode_register("Present_Position", reply.params)))
     assert got == [(i, 2048 + i) for i in range(1, 7)]
 
 
 def test_sync_write_packet():
-    goal = so100.encode_register("Goal_Position", 2048)
-    packet = so100.sync_write_packet(42, 2, {i: goal for i in range(1, 7)})
+    goal = feetech.encode_register("Goal_Position", 2048)
+    packet = feetech.sync_write_packet(42, 2, {i: goal for i in range(1, 7)})
     assert packet == h("FF FF FE 16 83 2A 02 01 00 08 02 00 08 03 00 08 04 00 08 05 00 08 06 00 08 F7")
 
 
 def test_sign_magnitude_by_hand():
-    assert so100.encode_sign_magnitude(-100, 11) == 0x800 + 100
-    assert so100.decode_sign_magnitude(0x800 + 100, 11) == -100
-    assert so100.decode_sign_magnitude(100, 11) == 100
-    assert so100.encode_sign_magnitude(-5, 15) == 0x8005
-    assert so100.decode_sign_magnitude(0x8005, 15) == -5
-    assert so100.decode_sign_magnitude(0x0405, 10) == -5  # Present_Load: sign at bit 10
-    assert so100.encode_register("Homing_Offset", -100) == bytes([0x64, 0x08])  # little-endian
-    assert so100.decode_register("Homing_Offset", bytes([0x64, 0x08])) == -100
-    assert so100.encode_register("Goal_Position", -1) == bytes([0x01, 0x80])
+    assert feetech.encode_sign_magnitude(-100, 11) == 0x800 + 100
+    assert feetech.decode_sign_magnitude(0x800 + 100, 11) == -100
+    assert feetech.decode_sign_magnitude(100, 11) == 100
+    assert feetech.encode_sign_magnitude(-5, 15) == 0x8005
+    assert feetech.decode_sign_magnitude(0x8005, 15) == -5
+    assert feetech.decode_sign_magnitude(0x0405, 10) == -5  # Present_Load: sign at bit 10
+    assert feetech.encode_register("Homing_Offset", -100) == bytes([0x64, 0x08])  # little-endian
+    assert feetech.decode_register("Homing_Offset", bytes([0x64, 0x08])) == -100
+    assert feetech.encode_register("Goal_Position", -1) == bytes([0x01, 0x80])
     with pytest.raises(ValueError):
-        so100.encode_sign_magnitude(2048, 11)  # 11 bits of magnitude: at most 2047
+        feetech.encode_sign_magnitude(2048, 11)  # 11 bits of magnitude: at most 2047
     with pytest.raises(ValueError):
-        so100.encode_register("Lock", 256)
+        feetech.encode_register("Lock", 256)
 
 
 def test_error_byte_names_faults():
-    assert so100.decode_error_byte(0) == []
-    assert so100.decode_error_byte(0x25) == ["voltage", "overheat", "overload"]
-    assert so100.decode_error_byte(0x0A) == ["angle sensor", "over-current"]
+    assert feetech.decode_error_byte(0) == []
+    assert feetech.decode_error_byte(0x25) == ["voltage", "overheat", "overload"]
+    assert feetech.decode_error_byte(0x0A) == ["angle sensor", "over-current"]
 
 
 def test_parser_discards_noise_and_resyncs():
     good = h("FF FF 01 04 00 00 08 F2")
     # Noise with lone FF bytes, a header whose id is FF (FF FF FF ...), then the packet.
     buffer = bytearray(h("00 13 FF 37 FF") + h("FF") + good)
-    reply = so100.parse_packet(buffer, params_length=2)
+    reply = feetech.parse_packet(buffer, params_length=2)
     assert reply.raw == good and buffer == bytearray()
 
 
@@ -97,31 +98,31 @@ def test_parser_bad_checksum_raises_then_resyncs():
     bad = h("FF FF 01 04 00 00 08 F3")
     good = h("FF FF 02 04 00 00 08 F1")  # ~(02+04+00+00+08) = ~0x0E = 0xF1
     buffer = bytearray(bad + good)
-    with pytest.raises(so100.ChecksumError):
-        so100.parse_packet(buffer, params_length=2)
-    reply = so100.parse_packet(buffer, params_length=2)
+    with pytest.raises(feetech.ChecksumError):
+        feetech.parse_packet(buffer, params_length=2)
+    reply = feetech.parse_packet(buffer, params_length=2)
     assert reply.servo_id == 2 and reply.raw == good
 
 
 def test_parser_reads_instruction_packets_too():
     """What a servo receives: a broadcast SYNC_READ is an instruction, never a status packet."""
-    sync_read = so100.sync_read_packet([1, 2], 56, 2)
-    assert so100.parse_packet(bytearray(sync_read)) is None  # id FE: no servo sends that
-    buffer = bytearray(h("00 FF") + sync_read + so100.ping_packet(3))
-    packet = so100.parse_packet(buffer, instruction=True)
-    assert (packet.servo_id, packet.code, packet.params) == (0xFE, so100.SYNC_READ, bytes([56, 2, 1, 2]))
-    assert so100.parse_packet(buffer, instruction=True).raw == so100.ping_packet(3) and buffer == bytearray()
-    corrupt = bytearray(so100.ping_packet(3)[:-1] + b"\x00")
-    with pytest.raises(so100.ChecksumError, match="instruction packet"):
-        so100.parse_packet(corrupt, instruction=True)
+    sync_read = feetech.sync_read_packet([1, 2], 56, 2)
+    assert feetech.parse_packet(bytearray(sync_read)) is None  # id FE: no servo sends that
+    buffer = bytearray(h("00 FF") + sync_read + feetech.ping_packet(3))
+    packet = feetech.parse_packet(buffer, instruction=True)
+    assert (packet.servo_id, packet.code, packet.params) == (0xFE, feetech.SYNC_READ, bytes([56, 2, 1, 2]))
+    assert feetech.parse_packet(buffer, instruction=True).raw == feetech.ping_packet(3) and buffer == bytearray()
+    corrupt = bytearray(feetech.ping_packet(3)[:-1] + b"\x00")
+    with pytest.raises(feetech.ChecksumError, match="instruction packet"):
+        feetech.parse_packet(corrupt, instruction=True)
 
 
 def test_parser_waits_on_truncated_packet_and_skips_wrong_length():
     truncated = bytearray(h("FF FF 01 04 00 00"))
-    assert so100.parse_packet(truncated, params_length=2) is None
+    assert feetech.parse_packet(truncated, params_length=2) is None
     assert truncated == bytearray(h("FF FF 01 04 00 00"))  # kept: the rest may still come
     # A PING-sized reply where a 2-byte READ reply is expected is not taken for it.
-    assert so100.parse_packet(bytearray(h("FF FF 01 02 00 FC")), params_length=2) is None
+    assert feetech.parse_packet(bytearray(h("FF FF 01 02 00 FC")), params_length=2) is None
 
 
 @settings(max_examples=300, deadline=None)
@@ -132,7 +133,7 @@ def test_fuzz_parser_random_bytes(data, params_length):
 
 
 valid_packets = st.builds(
-    lambda i, e, p: so100.status_packet(i, e, p),
+    lambda i, e, p: feetech.status_packet(i, e, p),
     st.integers(0, 253), st.integers(0, 255), st.binary(max_size=6))
 
 
@@ -156,8 +157,8 @@ def _drain_and_check(buffer: bytearray, params_length):
     found = []
     for _ in range(len(buffer) + 2):
         try:
-            reply = so100.parse_packet(buffer, params_length)
-        except so100.ChecksumError:
+            reply = feetech.parse_packet(buffer, params_length)
+        except feetech.ChecksumError:
             continue
         if reply is None:
             break
@@ -244,7 +245,7 @@ def test_calibration_default_locations(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(so100.CalibrationError) as e:
-        so100.SO100("/dev/null", id="blue")
+        so100.SO100("/dev/null", robot_id="blue")
     message = str(e.value)
     assert str(tmp_path / ".cache/huggingface/lerobot/calibration/robots/so100_follower/blue.json") in message
     assert "robots/so_follower/blue.json" in message and "python so100.py calibrate" in message
@@ -252,7 +253,7 @@ def test_calibration_default_locations(tmp_path, monkeypatch):
     old = tmp_path / ".cache/huggingface/lerobot/calibration/robots/so100_follower/blue.json"
     old.parent.mkdir(parents=True)
     old.write_text(LEROBOT_FILE)
-    assert so100.SO100("/dev/null", id="blue").calibration_source == str(old)
+    assert so100.SO100("/dev/null", robot_id="blue").calibration_source == str(old)
     assert so100.SO100("/dev/null").calibration_source == str(old)  # the only file: no id needed
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -451,7 +452,7 @@ def test_torque_off_and_on(sim):
     with so100.SO100(sim.port, calibration=sim.calibration, **FAST) as arm:
         arm.torque_off()
         assert not sim.torque_enabled(3)
-        with pytest.raises(so100.FeetechError, match="torque is off"):
+        with pytest.raises(feetech.FeetechError, match="torque is off"):
             arm.write([0, 0, 0, 0, 0, 50])
         sim.set_position(1, 2300)  # moved by hand while limp
         arm.torque_on()
@@ -461,7 +462,7 @@ def test_torque_off_and_on(sim):
 def test_missing_servos_are_all_named():
     with SimulatedBus(servo_ids=(1, 2, 4, 6)) as sim:
         arm = so100.SO100(sim.port, calibration=sim.calibration, reply_timeout=0.02, attempts=2)
-        with pytest.raises(so100.NoReplyError) as e:
+        with pytest.raises(feetech.NoReplyError) as e:
             arm.connect()
         message = str(e.value)
         assert "servo 3 (elbow_flex)" in message and "servo 5 (wrist_roll)" in message
@@ -471,7 +472,7 @@ def test_missing_servos_are_all_named():
 
 def test_wrong_model_is_named(sim):
     sim.set_register(4, "Model_Number", 1234)
-    with pytest.raises(so100.FeetechError, match=r"servo 4 \(wrist_flex\) reports model number 1234"):
+    with pytest.raises(feetech.FeetechError, match=r"servo 4 \(wrist_flex\) reports model number 1234"):
         so100.SO100(sim.port, calibration=sim.calibration, **FAST).connect()
 
 
@@ -513,7 +514,7 @@ def test_calibrate_flow_writes_lerobot_json(tmp_path):
             sim.set_position(*poses.pop(0))
             return False
 
-        bus = so100.FeetechBus(sim.port, **FAST)
+        bus = feetech.FeetechBus(sim.port, **FAST)
         bus.open()
         try:
             calibration = so100.run_calibration(bus, wait_for_enter=wait_for_enter,
@@ -546,7 +547,7 @@ def test_calibrate_flow_writes_lerobot_json(tmp_path):
 
 def test_calibrate_refuses_unmoved_joints_and_restores_registers():
     with SimulatedBus(calibrated=True) as sim:
-        bus = so100.FeetechBus(sim.port, **FAST)
+        bus = feetech.FeetechBus(sim.port, **FAST)
         bus.open()
         try:
             with pytest.raises(so100.CalibrationError, match="shoulder_pan, shoulder_lift"):
@@ -575,11 +576,11 @@ def test_cli_read_once(sim, tmp_path, capsys):
 
 TRANSIENT = ["no_reply", "bad_checksum", "truncated", "error", "wrong_id"]
 PERSISTENT = [
-    ("no_reply", so100.NoReplyError, "no reply"),
-    ("bad_checksum", so100.ChecksumError, "checksum"),
-    ("truncated", so100.CorruptReplyError, "no valid reply"),
-    ("wrong_id", so100.CorruptReplyError, "two replies from id 4"),
-    ("error", so100.ServoFaultError, "overload"),
+    ("no_reply", feetech.NoReplyError, "no reply"),
+    ("bad_checksum", feetech.ChecksumError, "checksum"),
+    ("truncated", feetech.CorruptReplyError, "no valid reply"),
+    ("wrong_id", feetech.CorruptReplyError, "two replies from id 4"),
+    ("error", feetech.ServoFaultError, "overload"),
 ]
 
 
@@ -648,15 +649,18 @@ def test_cli_read_raw(sim, capsys):
     assert capsys.readouterr().out.splitlines()[1].split()[5] == "2222"
 
 
-def test_cli_errors_are_one_line(capsys):
-    assert so100.main(["read", "--port", "/nonexistent/ttyACM9", "--raw", "--once"]) == 1
+@pytest.mark.parametrize("command", [["read", "--raw", "--once"], ["calibrate", "--id", "blue", "--output", "cal.json"]])
+def test_cli_errors_are_one_line_and_exit_2(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert so100.main([*command, "--port", "/nonexistent/ttyACM9"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot open serial port /nonexistent/ttyACM9") and "brltty" in err
+    assert err.count("\n") == 1 and not (tmp_path / "cal.json").exists()
 
 
 def test_cli_read_reports_a_wrong_port_before_a_missing_calibration(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_LEROBOT_CALIBRATION", str(tmp_path / "empty"))  # no calibration anywhere
-    assert so100.main(["read", "--port", "/nonexistent/ttyACM9", "--id", "blue", "--once"]) == 1
+    assert so100.main(["read", "--port", "/nonexistent/ttyACM9", "--id", "blue", "--once"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot open serial port /nonexistent/ttyACM9") and "calibration" not in err
 
@@ -665,7 +669,7 @@ def test_check_arm_needs_no_calibration_and_names_a_silent_servo(sim, tmp_path, 
     monkeypatch.setenv("HF_LEROBOT_CALIBRATION", str(tmp_path / "empty"))
     so100.check_arm(sim.port)  # six STS3215s answer: nothing raised, no calibration looked for
     sim.inject(4, "no_reply", count=100)
-    with pytest.raises(so100.NoReplyError, match=r"servo 4 \(wrist_flex\): no reply"):
+    with pytest.raises(feetech.NoReplyError, match=r"servo 4 \(wrist_flex\): no reply"):
         so100.check_arm(sim.port, reply_timeout=0.02, attempts=2)
 
 
@@ -692,7 +696,7 @@ def test_vanished_adapter_gives_clear_error_and_disconnect_still_closes():
     arm = so100.SO100(sim.port, calibration=sim.calibration, **FAST)
     arm.connect()
     sim.stop()  # like pulling the USB cable: the pseudo-terminal's other end is gone
-    with pytest.raises(so100.FeetechError, match=sim.port):
+    with pytest.raises(feetech.FeetechError, match=sim.port):
         arm.read()
     with pytest.warns(RuntimeWarning, match="could not confirm torque off"):
         arm.disconnect()
@@ -702,7 +706,7 @@ def test_vanished_adapter_gives_clear_error_and_disconnect_still_closes():
 def test_stale_input_is_discarded(connected):
     sim, arm = connected
     # A late reply from an earlier transaction sits in the input: Present_Position 100 from id 3.
-    sim.send_raw(so100.status_packet(3, 0, so100.encode_register("Present_Position", 100)))
+    sim.send_raw(feetech.status_packet(3, 0, feetech.encode_register("Present_Position", 100)))
     time.sleep(0.01)
     assert arm.bus.read_register(3, "Present_Position") == 2010 - 455
 

@@ -21,9 +21,9 @@ import torch
 from safetensors import safe_open
 
 import data
-import infer_async as ia
-import sim
+import policy_io
 import train
+import vision_cache
 from flow import SmolVLA
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,7 +231,7 @@ def test_one_real_step_leaves_frozen_parameters_untouched(dataset_dir, tmp_path)
     args = train.parse_args(args_for(dataset_dir, tmp_path / "out"))
     dataset = data.LeRobotDataset(dataset_dir, chunk_size=10)
     policy = train.build_policy(args, dataset, torch.device("cpu"))
-    trained_names = set(train.freeze(policy))
+    trained_names = set(train.set_trainable(policy))
     optimizer = train.make_optimizer(policy, args)
     scheduler = train.make_scheduler(optimizer, args)
     before = {name: param.detach().clone() for name, param in policy.named_parameters()}
@@ -368,7 +368,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(dataset_dir, tmp_p
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000002", "last"]  # no half-written dir
     monkeypatch.setattr(SmolVLA, "save_pretrained", save)
     SmolVLA.from_pretrained(out / "checkpoints" / "last" / "pretrained_model", vlm=VLM, device="cpu")
-    train.main(["--output-dir", str(out), "--resume", "--steps", "3"])  # and the run continues from it
+    train.main(["--output-dir", str(out), "--resume", "--steps", "3", "--num-workers", "0"])  # and it continues
     assert os.readlink(out / "checkpoints" / "last") == "000003"
 
 
@@ -448,6 +448,19 @@ def test_a_run_ends_naming_its_outputs_and_a_rerun_says_it_is_complete(dataset_d
     assert "already at step 2" in capsys.readouterr().err
 
 
+def test_resuming_a_dataset_run_without_data_is_resumed_as_one(trained, dataset_dir):
+    """`--output-dir RUN --resume` without --data reads the command line with the demo's recipe, but
+    the run is a fine-tune: it continues with its own saved flags, and the flags --resume takes from
+    the command line (workers, preloading) get the fine-tuning defaults (4 workers, no preloading),
+    not the demo's (0 workers, and every frame decoded into memory)."""
+    out, _ = trained
+    start = train.resume_or_start(train.parse_args(["--output-dir", str(out), "--resume"]))
+    assert start.done and start.step == 300  # 300 of its 300 steps: nothing to train
+    settings = start.args
+    assert (settings.data, settings.lr, settings.batch_size, settings.steps) == (str(dataset_dir), 3e-3, 16, 300)
+    assert (settings.num_workers, settings.preload, settings.demo, settings.output_dir) == (4, False, False, str(out))
+
+
 def test_a_rerun_of_a_stopped_run_points_to_resume(dataset_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
@@ -518,14 +531,17 @@ def test_new_policy_from_a_pretrained_vlm(dataset_dir, tmp_path):
 
 
 def test_demo_writes_a_v30_dataset_and_a_checkpoint_that_loads(tmp_path):
+    import sim  # MuJoCo: this test only
+
     out = tmp_path / "demo"
     summary = train.main(["--output-dir", str(out), "--steps", "6", "--save-every", "3", "--eval-every", "3",
                           "--demo-episodes", "3", "--demo-eval-episodes", "1"])
     # recorded in the simulator, evaluated closed loop on a held-out scene after training
-    assert summary["eval"]["episodes"] == 1 and summary["eval"]["seeds"] == [train.DEMO_EVAL_SEED] * 2
+    # the first and last scene seed evaluated: held out (the recording used seeds 0, 1, 2)
+    assert summary["eval"]["episodes"] == 1 and summary["eval"]["seeds"] == [10_000] * 2
     assert json.loads((out / "eval.json").read_text())["episodes"] == 1 and (out / "eval.mp4").stat().st_size > 0
-    assert json.loads((out / "checkpoints" / "last" / "pretrained_model" / ia.DATASET_INFO).read_text())["fps"] == \
-        train.DEMO_FPS
+    saved_info = out / "checkpoints" / "last" / "pretrained_model" / policy_io.DATASET_INFO
+    assert json.loads(saved_info.read_text())["fps"] == 10  # the demo records at 10 fps
     info = json.loads((out / "dataset" / "meta" / "info.json").read_text())
     assert info["codebase_version"] == "v3.0" and info["features"]["action"]["shape"] == [6]
     dataset = data.LeRobotDataset(out / "dataset", chunk_size=10)
@@ -546,21 +562,50 @@ def test_demo_writes_a_v30_dataset_and_a_checkpoint_that_loads(tmp_path):
 # -- multi-process ---------------------------------------------------------------------------------------
 
 
+# train.py under torchrun, each rank keeping its parameters at the end of the run (in the file named
+# by $KEEP_PARAMETERS, {rank} filled in): what the ranks hold is not visible from outside otherwise.
+KEEPING_PARAMETERS = """
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.getcwd())
+import train
+
+finish = train.Run.finish
+
+
+def finish_keeping_parameters(run, *args):
+    parameters = {name: p.detach().cpu() for name, p in run.policy.named_parameters()}
+    torch.save(parameters, os.environ["KEEP_PARAMETERS"].format(rank=run.rank))
+    return finish(run, *args)
+
+
+train.Run.finish = finish_keeping_parameters
+train.main(sys.argv[1:])
+"""
+
+
 def test_two_process_gloo_torchrun_ends_with_identical_parameters(dataset_dir, tmp_path):
     out = tmp_path / "out"
+    launcher = tmp_path / "train_keeping_parameters.py"
+    launcher.write_text(KEEPING_PARAMETERS)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "train.py"), *args_for(dataset_dir, out, "--steps", "4", "--device", "cpu",
-                                                 "--batch-size", "4", "--val-episodes", "1", "--eval-every", "2",
-                                                 "--cache-vision",
-                                                 "--param-checksum-file", str(tmp_path / "rank{rank}.sha256"))]
+               str(launcher), *args_for(dataset_dir, out, "--steps", "4", "--device", "cpu", "--batch-size", "4",
+                                        "--val-episodes", "1", "--eval-every", "2", "--cache-vision")]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1",
+                                 "KEEP_PARAMETERS": str(tmp_path / "rank{rank}.pt")})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    digests = [(tmp_path / f"rank{r}.sha256").read_text() for r in (0, 1)]
-    assert digests[0] == digests[1]
-    saved = SmolVLA.from_pretrained(out / "checkpoints" / "last" / "pretrained_model", vlm=VLM, device="cpu")
-    assert train.parameter_digest(saved) + "\n" == digests[0]  # rank 0 saved what both ranks hold
-    assert train.parameter_digest(SmolVLA.from_pretrained(POLICY, vlm=VLM, device="cpu")) + "\n" != digests[0]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert list(ranks[0]) == list(ranks[1]) and all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    saved = dict(SmolVLA.from_pretrained(out / "checkpoints" / "last" / "pretrained_model", vlm=VLM,
+                                         device="cpu").named_parameters())
+    assert set(saved) == set(ranks[0])  # rank 0 saved what both ranks hold
+    assert all(torch.equal(saved[k].float(), ranks[0][k].float()) for k in saved)
+    start = dict(SmolVLA.from_pretrained(POLICY, vlm=VLM, device="cpu").named_parameters())
+    assert not all(torch.equal(start[k].float(), ranks[0][k].float()) for k in start)  # and they trained
     metrics = train.read_metrics(out / "metrics.jsonl")
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]  # logged once (rank 0), not per rank
     assert [m["step"] for m in metrics if "val_loss" in m] == [2, 4]
@@ -577,9 +622,9 @@ def test_cached_vision_step_gives_the_uncached_loss(dataset_dir, tmp_path):
     args = train.parse_args(args_for(dataset_dir, tmp_path / "out"))
     dataset = data.LeRobotDataset(dataset_dir, chunk_size=10)
     policy = train.build_policy(args, dataset, torch.device("cpu"))
-    train.freeze(policy)
-    cache = train.build_vision_cache(policy, dataset, tmp_path / "cache", batch_size=16)
-    cached = train.CachedVisionDataset(dataset, cache)
+    train.set_trainable(policy)
+    cache = vision_cache.build(policy, dataset, tmp_path / "cache", batch_size=16)
+    cached = vision_cache.CachedVisionDataset(dataset, cache)
     picks = [0, 7, 33, 150]
     plain = torch.utils.data.default_collate([dataset[i] for i in picks])
     fast = torch.utils.data.default_collate([cached[i] for i in picks])
@@ -592,10 +637,10 @@ def test_cached_vision_step_gives_the_uncached_loss(dataset_dir, tmp_path):
         from_cache = policy.loss(fast, noise, time_)
     torch.testing.assert_close(from_cache, reference, rtol=2e-3, atol=0)
     # a cache is reused for the same policy and dataset, and another policy's vision weights get another
-    assert train.build_vision_cache(policy, dataset, tmp_path / "cache") == cache
+    assert vision_cache.build(policy, dataset, tmp_path / "cache") == cache
     with torch.no_grad():
         policy.vision.post_layernorm.weight.add_(0.1)
-    assert train.vision_cache_key(policy, dataset, torch.float32) != cache.name
+    assert vision_cache.cache_key(policy, dataset, torch.float32) != cache.name
 
 
 def test_cache_vision_training_run_matches_the_uncached_curve(dataset_dir, tmp_path):
