@@ -9,6 +9,8 @@ Each experiment is one command; it writes a table (CSV and JSON) and a plot (PNG
     python experiments.py attention              # the expert's CA+SA vs CA-only vs SA-only (trains 6)
     python experiments.py language               # two cubes, the instruction names one (records, trains)
     python experiments.py moving --policy P      # a cube sliding at speed v
+    python experiments.py metaworld              # Meta-World MT50: record, train from scratch, evaluate
+    python experiments.py metaworld --expert-attention cross   # (and self): the attention ablation there
 
 `steps` and `attention` train on the demo's dataset (outputs/demo/dataset) with the demo's recipe
 (demo.py); `language` records its own two-cube demonstrations and trains on them with the same recipe.
@@ -48,6 +50,18 @@ REMOTE_GPU_LATENCY_S = 0.3  # a policy server on a GPU across a network: inferen
 SLOW_REMOTE_LATENCY_S = 0.6  # the same over a slow link (Wi-Fi, the internet): still under g x one chunk
 DEMO_STEPS = demo.DEFAULTS["steps"]  # steps and attention train each policy with the demo's budget
 LANGUAGE_STEPS = 15_000  # at 5,000 steps the policy still ignored the colour word
+# Meta-World, sized for a 2-core CPU within about 3 hours (record ~20 min, train ~1 h, evaluate ~15 min
+# per checkpoint): 20 demonstrations of each of the 50 tasks (~80 frames each, 80 fps), the demo-sized
+# policy (0.4 M parameters, 96-pixel images: the 128-pixel camera resized) with 20-action chunks
+# (0.25 s at 80 Hz), trained on all tasks at once with each episode's instruction. The paper's rows.
+METAWORLD_EPISODES = 20
+METAWORLD_STEPS = 30_000
+METAWORLD_CHUNK = 20
+METAWORLD_CURVE = (0.25, 0.5, 1.0)  # fractions of the budget whose checkpoints are evaluated
+PAPER_METAWORLD = {  # SmolVLA (arXiv 2506.01844), Meta-World MT50 success rates (%) by difficulty group
+    "SmolVLA (0.45B, paper)": {"easy": 82.5, "medium": 41.8, "hard": 45.0, "very_hard": 60.0, "average": 57.3},
+    "SmolVLA (2.25B, paper)": {"average": 68.2},
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,8 +283,106 @@ def budget(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def metaworld(args: argparse.Namespace) -> list[dict]:
+    """Meta-World MT50 judged by Meta-World (info["success"]), as LeRobot evaluates it: the scripted
+    experts' demonstrations of every task (seeds 0, 1, ...), one demo-sized SmolVLA trained from scratch
+    on all of them with each episode's instruction, then every task on seeds from --seed (never
+    recorded), at a few points of the training budget so that success against training time shows.
+    Each phase is resumable: a finished recording or training is reused, evaluations are cached."""
+    import sim_metaworld
+
+    tasks = sim_metaworld.tasks_for(args.metaworld_tasks)
+    demos = args.out / "runs" / f"metaworld_demos-{args.metaworld_tasks}-{args.metaworld_episodes}"
+    if not (demos / "dataset").is_dir():
+        print(f"recording {args.metaworld_episodes} demonstrations of each of {len(tasks)} tasks ...", flush=True)
+        start = time.perf_counter()
+        worlds = sim.open_worlds("metaworld", tasks)
+        try:
+            recorded = sim.record(worlds, demos / "dataset", args.metaworld_episodes, seed=0, log=lambda line: None)
+        finally:
+            worlds.close()
+        recorded["wall_s"] = round(time.perf_counter() - start, 1)
+        cli.write_text(demos / "record.json", json.dumps(recorded, indent=2) + "\n")
+    record_s = json.loads((demos / "record.json").read_text())["wall_s"]
+    if not (demos / "vlm").is_dir():
+        demo.write_vlm(demos / "vlm", [sim_metaworld.INSTRUCTIONS[task] for task in tasks])
+    steps = args.steps or METAWORLD_STEPS
+    name = f"metaworld-{args.expert_attention}-{steps}"
+    policy = train_variant(args.out, name, ["--chunk-size", str(METAWORLD_CHUNK), "--expert-attention",
+                                            args.expert_attention, "--save-every", str(max(1, steps // 4))],
+                           steps, 1000, demos)
+    run = Path(policy).parents[2]
+    rows = []
+    for fraction in METAWORLD_CURVE:
+        step = max(1, round(steps * fraction))
+        checkpoint = run / "checkpoints" / f"{step:06d}" / "pretrained_model"
+        if not checkpoint.is_dir():
+            continue
+        row = evaluate_metaworld(checkpoint, tasks, args.episodes if fraction == 1.0 else max(1, args.episodes // 3),
+                                 args.seed, args.out / "runs" / name / f"eval-{step:06d}.json")
+        row.update(setting=f"{args.expert_attention} step {step}", step=step, train_s=train_seconds(run, step),
+                   expert_attention=args.expert_attention, record_s=record_s)
+        rows.append(row)
+    plot_rows(args.out / f"{name}.png", rows, [r["step"] for r in rows], "training steps",
+              {args.expert_attention: list(range(len(rows)))}, f"Meta-World {args.metaworld_tasks}: success against training")
+    (args.out / f"{name}.md").write_text(metaworld_table(rows[-1], args) + "\n")
+    print(metaworld_table(rows[-1], args))
+    return rows
+
+
+def evaluate_metaworld(policy: Path, tasks: list[str], episodes: int, seed: int, cache: Path) -> dict:
+    """sim.py's Meta-World evaluation of one checkpoint over `tasks` (a table per task and group), the
+    policy's own latency fixed as in every setting here; the summary is cached in `cache`."""
+    import sim_metaworld
+
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    start = time.perf_counter()
+    _, policy_fn, spec = policy_io.prepare_policy(str(policy))
+    per_task = {}
+    worlds = sim.open_worlds("metaworld", tasks)
+    try:
+        for task, env in zip(tasks, worlds):
+            config = sim.EvalConfig(episodes=episodes, seed=seed, time_limit_s=env.time_limit_s, latency_s=OWN_LATENCY_S,
+                                    measure_latency=False, client=sim.client_config(env))
+            per_task[task] = sim.evaluate(env, policy_fn, spec, config, log=lambda line: None)
+            print(f"  {task}: {per_task[task]['successes']}/{episodes}", flush=True)
+    finally:
+        worlds.close()
+    summary = sim.benchmark_summary(per_task, sim_metaworld.GROUP_OF)
+    summary["wall_s"] = round(time.perf_counter() - start, 1)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cli.write_text(cache, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def train_seconds(run: Path, step: int) -> float | None:
+    """Training seconds up to `step`, from the run's metrics.jsonl."""
+    clock = {line["step"]: line["time"] for line in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "time" in line}
+    return round(clock[step] - min(clock.values()), 1) if step in clock else None
+
+
+def metaworld_table(row: dict, args: argparse.Namespace) -> str:
+    """Ours beside the paper's rows, in percent, each group with its 95% interval."""
+    groups = ("easy", "medium", "hard", "very_hard")
+
+    def ours(group: str) -> str:
+        g = row["per_group"].get(group)
+        return f"{100 * g['success_rate']:.1f} ({100 * g['ci95'][0]:.0f}-{100 * g['ci95'][1]:.0f})" if g else "-"
+
+    lines = ["| policy | easy | medium | hard | very hard | average |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, figures in PAPER_METAWORLD.items():
+        lines.append(f"| {name} | " + " | ".join(str(figures.get(g, "-")) for g in (*groups, "average")) + " |")
+    lines.append(f"| ours ({row['setting']}, from scratch, CPU) | " + " | ".join(ours(g) for g in groups)
+                 + f" | {100 * row['group_average']:.1f} |")
+    return "\n".join(lines) + (f"\n\n`python experiments.py metaworld --metaworld-tasks {args.metaworld_tasks} "
+                                f"--metaworld-episodes {args.metaworld_episodes} --steps {row['step']} "
+                                f"--expert-attention {args.expert_attention} --episodes {args.episodes} --seed {args.seed}`")
+
+
 EXPERIMENTS = {"budget": budget, "async": async_vs_sync, "threshold": threshold, "moving": moving, "steps": actions_per_chunk,
-               "attention": attention, "language": language}
+               "attention": attention, "language": language, "metaworld": metaworld}
 
 # ---------------------------------------------------------------------------------------------
 # Command line
@@ -287,17 +399,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency", type=sim.non_negative_float, default=REMOTE_GPU_LATENCY_S,
                    help="threshold: the added latency in seconds (default 0.3)")
     p.add_argument("--steps", type=sim.positive_int, default=None,
-                   help=f"steps, attention, language: training steps of each policy they train "
-                        f"(default {DEMO_STEPS}, the demo's; language {LANGUAGE_STEPS})")
+                   help=f"steps, attention, language, metaworld: training steps of each policy they train "
+                        f"(default {DEMO_STEPS}, the demo's; language {LANGUAGE_STEPS}; metaworld {METAWORLD_STEPS})")
     p.add_argument("--language-episodes", type=sim.positive_int, default=200,
                    help="language: two-cube demonstrations to record (default 200)")
+    p.add_argument("--metaworld-tasks", default="mt50",
+                   help="metaworld: a task, a group (easy, medium, hard, very_hard) or mt50 (default)")
+    p.add_argument("--metaworld-episodes", type=sim.positive_int, default=METAWORLD_EPISODES,
+                   help=f"metaworld: demonstrations recorded per task (default {METAWORLD_EPISODES})")
+    p.add_argument("--expert-attention", choices=("interleaved", "cross", "self"), default="interleaved",
+                   help="metaworld: the action expert's attention (the ablation trains each)")
     p.add_argument("--out", type=Path, default=Path("outputs/experiments"), help="where tables and plots go")
     args = p.parse_args(argv)
     start = time.perf_counter()
     try:
         if args.experiment in ("steps", "attention") and not (DEMO_DIR / "dataset").is_dir():
             raise cli.UserError(f"no demo dataset at {DEMO_DIR / 'dataset'}: run `python train.py` first")
-        if args.experiment not in ("steps", "attention", "language") and not Path(args.policy).exists():
+        if args.experiment not in ("steps", "attention", "language", "metaworld") and not Path(args.policy).exists():
             raise cli.UserError(f"no policy at {args.policy}: run `python train.py` first, or pass --policy")
         args.out.mkdir(parents=True, exist_ok=True)  # plots are written before the table
         rows = EXPERIMENTS[args.experiment](args)
@@ -308,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.experiment}: interrupted; the same command resumes it (finished trainings are kept)",
               file=sys.stderr)
         return 130
-    table = f"language-{language_steps(args)}" if args.experiment == "language" else args.experiment  # one per length
+    table = {"language": f"language-{language_steps(args)}",  # one per length
+             "metaworld": f"metaworld-{args.expert_attention}-{args.steps or METAWORLD_STEPS}"}.get(args.experiment, args.experiment)
     write_table(args.out, table, rows)
     print(f"{args.experiment}: {len(rows)} settings x {args.episodes} episodes in {time.perf_counter() - start:.0f} s; "
           f"{args.out / table}.csv/.json/.png", file=sys.stderr)

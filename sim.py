@@ -666,7 +666,10 @@ def benchmark_summary(per_task: dict[str, dict], group_of: dict[str, str]) -> di
     per_group = {group: {**rate(sum(per_task[t]["successes"] for t in tasks), sum(per_task[t]["episodes"] for t in tasks)),
                          "tasks": len(tasks)} for group, tasks in groups.items()}
     total = rate(sum(s["successes"] for s in per_task.values()), sum(s["episodes"] for s in per_task.values()))
+    completed = [(s["mean_completion_s"], s["successes"]) for s in per_task.values() if s["successes"]]
+    mean_completion = sum(t * n for t, n in completed) / sum(n for _, n in completed) if completed else None
     return {**total, "group_average": round(float(np.mean([g["success_rate"] for g in per_group.values()])), 4),
+            "mean_completion_s": round(mean_completion, 3) if completed else None,
             "per_group": per_group,
             "per_task": {task: {**rate(s["successes"], s["episodes"]), "group": group_of[task],
                                 "mean_completion_s": s["mean_completion_s"], "idle_ticks": s["idle_ticks"]}

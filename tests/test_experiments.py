@@ -86,3 +86,27 @@ def test_each_setting_reaches_the_client_the_evaluation_or_the_scene(monkeypatch
     assert (other["instruction"], other["cube_speed"]) == ("empty", 0.02)
     assert other["setting"] == "two cubes" and other["time_limit_s"] == 0.5
     assert tasks[0].startswith("Pick up the") and tasks[-1] == ""  # the scene's instruction, then none
+
+
+def test_metaworld_records_trains_and_evaluates_each_phase_once(tmp_path, capsys):
+    """The whole pipeline at a toy size: demonstrations of one task, a few training steps, an
+    evaluation per checkpoint of the curve judged by Meta-World, the table beside the paper's rows;
+    a second run reuses every phase (no recording, training or evaluation again)."""
+    import pytest
+
+    pytest.importorskip("metaworld")
+    argv = ["metaworld", "--metaworld-tasks", "reach-v3", "--metaworld-episodes", "3", "--steps", "4",
+            "--episodes", "1", "--seed", "500", "--out", str(tmp_path)]
+    assert experiments.main(argv) == 0
+    rows = json.loads((tmp_path / "metaworld-interleaved-4.json").read_text())
+    assert [r["step"] for r in rows] == [1, 2, 4]
+    final = rows[-1]
+    assert final["episodes"] == 1 and final["per_task"]["reach-v3"]["group"] == "easy" and final["seeds"] == [500, 500]
+    assert set(final["per_group"]) == {"easy"} and 0.0 <= final["success_rate"] <= 1.0
+    table = (tmp_path / "metaworld-interleaved-4.md").read_text()
+    assert "| SmolVLA (0.45B, paper) | 82.5 | 41.8 | 45.0 | 60.0 | 57.3 |" in table
+    assert "--metaworld-tasks reach-v3" in table
+    capsys.readouterr()
+    assert experiments.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "recording" not in out and "reach-v3:" not in out  # nothing recorded or evaluated again

@@ -326,14 +326,15 @@ def test_the_benchmark_average_is_the_mean_of_the_groups_as_in_the_paper():
     """The paper's 57.3% for SmolVLA is the mean of its four group rates (82.5, 41.8, 45.0, 60.0), not
     the rate over all 50 tasks' episodes (which would weigh the 28 easy tasks most)."""
     def task(successes):
-        return {"successes": successes, "episodes": 10, "mean_completion_s": None, "idle_ticks": 0,
-                "seeds": [0, 9], "mode": "async"}
+        return {"successes": successes, "episodes": 10, "mean_completion_s": 1.0 + successes / 10 if successes else None,
+                "idle_ticks": 0, "seeds": [0, 9], "mode": "async"}
 
     group_of = {"a": "easy", "b": "easy", "c": "easy", "d": "hard"}
     summary = sim.benchmark_summary({"a": task(10), "b": task(10), "c": task(10), "d": task(0)}, group_of)
     assert summary["success_rate"] == 0.75 and summary["episodes"] == 40
     assert summary["per_group"]["easy"]["success_rate"] == 1.0 and summary["per_group"]["hard"]["successes"] == 0
     assert summary["group_average"] == 0.5
+    assert summary["mean_completion_s"] == 2.0  # over the 30 successes, each task's mean weighed by its successes
 
 
 def test_a_task_with_the_so100_scene_or_metaworld_without_one_is_one_line(capsys):
