@@ -16,9 +16,10 @@ import difflib
 import math
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TextIO
 
 USER_ERROR = 2  # the exit status of every command for a mistake the user can fix (argparse's own)
 
@@ -26,6 +27,17 @@ USER_ERROR = 2  # the exit status of every command for a mistake the user can fi
 class UserError(Exception):
     """A problem the user can fix (a missing file, a bad setting, an arm that does not answer): the
     command lines print its message in one line, without a traceback, and exit with USER_ERROR."""
+
+def print_live(line: str, end: bool = False, stream: TextIO | None = None) -> None:
+    """A status line rewritten in place on a terminal (`end`: then kept, and the next starts below);
+    in a log (not a terminal) every call is a plain line, so callers print there only what a log
+    should keep. Standard error unless `stream`."""
+    stream = stream or sys.stderr
+    if stream.isatty():
+        stream.write("\r" + line + "\x1b[K" + ("\n" if end else ""))
+    else:
+        stream.write(line + "\n")
+    stream.flush()
 
 # ---------------------------------------------------------------------------------------------
 # Argument parsing

@@ -44,7 +44,7 @@ import numpy as np
 
 import remote
 import so100
-from cli import USER_ERROR, HelpFormatter, Parser, UserError, integer, number
+from cli import USER_ERROR, HelpFormatter, Parser, UserError, integer, number, print_live
 from plot import Panel, save_panels
 from policy_io import (ACTION, DEFAULT_FPS, DEMO_POLICY, IMAGE_PREFIX, STATE, Observation, PolicySpec,
                        control_rate, prepare_policy)
@@ -518,13 +518,6 @@ class Metrics:
                                 Panel(latency, "inference latency (observation to chunk)", "time (s)", "ms")])
 
 
-def print_live(line: str, end: bool = False) -> None:
-    """One line rewritten in place on a terminal; plain lines in a log."""
-    if sys.stderr.isatty():
-        sys.stderr.write("\r" + line + "\x1b[K" + ("\n" if end else ""))
-    else:
-        sys.stderr.write(line + "\n")
-    sys.stderr.flush()
 
 # ---------------------------------------------------------------------------------------------
 # 7. Does the policy fit the arm?

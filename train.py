@@ -565,20 +565,20 @@ class Progress:
         rate = len(self.window) * self.samples_per_step / max(time.perf_counter() - self.window_start, 1e-9)
         if self.live:
             text = self.line(step, result["loss"], result["grad_norm"], result["lr"], self.rate or rate)
-            print("\r" + text + "    ", end="", flush=True)
+            cli.print_live(text, stream=sys.stdout)
         if len(self.window) >= self.log_every or step == self.total:
             self.rate = rate
             loss = sum(r["loss"] for r in self.window) / len(self.window)
             grad_norm = sum(r["grad_norm"] for r in self.window) / len(self.window)
             self.write({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": result["lr"],
                         "samples_per_s": round(rate, 2), "time": round(time.time(), 3)})
-            print(("\r" if self.live else "") + self.line(step, loss, grad_norm, result["lr"], rate), flush=True)
+            cli.print_live(self.line(step, loss, grad_norm, result["lr"], rate), end=True, stream=sys.stdout)
             self.window, self.window_start = [], time.perf_counter()
 
     def say(self, message: str) -> None:
         """A message on its own line, also in the middle of a live line."""
         if self.enabled:
-            print(("\r\033[K" if self.live else "") + message, flush=True)
+            cli.print_live(message, end=True, stream=sys.stdout)
 
     def write(self, entry: dict) -> None:
         if self.enabled:

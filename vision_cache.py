@@ -152,7 +152,7 @@ def encode_frames(policy: SmolVLA, dataset: data.LeRobotDataset, cache_dir: Path
             shown = time.perf_counter()
             rate = done * world_size / max(shown - start, 1e-9)
             text = f"vision cache: ~{done * world_size}/{len(dataset)} frames, {rate:.1f} frames/s"
-            print(("\r" + text) if live else text, end="" if live else "\n", flush=True)
+            cli.print_live(text, stream=sys.stdout)
     for array in arrays:
         array.flush()
     if live:

@@ -104,3 +104,29 @@ def test_write_text_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatch
     monkeypatch.undo()
     assert path.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.json"]
+
+
+def test_a_live_line_is_rewritten_on_a_terminal_and_plain_in_a_log():
+    import io
+    import os
+    import pty
+
+    log = io.StringIO()
+    cli.print_live("step 1", stream=log)
+    cli.print_live("step 2", end=True, stream=log)
+    assert log.getvalue() == "step 1\nstep 2\n"
+    main, secondary = pty.openpty()
+    with os.fdopen(secondary, "w") as terminal:
+        cli.print_live("step 1", stream=terminal)
+        cli.print_live("step 2", end=True, stream=terminal)
+    written = b""
+    while True:  # a pseudo-terminal hands the bytes over in pieces; EIO once all are read
+        try:
+            piece = os.read(main, 1024)
+        except OSError:
+            break
+        if not piece:
+            break
+        written += piece
+    os.close(main)
+    assert written == b"\rstep 1\x1b[K\rstep 2\x1b[K\r\n"  # the terminal turns the newline into CR LF
