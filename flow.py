@@ -17,6 +17,7 @@ build the policy from them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -148,8 +149,10 @@ class SmolVLA(nn.Module):
 
     # -- flow matching --------------------------------------------------------------------------------
 
-    def sample_actions(self, p: Prefix, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Euler integration of the flow from noise (t=1) to actions (t=0), normalised units."""
+    def sample_actions(self, p: Prefix, noise: torch.Tensor | None = None, rtc: RealTimeChunking | None = None
+                       ) -> torch.Tensor:
+        """Euler integration of the flow from noise (t=1) to actions (t=0), normalised units. With
+        `rtc`, each step's velocity is guided so that the chunk continues the previous one (below)."""
         batch = p.state.shape[0]
         if noise is None:
             noise = torch.randn(batch, self.config.chunk_size, self.config.max_action_dim, device=p.state.device)
@@ -162,7 +165,9 @@ class SmolVLA(nn.Module):
                              device=p.state.device)
         x = noise.float()
         for k in range(self.config.num_steps):
-            x = x + dt * velocity(cache, x, times[k].expand(batch))
+            t = times[k].expand(batch)
+            v = velocity(cache, x, t) if rtc is None else rtc.guided_velocity(lambda x_t: velocity(cache, x_t, t), x, times[k])
+            x = x + dt * v
         return x
 
     def flow_losses(self, p: Prefix, actions: torch.Tensor, noise: torch.Tensor | None = None,
@@ -182,9 +187,14 @@ class SmolVLA(nn.Module):
     # -- robot-facing API: batches in robot units -----------------------------------------------------
 
     @torch.no_grad()
-    def predict_chunk(self, batch: dict[str, Any], noise: torch.Tensor | None = None) -> torch.Tensor:
-        """One action chunk (B, chunk_size, action_dim) in robot units for one observation batch."""
-        actions = self.sample_actions(self.prepare(batch), noise)[:, :, : self.config.action_dim]
+    def predict_chunk(self, batch: dict[str, Any], noise: torch.Tensor | None = None,
+                      rtc: RealTimeChunking | None = None) -> torch.Tensor:
+        """One action chunk (B, chunk_size, action_dim) in robot units for one observation batch.
+        With `rtc`, its prev_chunk_left_over is in robot units too (normalised here)."""
+        if rtc is not None:
+            left_over = torch.as_tensor(rtc.prev_chunk_left_over, dtype=torch.float32, device=self.device)
+            rtc = dataclasses.replace(rtc, prev_chunk_left_over=self.normalizer.normalize(ACTION, left_over))
+        actions = self.sample_actions(self.prepare(batch), noise, rtc)[:, :, : self.config.action_dim]
         return self.normalizer.unnormalize(ACTION, actions)
 
     def loss(self, batch: dict[str, Any], noise: torch.Tensor | None = None,
@@ -422,6 +432,88 @@ INT8_FIDELITY_BOUND = 0.02
 # How far float camera images may stray outside [0, 1] (overshoot of a user's own bicubic or
 # antialiased resize) before they are refused as being in another range (0..255, [-1, 1]).
 IMAGE_RANGE_SLACK = 0.01
+
+
+@dataclass(frozen=True)
+class RealTimeChunking:
+    """Inference-time real-time chunking (Black, Galliker, Levine 2025, arXiv 2506.07339): the new chunk
+    is generated as an inpainting of what is left of the previous one, so the two agree where they
+    overlap and the seam is smooth. The arguments are LeRobot's (policies/rtc, 0.4.4):
+
+    prev_chunk_left_over  (B, T_prev, A) the previous chunk's actions not yet executed when the
+                          observation was taken, aligned with the new chunk's first action (normalised
+                          in sample_actions, robot units in predict_chunk); zero-padded to the chunk
+    inference_delay       d: actions that will have been executed by the time this chunk arrives
+    execution_horizon     where the soft overlap ends (LeRobot's default 10; capped at T_prev)
+    max_guidance_weight   beta, the guidance's cap (10.0)
+    schedule              the weight of action i: 1 for i < d, then "linear" (default) decaying to 0 at
+                          the horizon, "exp" (the same decay bent by w (e^w - 1) / (e - 1)), "ones"
+                          (1 up to the horizon) or "zeros" (only the first d)
+
+    At each Euler step, with tau = 1 - t (the paper's time runs the other way), the clean chunk the
+    step points at is x1 = x_t - t v; the guidance pulls it toward the left-over actions by their
+    weights, v <- v - min(beta, (1 - tau) / tau / r^2) * (weights * (left_over - x1)) back-propagated
+    to x_t, with r^2 = (1 - tau)^2 / (tau^2 + (1 - tau)^2). LeRobot 0.4.4 computes v before x_t is
+    made to require gradients, so its back-propagation through x1 = x_t - t v sees v as a constant:
+    the correction is the weighted error itself. backprop=False (the default) does exactly that, to
+    give LeRobot's chunk; backprop=True takes the paper's vector-Jacobian product through the
+    expert (one backward pass per step)."""
+
+    prev_chunk_left_over: torch.Tensor
+    inference_delay: int
+    execution_horizon: int = 10
+    max_guidance_weight: float = 10.0
+    schedule: str = "linear"
+    backprop: bool = False
+
+    def __post_init__(self):
+        if self.schedule not in ("zeros", "ones", "linear", "exp"):
+            raise ValueError(f"schedule must be zeros, ones, linear or exp, got {self.schedule!r}")
+        if self.inference_delay < 0 or self.execution_horizon < 0:
+            raise ValueError("inference_delay and execution_horizon are counts of actions (>= 0)")
+
+    def weights(self, chunk_size: int) -> torch.Tensor:
+        """(chunk_size,) how strongly each action of the new chunk is held to the left-over one."""
+        horizon = min(self.execution_horizon, self.prev_chunk_left_over.shape[-2])
+        delay = min(self.inference_delay, horizon)
+        weights = torch.zeros(chunk_size)
+        weights[:delay] = 1.0
+        if self.schedule == "ones":
+            weights[:horizon] = 1.0
+        elif self.schedule in ("linear", "exp"):
+            soft = max(min(horizon, chunk_size) - delay, 0)
+            decay = torch.linspace(1, 0, soft + 2)[1:-1]  # strictly between 1 and 0
+            if self.schedule == "exp":
+                decay = decay * (torch.expm1(decay) / (math.e - 1))
+            weights[delay:delay + soft] = decay
+        return weights
+
+    def guidance_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """min(beta, (1 - tau) / tau / r^2) at tau = 1 - t, infinities (t = 1 or 0) taken as beta."""
+        tau, beta = 1 - t, torch.as_tensor(self.max_guidance_weight)
+        inv_r2 = ((1 - tau) ** 2 + tau ** 2) / (1 - tau) ** 2
+        weight = torch.nan_to_num(torch.nan_to_num((1 - tau) / tau, posinf=beta) * inv_r2, posinf=beta)
+        return torch.minimum(weight, beta)
+
+    def guided_velocity(self, velocity, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """velocity(x_t) corrected toward the left-over chunk; t is this step's scalar time."""
+        left = self.prev_chunk_left_over.to(x_t)
+        if left.dim() == 2:
+            left = left[None]
+        target = torch.zeros_like(x_t)  # padded with zeros to the chunk and the padded action width
+        target[:, : left.shape[1], : left.shape[2]] = left[:, : x_t.shape[1], : x_t.shape[2]]
+        weights = self.weights(x_t.shape[1]).to(x_t)[None, :, None]
+        if self.backprop:
+            with torch.enable_grad():
+                x = x_t.detach().requires_grad_(True)
+                v = velocity(x)
+                x1 = x - t * v
+                correction = torch.autograd.grad(x1, x, (target - x1).detach() * weights)[0]
+            v = v.detach()
+        else:
+            v = velocity(x_t)
+            correction = (target - (x_t - t * v)) * weights
+        return v - self.guidance_weight(t) * correction
 
 
 def time_embedding(t: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:

@@ -5,6 +5,7 @@ one test per stage so that a regression names its stage; then checkpoint loading
 import copy
 import itertools
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -705,3 +706,76 @@ def test_float_images_may_overshoot_slightly(policy, golden):
     overshooting = image.clone()
     overshooting[0, 0, 0, :2] = torch.tensor([-0.005, 1.005])
     assert torch.isfinite(policy.predict_chunk(dict(observation(golden), **{CAMERAS[0]: overshooting}))).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference-time real-time chunking (flow.RealTimeChunking). Checked once against LeRobot 0.4.4's
+# RTCProcessor on this fixture policy, inputs and noise (all four schedules, several delays and
+# horizons): the same chunk bit for bit. The tests hold the paper's formulas, written out by hand.
+
+
+def rtc(left, delay, horizon=10, schedule="linear", **kwargs):
+    return flow.RealTimeChunking(torch.as_tensor(left, dtype=torch.float32), delay, horizon, schedule=schedule, **kwargs)
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("zeros", [1, 1, 0, 0, 0, 0, 0, 0, 0, 0]),
+    ("ones", [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]),
+    ("linear", [1, 1, 0.8, 0.6, 0.4, 0.2, 0, 0, 0, 0]),  # 1 for the delay, then down to 0 at the horizon
+    ("exp", [1, 1] + [w * (math.exp(w) - 1) / (math.e - 1) for w in (0.8, 0.6, 0.4, 0.2)] + [0, 0, 0, 0]),
+])
+def test_rtc_weights_hold_the_delayed_actions_and_fade_to_the_horizon(schedule, expected):
+    close(rtc(torch.zeros(1, 10, 6), delay=2, horizon=6, schedule=schedule).weights(10), torch.tensor(expected),
+          atol=1e-6)
+    # the horizon cannot reach past what is left of the previous chunk
+    close(rtc(torch.zeros(1, 4, 6), delay=2, horizon=6, schedule="linear").weights(10),
+          torch.tensor([1, 1, 2 / 3, 1 / 3, 0, 0, 0, 0, 0, 0]), atol=1e-6)
+
+
+def test_rtc_guidance_weight_is_the_papers_capped_at_beta():
+    guidance = rtc(torch.zeros(1, 10, 6), 2, max_guidance_weight=10.0).guidance_weight
+    for t in (0.9, 0.5, 0.2):
+        tau = 1 - t
+        r2 = (1 - tau) ** 2 / (tau ** 2 + (1 - tau) ** 2)
+        assert guidance(torch.tensor(t)).item() == pytest.approx(min(10.0, (1 - tau) / tau / r2), rel=1e-5)
+    assert guidance(torch.tensor(1.0)).item() == 10.0  # tau = 0: an infinite weight, capped
+    assert guidance(torch.tensor(0.95)).item() == 10.0  # (0.95 / 0.05) / r^2 > 10
+
+
+@pytest.mark.parametrize("backprop", [False, True])
+def test_rtc_guided_euler_steps_on_a_linear_flow(policy, prefix, monkeypatch, backprop):
+    """On v(x) = a x the guided step is x <- x + dt (v - w_g (1 - t a if backprop else 1) W (L - (x - t v)))."""
+    a, delay = 0.5, 3
+    monkeypatch.setattr(policy, "velocity", lambda cache, x_t, t: a * x_t)
+    monkeypatch.setattr(policy, "compiled_velocity", None)
+    torch.manual_seed(0)
+    chunk, width = policy.config.chunk_size, policy.config.max_action_dim
+    noise, left = torch.randn(1, chunk, width), torch.randn(1, chunk, width)
+    guide = rtc(left, delay, horizon=6, backprop=backprop)
+    with torch.no_grad():
+        actions = policy.sample_actions(prefix, noise, guide)
+    x, W, L = noise.double().numpy(), guide.weights(chunk).double().numpy()[None, :, None], left.double().numpy()
+    for k in range(policy.config.num_steps):
+        t = float(DECIMAL_TIMES[k])
+        v = a * x
+        jacobian = (1 - t * a) if backprop else 1.0
+        x = x + (-0.1) * (v - float(guide.guidance_weight(torch.tensor(t))) * jacobian * W * (L - (x - t * v)))
+    close(actions, torch.from_numpy(x).float(), atol=1e-4)
+
+
+def test_rtc_makes_the_new_chunk_continue_the_left_over_actions(policy, golden):
+    """In robot units: the first `delay` actions of a guided chunk follow the previous chunk's
+    left-over actions far more closely than an unguided chunk from the same noise."""
+    batch, noise = observation(golden), golden["input.noise"]
+    plain = policy.predict_chunk(batch, noise=noise)
+    left = plain + 5.0 * ACTION_STD  # a previous chunk that planned elsewhere
+    guided = policy.predict_chunk(batch, noise=noise, rtc=rtc(left, delay=3, horizon=6))
+    before = (plain[:, :3] - left[:, :3]).abs().mean()
+    after = (guided[:, :3] - left[:, :3]).abs().mean()
+    assert after < 0.2 * before
+    assert torch.equal(policy.predict_chunk(batch, noise=noise), plain)  # without rtc: unchanged, bit for bit
+
+
+def test_rtc_refuses_an_unknown_schedule():
+    with pytest.raises(ValueError, match="schedule must be"):
+        rtc(torch.zeros(1, 10, 6), 2, schedule="cosine")
