@@ -675,7 +675,7 @@ def _write_v30(root, episodes, fps, robot_type, state_names, action_names, crf, 
     rows: dict[str, list[np.ndarray]] = {c: [] for c in numeric_keys}
     episode_rows: list[dict[str, Any]] = []
     dataset_stats = {k: RunningStats() for k in (*numeric_keys, *camera_keys)}
-    total = 0
+    total, flushed = 0, False
     try:
         for episode_index, episode in enumerate(_chain(first, episodes)):
             state = np.asarray(episode["observation.state"], dtype=np.float32)
@@ -745,9 +745,16 @@ def _write_v30(root, episodes, fps, robot_type, state_names, action_names, crf, 
             total += length
         for container, stream in videos.values():
             _encode(container, stream, None)  # flush the encoder's delayed frames
+        flushed = True
     finally:
-        for container, _ in videos.values():
+        for container, stream in videos.values():
             with scheduling_kept():
+                if not flushed:  # stopped by an error: end the encoder's stream all the same (the
+                    try:         # partial directory is discarded), or SVT-AV1 is torn down mid-stream
+                        for _ in stream.encode(None):
+                            pass
+                    except av.error.FFmpegError:
+                        pass
                 container.close()
 
     data = {name: np.concatenate(parts) for name, parts in rows.items()}

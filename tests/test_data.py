@@ -634,3 +634,23 @@ def test_scheduling_kept_puts_back_what_a_library_changed():
     finally:
         release.set()
         worker.join()
+
+
+def test_a_write_stopped_by_bad_input_still_ends_the_encoders_stream(tmp_path):
+    """SVT-AV1 torn down mid-stream complains ("deinit called without sending EOS") from its own C
+    code, outside Python's reach: the writer ends each encoder's stream on the way out of an error."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, data\n"
+        "frames = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)\n"
+        "good = {'task': 't', 'observation.state': np.zeros((6, 2), np.float32),\n"
+        "        'action': np.zeros((6, 2), np.float32), 'observation.images.top': frames}\n"
+        "bad = dict(good, **{'observation.images.top': frames[:, :16]})\n"
+        f"try:\n    data.write_dataset({str(tmp_path / 'ds')!r}, [good, good, bad], fps=10)\n"
+        "except ValueError as err:\n    print('refused')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(data.__file__).parent, capture_output=True,
+                          text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (0, "refused\n"), done.stderr
+    assert "EOS" not in done.stderr and not (tmp_path / "ds").exists()
