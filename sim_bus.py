@@ -147,7 +147,7 @@ class SimulatedBus:
     """
 
     def __init__(self, calibrated: bool = True, speed: float = 3000.0,
-                 servo_ids: Sequence[int] = tuple(so100.MOTOR_IDS.values()), scene: "Scene | None" = None):
+                 servo_ids: Sequence[int] = tuple(so100.MOTOR_IDS.values()), scene: "sim_so100.Scene | None" = None):
         self.speed, self.scene = speed, scene
         self.servos = {i: SimulatedServo(i) for i in servo_ids}
         layout = physics_calibration(scene.joint_ranges) if scene is not None else BUS_CALIBRATION
