@@ -50,6 +50,8 @@ SUPPORTED_VERSIONS = ("v2.1", "v3.0")
 TIMESTAMP_TOLERANCE_S = 1e-4
 # Columns every data parquet has, whatever the robot.
 INDEX_COLUMNS = ("timestamp", "frame_index", "episode_index", "index", "task_index")
+# The keys an item gains with future_state_max_offset > 0 (LeRobotDataset's docstring).
+WINDOW_KEYS = ("state_window", "state_window_is_pad", "action_window", "action_window_is_pad")
 # Video files a dataset keeps open per process (the least recently used is closed first): a v2.1
 # dataset has one file per episode and camera, and a shuffled DataLoader visits them all.
 MAX_OPEN_VIDEOS = 16
@@ -82,6 +84,14 @@ class LeRobotDataset(torch.utils.data.Dataset):
       "action_is_pad"          bool (chunk_size,): True where the action is such a repeat
       "task"                   str
       "episode_index", "frame_index", "index"   int64 0-dim;  "timestamp" float32 0-dim
+    With future_state_max_offset D > 0 (future-state conditioning, train.py --future-state-max-offset),
+    items also carry what a later state needs, for the training step to pick an offset from:
+      "state_window"           float32 (D+1, S): states i..i+D, the last one repeated past the episode end
+      "state_window_is_pad"    bool (D+1,): True where the state is such a repeat
+      "action_window"          float32 (D+chunk_size, A): actions i..i+D+chunk_size-1, padded likewise
+      "action_window_is_pad"   bool (D+chunk_size,)
+    The offset itself is not drawn here: a worker's draws would depend on which worker read the item,
+    and train.py draws it from a generator seeded by the step, so a resumed run draws the same.
     Video files are opened lazily in whichever process reads items, so DataLoader workers each keep
     their own decoders open.
     """
@@ -93,10 +103,14 @@ class LeRobotDataset(torch.utils.data.Dataset):
         episodes: list[int] | None = None,
         revision: str | None = None,
         decode_video: bool = True,
+        future_state_max_offset: int = 0,
     ):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if future_state_max_offset < 0:
+            raise ValueError(f"future_state_max_offset must be >= 0, got {future_state_max_offset}")
         self.chunk_size = chunk_size
+        self.future_state_max_offset = future_state_max_offset
         self.decode_video = decode_video  # False: items carry no images (training from cached features)
         # A local directory as is, else a Hub dataset id downloaded into (or found in) the HF cache.
         self.root = cli.resolve_dir(repo_id_or_dir, "dataset", repo_type="dataset", revision=revision,
@@ -124,6 +138,9 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self.vector_keys = [k for k in ("observation.state", "action") if k in self.features]
         if "action" not in self.features:
             raise DatasetError(f"{info_path}: no 'action' feature")
+        if future_state_max_offset and "observation.state" not in self.features:
+            raise DatasetError(f"{info_path}: no 'observation.state' feature, which future_state_max_offset "
+                               f"{future_state_max_offset} conditions on")
 
         read_episodes = read_episodes_v30 if self.version == "v3.0" else read_episodes_v21
         self.episode_info = read_episodes(self.root, self.info, self.camera_keys)
@@ -231,6 +248,13 @@ class LeRobotDataset(torch.utils.data.Dataset):
             item["observation.state"] = torch.from_numpy(columns["observation.state"][i].copy())
         item["action"] = torch.from_numpy(columns["action"][np.minimum(chunk, end - 1)])
         item["action_is_pad"] = torch.from_numpy(chunk >= end)
+        if self.future_state_max_offset:
+            ahead = np.arange(i, i + self.future_state_max_offset + 1)
+            item["state_window"] = torch.from_numpy(columns["observation.state"][np.minimum(ahead, end - 1)])
+            item["state_window_is_pad"] = torch.from_numpy(ahead >= end)
+            window = np.arange(i, i + self.future_state_max_offset + self.chunk_size)
+            item["action_window"] = torch.from_numpy(columns["action"][np.minimum(window, end - 1)])
+            item["action_window_is_pad"] = torch.from_numpy(window >= end)
         item["task"] = self.tasks[int(columns["task_index"][i])]
         item["episode_index"] = torch.tensor(episode_index, dtype=torch.int64)
         item["frame_index"] = torch.tensor(int(columns["frame_index"][i]), dtype=torch.int64)

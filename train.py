@@ -5,6 +5,7 @@
     python train.py --data DATA --from-vlm HuggingFaceTB/SmolVLM2-500M-Video-Instruct   # new policy
     python train.py --output-dir outputs/train --resume      # continue from checkpoints/last
     torchrun --nproc_per_node=4 train.py --data DATA         # DistributedDataParallel, batch per GPU
+    python train.py --data DATA --rtc-prefix-max 5 --future-state-max-offset 5   # for delayed execution
 
 One training step: a batch of frames (camera images, state, the next chunk_size actions, the task
 string) -> flow-matching loss -> backward through the action expert and projections (vision encoder
@@ -69,6 +70,10 @@ EXPERT_ATTENTION = {
     "self": {"attention_mode": "self_attn", "self_attn_every_n_layers": 0},
 }
 
+# Training for delayed execution: flags that are SmolVLA config fields of the same names, saved in
+# config.json so that inference knows what the policy expects (--rtc-prefix-max, --future-state-max-offset).
+DELAY_TRAINING = ("rtc_prefix_max", "future_state_max_offset")
+
 
 class TrainError(cli.UserError):
     """A problem with the user's input or environment, reported as one message (no traceback)."""
@@ -104,8 +109,7 @@ def train_loop(run: Run) -> dict:
             if stop.agreed():  # Ctrl-C on any rank: every rank stops here and saves
                 stopped = True
                 break
-            batch = next(batches)
-            noise, flow_time = flow_noise_and_time(args.seed, 0, step, run.rank, args.batch_size, policy, run.device)
+            batch, noise, flow_time = step_inputs(policy, next(batches), args.seed, 0, step, run.rank, run.device)
             result = train_step(policy, run.optimizer, run.scheduler, batch, noise, flow_time, args.grad_clip, run.model)
             if not (math.isfinite(result["loss"]) and math.isfinite(result["grad_norm"])):
                 raise run.not_finite(step + 1, result)  # the update was not applied; nothing is saved
@@ -139,15 +143,74 @@ class FlowLoss(nn.Module):
         return self.policy.loss(batch, noise, time)
 
 
+def step_generator(seed: int, stream: int, step: int, rank: int, *purpose: int) -> torch.Generator:
+    """A generator seeded by (seed, stream, step, rank), so a resumed run draws exactly what an
+    uninterrupted one would and validation is repeatable; `purpose` keeps independent draws apart."""
+    state = np.random.SeedSequence([seed, stream, step, rank, *purpose]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 def flow_noise_and_time(seed: int, stream: int, step: int, rank: int, batch_size: int, policy: SmolVLA,
                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The flow-matching noise and times of one batch, from a generator seeded by (seed, stream, step,
-    rank), so a resumed run draws exactly what an uninterrupted one would and validation is repeatable.
-    The times are the model's training distribution (flow.sample_time), drawn after the noise."""
-    state = np.random.SeedSequence([seed, stream, step, rank]).generate_state(2)
-    generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    """The flow-matching noise and times of one batch, from step_generator. The times are the model's
+    training distribution (flow.sample_time), drawn after the noise: (batch,).
+
+    With training-time real-time chunking (config.rtc_prefix_max D > 0) the times are per action token,
+    (batch, chunk): each sample's first d ~ U{0..D} tokens are given clean, at time 0 (flow.prefix_times),
+    so the policy learns to continue a committed prefix of up to D actions. d is drawn after the rest,
+    so the noise and times are those of a run without it."""
+    generator = step_generator(seed, stream, step, rank)
     noise = torch.randn(batch_size, policy.config.chunk_size, policy.config.max_action_dim, generator=generator)
-    return noise.to(device), flow.sample_time(batch_size, generator, device)
+    time = flow.sample_time(batch_size, generator, device)
+    if policy.config.rtc_prefix_max:
+        prefix_length = torch.randint(0, policy.config.rtc_prefix_max + 1, (batch_size,), generator=generator)
+        time = flow.prefix_times(time, prefix_length, policy.config.chunk_size)
+    return noise.to(device), time
+
+
+def state_offsets(seed: int, stream: int, step: int, rank: int, batch_size: int, max_offset: int) -> torch.Tensor:
+    """Future-state conditioning's offsets of one batch, (batch,) int64 uniform in 0..max_offset, from
+    a step_generator of their own (the flow's draws stay as they are)."""
+    generator = step_generator(seed, stream, step, rank, 1)
+    return torch.randint(0, max_offset + 1, (batch_size,), generator=generator)
+
+
+def at_state_offsets(batch: dict[str, Any], offsets: torch.Tensor, chunk_size: int) -> dict[str, Any]:
+    """Future-state conditioning (VLASH, arXiv 2512.01031): sample b keeps the images of its frame i but
+    is given the state of frame i + offsets[b], and its targets become the actions from that frame on.
+    The policy so learns to plan from the state the robot will be in when the chunk starts executing,
+    not the stale one at capture. An offset past the episode's last frame is cut back to it (the state
+    and first action stay real). Needs the dataset's windows (LeRobotDataset future_state_max_offset)."""
+    if "state_window" not in batch:
+        raise TrainError("future-state conditioning needs batches with a state window: build the dataset "
+                         "with LeRobotDataset(..., future_state_max_offset=D)")
+    window = batch["state_window"].shape[1]
+    if int(offsets.max()) >= window:
+        raise TrainError(f"a state offset of {int(offsets.max())} frames does not fit the dataset's window of "
+                         f"{window} states (future_state_max_offset {window - 1})")
+    last_real = (~batch["state_window_is_pad"]).sum(dim=1) - 1
+    offsets = torch.minimum(offsets.to(last_real.device), last_real)
+    rows = torch.arange(len(offsets))
+    steps = offsets[:, None] + torch.arange(chunk_size)
+    shifted = {k: v for k, v in batch.items() if k not in data.WINDOW_KEYS}
+    shifted[STATE] = batch["state_window"][rows, offsets]
+    shifted[ACTION] = batch["action_window"][rows[:, None], steps]
+    shifted["action_is_pad"] = batch["action_window_is_pad"][rows[:, None], steps]
+    return shifted
+
+
+def step_inputs(policy: SmolVLA, batch: dict[str, Any], seed: int, stream: int, step: int, rank: int,
+                device: torch.device) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """What one step (or one validation batch) trains on: the batch, moved to its drawn state offsets
+    when the policy is trained with future-state conditioning, and its flow noise and times. Every
+    draw comes from step_generator: the same seed, stream, step and rank draw the same."""
+    size = len(batch["task"])
+    noise, time = flow_noise_and_time(seed, stream, step, rank, size, policy, device)
+    max_offset = policy.config.future_state_max_offset
+    if max_offset:
+        batch = at_state_offsets(batch, state_offsets(seed, stream, step, rank, size, max_offset),
+                                 policy.config.chunk_size)
+    return batch, noise, time
 
 
 def train_step(policy: SmolVLA, optimizer: torch.optim.Optimizer, scheduler, batch: dict[str, Any],
@@ -180,12 +243,13 @@ def train_step(policy: SmolVLA, optimizer: torch.optim.Optimizer, scheduler, bat
 
 @torch.no_grad()
 def validation_loss(policy: SmolVLA, batches: list[dict[str, Any]] | torch.utils.data.DataLoader, seed: int) -> float:
-    """Mean loss over the fixed validation batches with fixed noise and times (comparable across steps)."""
+    """Mean loss over the fixed validation batches with fixed draws (noise, times, state offsets), so
+    that it is comparable across steps."""
     device = policy.device
     total, count = 0.0, 0
     for j, batch in enumerate(batches):
         size = len(batch["task"])
-        noise, time = flow_noise_and_time(seed, 1, j, 0, size, policy, device)
+        batch, noise, time = step_inputs(policy, batch, seed, 1, j, 0, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             total += policy.loss(batch, noise, time).item() * size
         count += size
@@ -288,10 +352,16 @@ def start_run(start: RunStart, rank: int, world_size: int, device: torch.device)
     else:
         policy = SmolVLA.from_pretrained(start.checkpoint / "pretrained_model", vlm=args.vlm, device=device)
         log(rank, f"resuming from {start.checkpoint} (step {resume_state['step']})")
+        for key in DELAY_TRAINING:  # the checkpoint's config.json says what the run trains for
+            if key in args.explicit and getattr(args, key) != getattr(policy.config, key):
+                raise TrainError(f"--{key.replace('_', '-')} {getattr(args, key)}: the run being resumed trains with "
+                                 f"{key} {getattr(policy.config, key)} (its config.json), and a resumed run keeps it; "
+                                 "start a new run (another --output-dir, --policy the checkpoint) to change it")
     trained = set(set_trainable(policy, args.train_vision, args.train_vlm))
-    chunk = policy.config.chunk_size
-    train_set = data.LeRobotDataset(whole.root, chunk_size=chunk, episodes=train_eps)
-    val_set = data.LeRobotDataset(whole.root, chunk_size=chunk, episodes=val_eps) if val_eps else None
+    chunk, max_offset = policy.config.chunk_size, policy.config.future_state_max_offset
+    train_set = data.LeRobotDataset(whole.root, chunk_size=chunk, episodes=train_eps, future_state_max_offset=max_offset)
+    val_set = (data.LeRobotDataset(whole.root, chunk_size=chunk, episodes=val_eps, future_state_max_offset=max_offset)
+               if val_eps else None)
     log(rank, f"data: {len(train_set)} training frames ({len(train_eps)} episodes), "
               f"{len(val_set) if val_set else 0} validation frames ({len(val_eps)} episodes); "
               f"policy: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f} M parameters, "
@@ -724,6 +794,15 @@ def build_policy(args: argparse.Namespace, dataset: data.LeRobotDataset, device:
         if unused:
             print(f"policy camera slot(s) {unused} have no camera in this dataset: removed from the policy's "
                   "input features", flush=True)
+    for key in DELAY_TRAINING:  # what this run trains for, whatever the policy started from was trained for
+        before, value = getattr(policy.config, key), getattr(args, key)
+        if before and before != value:  # a new policy starts at 0
+            print(f"{key}: {before} in the policy being fine-tuned, {value} in this run (--{key.replace('_', '-')})",
+                  flush=True)
+        setattr(policy.config, key, value)
+    if policy.config.rtc_prefix_max >= policy.config.chunk_size:
+        raise TrainError(f"--rtc-prefix-max {policy.config.rtc_prefix_max} must be below the policy's chunk size "
+                         f"{policy.config.chunk_size} (a chunk needs actions left to predict)")
     policy.rename_map = {source: slot for source, slot in mapping.items() if source != slot}
     print("cameras: " + ", ".join(f"{s} -> {t}" for s, t in mapping.items()) + "  (override with --rename DATA=POLICY)",
           flush=True)
@@ -960,6 +1039,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train the vision encoder (frozen by default; trained in the demo)")
     g.add_argument("--train-vlm", action=argparse.BooleanOptionalAction, default=False,
                    help="also train the VLM layers and connector (frozen by default; trained in the demo)")
+    g.add_argument("--rtc-prefix-max", type=cli.integer(0), default=0, metavar="D",
+                   help="training-time real-time chunking (arXiv 2512.05964): a random first 0..D actions of each "
+                        "chunk are given clean and not trained on, so that at inference the actions the robot "
+                        "executes while the next chunk is computed can be given and the chunk continues them "
+                        "smoothly at no extra cost. D: the largest inference delay expected, in control ticks; "
+                        "saved in config.json (0: off)")
+    g.add_argument("--future-state-max-offset", type=cli.integer(0), default=0, metavar="D",
+                   help="future-state conditioning (VLASH, arXiv 2512.01031): frame i's images are paired with the "
+                        "state of frame i+delta, delta random in 0..D, and the actions from there, so that at "
+                        "inference the policy can be given the state the robot will be in when the chunk starts "
+                        "rather than the stale one at capture; saved in config.json (0: off)")
     g = p.add_argument_group("optimisation (SmolVLA fine-tuning recipe)")
     g.add_argument("--steps", type=cli.integer(1), default=20_000,
                    help="training steps (the learning-rate schedule is fitted to them, see --decay-steps)")

@@ -327,6 +327,28 @@ def test_items_without_video(tiny_v3_dataset, tmp_path):
     assert item["action"].shape == (3, 6) and item["frame_index"] == 5
 
 
+def test_future_state_windows_are_the_next_frames_of_the_episode(tiny_v3_dataset):
+    """future_state_max_offset D: item i also carries states i..i+D and actions i..i+D+chunk-1 of its
+    episode, the last frame repeated past the end with pad flags; the usual keys are unchanged."""
+    root, episodes = tiny_v3_dataset
+    plain = data.LeRobotDataset(root, chunk_size=3, decode_video=False)
+    dataset = data.LeRobotDataset(root, chunk_size=3, decode_video=False, future_state_max_offset=2)
+    assert set(dataset[0]) - set(plain[0]) == set(data.WINDOW_KEYS)
+    for i, (e, f) in enumerate(expected_rows(episodes, [0, 1, 2])):
+        item, length = dataset[i], LENGTHS[e]
+        assert all(torch.equal(item[k], plain[i][k]) for k in plain[i] if k != "task")
+        states = [min(f + k, length - 1) for k in range(3)]
+        np.testing.assert_array_equal(item["state_window"].numpy(), episodes[e]["observation.state"][states])
+        assert item["state_window_is_pad"].tolist() == [f + k >= length for k in range(3)]
+        actions = [min(f + k, length - 1) for k in range(2 + 3)]
+        np.testing.assert_array_equal(item["action_window"].numpy(), episodes[e]["action"][actions])
+        assert item["action_window_is_pad"].tolist() == [f + k >= length for k in range(5)]
+    # kept by the preloaded copy, as every other key
+    decoded = data.LeRobotDataset(root, chunk_size=3, future_state_max_offset=2)
+    preloaded = data.PreloadedDataset(decoded, "test", verbose=False)
+    assert all(torch.equal(preloaded[9][k], dataset[9][k]) for k in data.WINDOW_KEYS)
+
+
 def test_preloaded_items_are_the_decoded_ones_bit_for_bit(tiny_v3_dataset):
     """Preloading keeps the images as uint8 (a quarter of float32's memory): a decoded frame is k/255,
     so every item comes back exactly as the dataset decodes it."""

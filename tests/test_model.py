@@ -779,3 +779,185 @@ def test_rtc_makes_the_new_chunk_continue_the_left_over_actions(policy, golden):
 def test_rtc_refuses_an_unknown_schedule():
     with pytest.raises(ValueError, match="schedule must be"):
         rtc(torch.zeros(1, 10, 6), 2, schedule="cosine")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training-time real-time chunking (arXiv 2512.05964): per-token flow times, a committed prefix given
+# clean (time 0) in training and held at inference. The truths: the (B,) path the golden tests pin,
+# the sinusoid written out by hand, and Euler steps and losses computed here by hand.
+
+
+def test_time_embedding_of_per_token_times_is_the_sinusoid():
+    t = torch.tensor([[0.0, 0.25, 1.0], [0.5, 0.001, 0.75]])
+    dim, low, high = 8, 4e-3, 4.0
+    embedded = flow.time_embedding(t, dim, low, high)
+    assert embedded.shape == (2, 3, dim)
+    for b, j, k in itertools.product(range(2), range(3), range(dim // 2)):
+        period = low * (high / low) ** (k / (dim // 2 - 1))
+        assert embedded[b, j, k].item() == pytest.approx(math.sin(2 * math.pi * t[b, j].item() / period), abs=1e-9)
+        assert embedded[b, j, dim // 2 + k].item() == pytest.approx(math.cos(2 * math.pi * t[b, j].item() / period),
+                                                                     abs=1e-9)
+
+
+def test_per_token_times_equal_to_one_time_give_its_velocity(policy, prefix, golden):
+    """A time per action token, all equal to the sample's time, is the (B,) path; a token's own time
+    moves that token's velocity (and, through causal self-attention, only those after it)."""
+    t = torch.tensor([0.9, 0.3])
+    chunk = policy.config.chunk_size
+    with torch.no_grad():
+        cache = policy.prefix_cache(prefix)
+        shared = policy.velocity(cache, golden["input.noise"], t)
+        per_token = policy.velocity(cache, golden["input.noise"], t[:, None].expand(2, chunk))
+        moved = t[:, None].repeat(1, chunk)
+        moved[:, 4] = 0.0
+        changed = policy.velocity(cache, golden["input.noise"], moved)
+    close(per_token, shared, atol=1e-6)
+    assert torch.equal(changed[:, :4], per_token[:, :4])  # tokens before 4 do not see it
+    assert (changed[:, 4:] - per_token[:, 4:]).abs().amax(dim=-1).min() > 1e-4
+    with pytest.raises(ValueError, match=r"expected \(batch,\) or \(batch, chunk\)"):
+        policy.velocity(cache, golden["input.noise"], torch.ones(2, chunk - 1))
+
+
+def test_prefix_times_are_zero_on_the_prefix():
+    times = flow.prefix_times(torch.tensor([0.7, 0.2, 0.5]), torch.tensor([0, 2, 4]), 5)
+    assert torch.equal(times, torch.tensor([[0.7] * 5, [0, 0, 0.2, 0.2, 0.2], [0, 0, 0, 0, 0.5]]))
+
+
+def test_training_prefix_is_given_clean_and_left_out_of_the_loss(policy, golden, monkeypatch):
+    """The prefix tokens' input is the action itself, and the loss is the mean over the other real
+    tokens: whatever the model outputs on the prefix, the loss stays, and equals the hand-computed one."""
+    batch = training_batch(golden)
+    noise, time = golden["input.train_noise"], golden["input.train_time"]
+    lengths = torch.tensor([3, 1])
+    per_token = flow.prefix_times(time, lengths, policy.config.chunk_size)
+    actions = flow.pad_last(policy.normalizer.normalize("action", batch["action"]), policy.config.max_action_dim)
+    velocity, seen = policy.velocity, []
+
+    def recording(cache, x_t, t):
+        seen.append((x_t.clone(), t.clone()))
+        return velocity(cache, x_t, t)
+
+    monkeypatch.setattr(policy, "velocity", recording)
+    with torch.no_grad():
+        loss = policy.loss(batch, noise, per_token)
+    x_t, t = seen[0]
+    for b, d in enumerate(lengths.tolist()):
+        assert torch.equal(x_t[b, :d], actions[b, :d]) and torch.equal(t[b, :d], torch.zeros(d))
+        close(x_t[b, d:], time[b] * noise[b, d:] + (1 - time[b]) * actions[b, d:], atol=1e-6)
+    in_prefix = torch.arange(policy.config.chunk_size)[None, :] < lengths[:, None]
+
+    def disturbed(cache, x_t, t):  # anything at all on the prefix tokens
+        return velocity(cache, x_t, t) + 1000.0 * in_prefix[:, :, None]
+
+    monkeypatch.setattr(policy, "velocity", disturbed)
+    with torch.no_grad():
+        assert torch.equal(policy.loss(batch, noise, per_token), loss)
+    # by hand, on a model whose velocity is 0: the loss is the mean of (noise - action)^2 over the
+    # real action dims of the tokens after the prefix and inside the episode
+    monkeypatch.setattr(policy, "velocity", lambda cache, x_t, t: torch.zeros_like(x_t))
+    dims, total, count = policy.config.action_dim, 0.0, 0
+    for b in range(2):
+        for j in range(policy.config.chunk_size):
+            if j >= lengths[b] and not batch["action_is_pad"][b, j]:
+                total += sum((noise[b, j, a].item() - actions[b, j, a].item()) ** 2 for a in range(dims))
+                count += dims
+    with torch.no_grad():
+        assert policy.loss(batch, noise, per_token).item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_sampling_holds_the_prefix_at_time_zero(policy, prefix, monkeypatch):
+    """At every Euler step the first d tokens are the prefix at time 0, the others at the step's time;
+    on v(x) = a x the free tokens follow x <- x + dt a x, and the chunk returned starts with the prefix."""
+    a, d = 0.5, 3
+    chunk, width = policy.config.chunk_size, policy.config.max_action_dim
+    seen = []
+
+    def linear(cache, x_t, t):
+        seen.append((x_t.clone(), t.clone()))
+        return a * x_t
+
+    monkeypatch.setattr(policy, "velocity", linear)
+    monkeypatch.setattr(policy, "compiled_velocity", None)
+    torch.manual_seed(0)
+    noise, given = torch.randn(2, chunk, width), torch.randn(2, d, policy.config.action_dim)
+    with torch.no_grad():
+        actions = policy.sample_actions(prefix, noise, prefix=given)
+    padded = flow.pad_last(given, width)
+    assert len(seen) == policy.config.num_steps
+    free = noise[:, d:].double()
+    for k, (x_t, t) in enumerate(seen):
+        assert torch.equal(x_t[:, :d], padded) and torch.equal(t[:, :d], torch.zeros(2, d))
+        assert torch.equal(t[:, d:], DECIMAL_TIMES[k].expand(2, chunk - d))
+        close(x_t[:, d:], free.float(), atol=1e-5)
+        free = free + (-0.1) * a * free
+    assert torch.equal(actions[:, :d], padded)
+    close(actions[:, d:], free.float(), atol=1e-5)
+
+
+def test_sampling_without_a_prefix_is_the_plain_sampler(policy, prefix, golden):
+    with torch.no_grad():
+        plain = policy.sample_actions(prefix, golden["input.noise"])
+        for empty in (None, torch.zeros(2, 0, policy.config.action_dim)):
+            assert torch.equal(policy.sample_actions(prefix, golden["input.noise"], prefix=empty), plain)
+        given = policy.sample_actions(prefix, golden["input.noise"], prefix=plain[:, :3] + 1.0)
+    assert not torch.allclose(given[:, 3:], plain[:, 3:], atol=1e-3)  # the later actions see the prefix
+
+
+def test_predict_chunk_returns_the_committed_actions_exactly(policy, golden):
+    """Robot units in and out: the first d rows are the given actions, bit for bit; the rest is the
+    normalised sampler's chunk given the normalised prefix."""
+    batch, noise = observation(golden), golden["input.noise"]
+    committed = golden["output.actions"][:, :4] + 0.123456
+    chunk = policy.predict_chunk(batch, noise=noise, prefix_actions=committed)
+    assert chunk.shape == golden["output.actions"].shape
+    assert torch.equal(chunk[:, :4], committed)
+    with torch.no_grad():
+        normalised = policy.sample_actions(policy.prepare(batch), noise,
+                                           prefix=policy.normalizer.normalize("action", committed))
+    close_robot_units(chunk[:, 4:], policy.normalizer.unnormalize("action", normalised[:, 4:, :6]))
+    # one (d, action_dim) prefix serves the whole batch
+    shared = policy.predict_chunk(batch, noise=noise, prefix_actions=committed[0])
+    assert torch.equal(shared[:, :4], committed[0].expand(2, -1, -1))
+
+
+def test_prefix_errors_name_the_sizes(policy, golden):
+    batch, chunk = observation(golden), policy.config.chunk_size
+    with pytest.raises(ValueError, match=f"a prefix of {chunk} committed actions .* chunk of {chunk}"):
+        policy.predict_chunk(batch, prefix_actions=torch.zeros(chunk, 6))
+    with pytest.raises(ValueError, match="prefix_actions have 5 dims, the policy's actions 6"):
+        policy.predict_chunk(batch, prefix_actions=torch.zeros(2, 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# The config fields for delayed execution: in config.json only when set (LeRobot refuses unknown keys)
+
+
+def test_delay_training_fields_are_written_only_when_set(policy, tmp_path):
+    assert SmolVLAConfig().rtc_prefix_max == 0 and SmolVLAConfig().future_state_max_offset == 0
+    plain = SmolVLAConfig().to_dict()
+    assert "rtc_prefix_max" not in plain and "future_state_max_offset" not in plain
+    policy.save_pretrained(tmp_path / "plain")
+    fixture_keys = set(json.loads((POLICY / "config.json").read_text()))
+    assert set(json.loads((tmp_path / "plain" / "config.json").read_text())) == fixture_keys  # as LeRobot's
+    assert policy.config.rtc_prefix_max == 0 and policy.config.future_state_max_offset == 0  # absent: 0
+
+    set_ = copy.deepcopy(policy)
+    set_.config.rtc_prefix_max, set_.config.future_state_max_offset = 4, 2
+    set_.save_pretrained(tmp_path / "set")
+    written = json.loads((tmp_path / "set" / "config.json").read_text())
+    assert (written["rtc_prefix_max"], written["future_state_max_offset"]) == (4, 2)
+    reloaded = SmolVLA.from_pretrained(tmp_path / "set", vlm=VLM, device="cpu")
+    assert (reloaded.config.rtc_prefix_max, reloaded.config.future_state_max_offset) == (4, 2)
+    assert "rtc_prefix_max" not in reloaded.config.extra
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rtc_prefix_max": 10}, "rtc_prefix_max 10 must be below chunk_size 10"),
+    ({"future_state_max_offset": -1}, "future_state_max_offset must be an integer >= 0"),
+])
+def test_bad_delay_training_fields_name_the_file_and_key(tmp_path, change, message):
+    target = copy_policy(tmp_path)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError, match=f"config.json: {message}"):
+        SmolVLA.from_pretrained(target, vlm=VLM, device="cpu")

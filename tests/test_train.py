@@ -7,6 +7,7 @@ from a rest pose to angles that are a fixed function of the target's position.
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -496,6 +497,8 @@ def test_unused_policy_camera_slot_is_dropped_and_the_rename_saved(tmp_path):
     config = json.loads((saved / "config.json").read_text())
     assert sorted(config["input_features"]) == ["observation.images.top", "observation.state"]
     assert config["input_features"]["observation.images.top"]["shape"] == [3, SIZE, SIZE]
+    # trained without them: config.json keeps to LeRobot's keys (which refuses others)
+    assert "rtc_prefix_max" not in config and "future_state_max_offset" not in config
     policy = SmolVLA.from_pretrained(saved, vlm=VLM, device="cpu")
     assert policy.rename_map == {"observation.images.front": "observation.images.top"}
     item = data.LeRobotDataset(dataset, chunk_size=10)[0]
@@ -651,3 +654,112 @@ def test_cache_vision_training_run_matches_the_uncached_curve(dataset_dir, tmp_p
     np.testing.assert_allclose(losses(cached), losses(plain), rtol=5e-3)
     with pytest.raises(SystemExit):
         train.main(args_for(dataset_dir, tmp_path / "x", "--steps", "1", "--cache-vision", "--train-vision"))
+
+
+# -- training for delayed execution: --rtc-prefix-max, --future-state-max-offset ----------------------
+
+
+def stub_policy(**config):
+    """What the step's draws read of a policy: its config."""
+    from types import SimpleNamespace
+
+    from flow import SmolVLAConfig
+
+    return SimpleNamespace(config=SmolVLAConfig(chunk_size=10, max_action_dim=8, **config))
+
+
+def test_delay_draws_are_fixed_by_seed_stream_step_and_rank():
+    cpu = torch.device("cpu")
+    offsets = train.state_offsets(7, 0, 5, 0, 256, 3)
+    assert torch.equal(offsets, train.state_offsets(7, 0, 5, 0, 256, 3))
+    assert sorted(set(offsets.tolist())) == [0, 1, 2, 3]
+    assert not torch.equal(offsets, train.state_offsets(7, 0, 6, 0, 256, 3))
+    assert not torch.equal(offsets, train.state_offsets(7, 1, 5, 0, 256, 3))
+    assert not torch.equal(offsets, train.state_offsets(7, 0, 5, 1, 256, 3))
+
+    plain_noise, plain_time = train.flow_noise_and_time(7, 0, 5, 0, 256, stub_policy(), cpu)
+    noise, time = train.flow_noise_and_time(7, 0, 5, 0, 256, stub_policy(rtc_prefix_max=3), cpu)
+    again = train.flow_noise_and_time(7, 0, 5, 0, 256, stub_policy(rtc_prefix_max=3), cpu)[1]
+    assert torch.equal(time, again) and plain_time.shape == (256,) and time.shape == (256, 10)
+    # the prefix is drawn after the rest: the noise and the times after the prefix are the plain run's
+    assert torch.equal(noise, plain_noise)
+    lengths = (time == 0).sum(dim=1)
+    assert sorted(set(lengths.tolist())) == [0, 1, 2, 3]
+    for row, d in zip(time, lengths.tolist()):
+        assert torch.equal(row[:d], torch.zeros(d)) and (row[d:] > 0).all()
+    assert torch.equal(time[:, -1], plain_time)
+
+
+def test_state_offsets_give_the_later_frames_state_and_actions(dataset_dir):
+    """Against the dataset's own items: sample i at offset o is frame i's images with the state and
+    the action chunk of frame i + o, cut back to the episode's last frame (episodes of 20 frames)."""
+    windowed = data.LeRobotDataset(dataset_dir, chunk_size=10, decode_video=False, future_state_max_offset=4)
+    plain = data.LeRobotDataset(dataset_dir, chunk_size=10, decode_video=False)
+    picks, offsets = [0, 5, 17, 18, 19, 40], torch.tensor([0, 4, 4, 2, 3, 1])
+    expected = [0, 9, 19, 19, 19, 41]  # 17 + 4 and 18 + 2 are past frame 19, the episode's last
+    batch = torch.utils.data.default_collate([windowed[i] for i in picks])
+    shifted = train.at_state_offsets(batch, offsets, 10)
+    assert not set(data.WINDOW_KEYS) & set(shifted)
+    assert shifted["index"].tolist() == picks  # still frame i (its images, its task)
+    for b, j in enumerate(expected):
+        assert torch.equal(shifted["observation.state"][b], plain[j]["observation.state"])
+        assert torch.equal(shifted["action"][b], plain[j]["action"])
+        assert torch.equal(shifted["action_is_pad"][b], plain[j]["action_is_pad"])
+    with pytest.raises(train.TrainError, match="future_state_max_offset"):
+        train.at_state_offsets(torch.utils.data.default_collate([plain[0]]), torch.tensor([1]), 10)
+
+
+def test_a_run_for_delayed_execution_trains_on_its_draws_and_saves_them(dataset_dir, tmp_path, monkeypatch):
+    """Both options on a tiny run with --cache-vision, a DataLoader worker and validation: every step
+    trains on the state and actions of frame i + delta and the per-token times of its own draws; the
+    options land in config.json and come back with the policy."""
+    recorded = []
+    train_step = train.train_step
+
+    def recording(policy, optimizer, scheduler, batch, noise, time, *args):
+        recorded.append((batch, time))
+        return train_step(policy, optimizer, scheduler, batch, noise, time, *args)
+
+    monkeypatch.setattr(train, "train_step", recording)
+    out = tmp_path / "out"
+    train.main(args_for(dataset_dir, out, "--steps", "2", "--rtc-prefix-max", "3", "--future-state-max-offset", "2",
+                        "--val-episodes", "1", "--eval-every", "2", "--cache-vision", "--num-workers", "1",
+                        "--seed", "5"))
+    saved = out / "checkpoints" / "last" / "pretrained_model"
+    config = json.loads((saved / "config.json").read_text())
+    assert (config["rtc_prefix_max"], config["future_state_max_offset"]) == (3, 2)
+    policy = SmolVLA.from_pretrained(saved, vlm=VLM, device="cpu")
+    assert (policy.config.rtc_prefix_max, policy.config.future_state_max_offset) == (3, 2)
+
+    plain = data.LeRobotDataset(dataset_dir, chunk_size=10, decode_video=False)
+    assert len(recorded) == 2
+    for step, (batch, time) in enumerate(recorded):
+        offsets = train.state_offsets(5, 0, step, 0, 8, 2)
+        for b, i in enumerate(batch["index"].tolist()):
+            j = min(i + int(offsets[b]), (i // LENGTH + 1) * LENGTH - 1)
+            assert torch.equal(batch["observation.state"][b], plain[j]["observation.state"])
+            assert torch.equal(batch["action"][b], plain[j]["action"])
+        assert torch.equal(time, train.flow_noise_and_time(5, 0, step, 0, 8, policy, torch.device("cpu"))[1])
+        assert time.shape == (8, 10) and ((time == 0).sum(dim=1) <= 3).all()
+    assert [m["step"] for m in train.read_metrics(out / "metrics.jsonl") if "val_loss" in m] == [2]
+    # validation draws are fixed: the same loss every time
+    val_set = data.LeRobotDataset(dataset_dir, chunk_size=10, episodes=[7], future_state_max_offset=2)
+    batches = train.validation_batches(val_set, 16, 8, 0)
+    first = train.validation_loss(policy, batches, 5)
+    assert math.isfinite(first) and train.validation_loss(policy, batches, 5) == first
+
+
+def test_a_resumed_run_keeps_its_delay_training(dataset_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        stop_after(patch, 2)
+        train.main(args_for(dataset_dir, out, "--steps", "4", "--rtc-prefix-max", "2", "--future-state-max-offset", "1"))
+    with pytest.raises(SystemExit):
+        train.main(["--output-dir", str(out), "--resume", "--num-workers", "0", "--rtc-prefix-max", "1"])
+    assert "--rtc-prefix-max 1: the run being resumed trains with rtc_prefix_max 2" in capsys.readouterr().err
+    train.main(["--output-dir", str(out), "--resume", "--num-workers", "0"])
+    config = json.loads((out / "checkpoints" / "000004" / "pretrained_model" / "config.json").read_text())
+    assert (config["rtc_prefix_max"], config["future_state_max_offset"]) == (2, 1)
+    with pytest.raises(SystemExit):
+        train.main(args_for(dataset_dir, tmp_path / "long", "--steps", "1", "--rtc-prefix-max", "10"))
+    assert "--rtc-prefix-max 10 must be below the policy's chunk size 10" in capsys.readouterr().err
