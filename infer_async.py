@@ -10,6 +10,11 @@ does not stop and wait for the model:
     on a chunk:   merge it into the queue: actions for timesteps already executed are dropped,
                   those overlapping queued ones are blended, the rest appended
 
+--rtc, the latency-tolerant mode, instead sends the queued plan and the inference delay d (the actions
+the arm will have executed when the chunk arrives, from the latencies measured) with the observation,
+has the policy continue that plan (policy_io.continuation), and lets the chunk replace the queue from
+timestep T + d on: the first d queued actions are committed, the rest is the new plan.
+
 Timesteps count executed actions: an observation is stamped with the timestep of the next action
 the robot will execute, and action i of the chunk computed from it is meant for timestep + i.
 
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -47,7 +53,7 @@ import so100
 from cli import USER_ERROR, HelpFormatter, Parser, UserError, integer, number, print_live
 from plot import Panel, save_panels
 from policy_io import (ACTION, DEFAULT_FPS, DEMO_POLICY, IMAGE_PREFIX, STATE, Observation, PolicySpec,
-                       control_rate, prepare_policy)
+                       chunk_offset, control_rate, prepare_policy)
 
 # ---------------------------------------------------------------------------------------------
 # 1. Errors (the observation and the policy's description are policy_io's)
@@ -105,6 +111,8 @@ class ActionQueue:
         self.aggregate = aggregate
         self.ease_in = ease_in
         self.next_timestep = 0  # = actions executed so far
+        self.merged_at = 0  # next_timestep at the last merge or replace: the seam's position
+        self._newest_source = -1  # replace(): the request whose chunk last replaced the plan
         self._actions: dict[int, np.ndarray] = {}
         self._last: np.ndarray | None = None  # last executed action, or the pose given to hold()
         self._lock = threading.Lock()
@@ -144,6 +152,44 @@ class ActionQueue:
                 else:
                     self._actions[t] = new.copy()
             self._crossfade(before)
+            self.merged_at = self.next_timestep
+            return stale
+
+    def plan(self) -> tuple[int, list[np.ndarray]]:
+        """(the next timestep, the queued actions for it and the timesteps after, in order): what an
+        --rtc observation carries. Empty when the queue is."""
+        with self._lock:
+            actions, t = [], self.next_timestep
+            while t in self._actions:
+                actions.append(self._actions[t].copy())
+                t += 1
+            return self.next_timestep, actions
+
+    def replace(self, timestep: int, chunk: np.ndarray, committed_until: int, source: int) -> int:
+        """--rtc: the chunk (its first action for `timestep`) replaces the queue from timestep
+        max(committed_until, next_timestep) on; the queued actions before committed_until stay. The
+        chunk's actions for timesteps already executed are dropped, and so is a whole chunk from an
+        older request (`source`, counting requests) than the one whose chunk last replaced the plan:
+        the arm never gets actions older than those they would replace. Returns how many were dropped.
+
+        Where the queue holds no action for a timestep before committed_until (it ran short), the
+        chunk's fills it, so that the queue never has a gap the robot could not step over."""
+        chunk = np.asarray(chunk, dtype=np.float64)
+        with self._lock:
+            if source < self._newest_source:
+                return len(chunk)
+            self._newest_source = source
+            start = max(committed_until, self.next_timestep)
+            for t in [t for t in self._actions if t >= start]:
+                del self._actions[t]
+            stale = 0
+            for i, new in enumerate(chunk):
+                t = timestep + i
+                if t < self.next_timestep:
+                    stale += 1
+                elif t >= start or t not in self._actions:
+                    self._actions[t] = new.copy()
+            self.merged_at = self.next_timestep
             return stale
 
     def _crossfade(self, before: dict[int, np.ndarray]) -> None:
@@ -269,6 +315,28 @@ class ClientConfig:
     similarity: float = 1.0  # degrees (gripper percent); 0 disables skipping
     sync: bool = False  # infer, execute n_action_steps, repeat
     n_action_steps: int | None = None  # --sync: actions executed per chunk (None: the policy's)
+    rtc: bool = False  # latency-tolerant: chunks continue the queued plan and replace it (RobotClient)
+
+
+LATENCY_WINDOW = 5  # --rtc: the inference delay covers the slowest of this many latest chunks
+
+
+def inference_delay(latencies: list[float], fps: float, most: int) -> int:
+    """--rtc's d: the ticks the slowest of the latest LATENCY_WINDOW latencies (seconds) spans,
+    ceil(max / control period), at most `most` (max_inference_delay); 0 before any latency is known. Rounded up, the margin of under a tick covers a latency a little
+    above the slowest seen; a tolerance of 1e-9 keeps float error (0.3 s x 10 = 3.0000000000000004)
+    from adding a whole tick."""
+    if not latencies:
+        return 0
+    ticks = math.ceil(max(latencies[-LATENCY_WINDOW:]) * fps - 1e-9)
+    return min(max(ticks, 0), most)
+
+
+def max_inference_delay(spec: PolicySpec) -> int:
+    """The largest d worth sending: chunk_size - 1 (a chunk must keep an action of its own past the
+    committed ones), or more for a policy trained on future states, whose chunk starts d ahead (its
+    actions are all new however long the latency, up to the largest offset it was trained on)."""
+    return max(spec.chunk_size - 1, spec.future_state_max_offset)
 
 
 class RobotClient:
@@ -279,6 +347,17 @@ class RobotClient:
     goals); `cameras` maps policy camera keys to objects with read() -> uint8 (H, W, 3).
     --sync is the same loop with g = 0 (observe only once the queue is empty, the arm standing
     still while the policy runs) and chunks cut to n_action_steps.
+
+    --rtc (config.rtc) keeps the arm fed at a latency near a chunk's length, with what the policy
+    supports (policy_io.continuation). An observation goes out when the queue is at or below g of a
+    chunk or at most d + 1 actions (d = inference_delay(), from the latencies measured; the chunk
+    must arrive before the queue runs dry), and it carries the queued plan from its timestep T and
+    d, held to the plan's length (the arm cannot execute more than is queued). A policy trained on
+    future states is given, as its state, the plan's action for T + offset - 1 (the pose the arm is
+    commanded to when its chunk starts; the present state at offset 0), and its chunk starts at
+    T + offset (policy_io.chunk_offset). The chunk replaces the queue from T + d on, or from the next
+    action if the arm got further (ActionQueue.replace): no blending and no ease-in, the policy has
+    made the seam consistent. Every mode records the seams' jolt (Metrics.seam_jerks).
     """
 
     def __init__(self, robot, cameras: dict, policy_fn: Callable[[Observation], np.ndarray], spec: PolicySpec,
@@ -288,26 +367,55 @@ class RobotClient:
         missing = sorted(set(spec.cameras) - set(cameras))
         if missing:
             raise InferError(f"the policy needs the camera(s) {missing}; given {sorted(cameras)}")
+        if config.sync and config.rtc:
+            raise InferError("--rtc and --sync exclude each other: --rtc keeps the arm moving while the policy runs")
+        if config.rtc and spec.future_state_max_offset > 0 and spec.state_dim != spec.action_dim:
+            raise InferError(f"--rtc with a policy trained on future states needs actions that are states: it has "
+                             f"{spec.state_dim} state and {spec.action_dim} action values")
         self.robot, self.cameras, self.spec, self.task, self.config = robot, cameras, spec, task, config
         self.clock, self.sleep = clock, sleep
         self.dt = 1.0 / config.fps
         self.threshold = 0.0 if config.sync else config.threshold
         self.actions_per_chunk = (config.n_action_steps or spec.n_action_steps) if config.sync else spec.chunk_size
         self.queue = ActionQueue(AGGREGATES[config.aggregate], config.ease_in)
-        self.metrics = Metrics(mode="sync" if config.sync else "async", fps=config.fps,
-                               chunk_size=spec.chunk_size, threshold=self.threshold)
+        mode = "rtc" if config.rtc else "sync" if config.sync else "async"
+        self.metrics = Metrics(mode=mode, fps=config.fps, chunk_size=spec.chunk_size, threshold=self.threshold,
+                               joints=joint_dims(spec))
+        self.delay = 0  # --rtc: d, from the latencies measured (written by the policy thread)
+        # --rtc: (request number, T, d, the chunk's offset) of the observation with the policy; one at a time
+        self._request: tuple[int, int, int, int] | None = None  # the number: observations sent before it
         self.policy_thread = PolicyThread(policy_fn, spec, self._on_chunk, self.metrics, config.similarity, clock)
 
     def _on_chunk(self, timestep: int, chunk: np.ndarray, latency: float) -> None:
-        self.metrics.stale_actions_dropped += self.queue.merge(timestep, chunk[: self.actions_per_chunk])
-        self.metrics.latencies.append((self.clock() - self.metrics.start, latency))
-        self.metrics.chunks_received += 1
+        m = self.metrics
+        if self.config.rtc:
+            number, observed, delay, offset = self._request
+            if observed != timestep:  # one request in flight: the chunk answers the last one sent
+                raise PolicyError(f"a chunk for timestep {timestep} arrived while the request for {observed} was pending")
+            m.stale_actions_dropped += self.queue.replace(timestep + offset, chunk[: self.actions_per_chunk],
+                                                          committed_until=timestep + delay, source=number)
+        else:
+            m.stale_actions_dropped += self.queue.merge(timestep, chunk[: self.actions_per_chunk])
+        m.merges.append(self.queue.merged_at)
+        m.latencies.append((self.clock() - m.start, latency))
+        m.chunks_received += 1
+        self.delay = inference_delay([s for _, s in m.latencies], self.config.fps, max_inference_delay(self.spec))
 
     def capture(self, must_go: bool) -> Observation:
         now = self.clock()
         images = {key: self.cameras[key].read() for key in self.spec.cameras}
         state = np.asarray(self.robot.read(), np.float32)
-        return Observation(self.queue.next_timestep, state, images, self.task, must_go, now)
+        if not self.config.rtc:
+            return Observation(self.queue.next_timestep, state, images, self.task, must_go, now)
+        timestep, actions = self.queue.plan()
+        plan = np.array(actions, np.float32).reshape(len(actions), self.spec.action_dim)
+        delay = min(self.delay, len(plan))
+        offset = chunk_offset(self.spec.future_state_max_offset, delay)
+        if offset > 0:
+            state = plan[offset - 1].copy()
+        self._request = (self.metrics.observations_sent, timestep, delay, offset)
+        self.metrics.inference_delays.append(delay)
+        return Observation(timestep, state, images, self.task, must_go, now, plan, delay)
 
     def tick(self) -> None:
         if self.policy_thread.error is not None:
@@ -326,10 +434,12 @@ class RobotClient:
                 raise PolicyError(f"non-finite action for timestep {timestep}: {action.tolist()}")
             self.robot.write(action)
             m.actions_executed += 1
+            m.executed.append(action.astype(np.float32))
         size = len(self.queue)
         m.ticks += 1
         m.queue_sizes.append((self.clock() - m.start, size))
-        if not self.policy_thread.busy and size / self.spec.chunk_size <= self.threshold:
+        due = size / self.spec.chunk_size <= self.threshold or (self.config.rtc and size <= self.delay + 1)
+        if not self.policy_thread.busy and due:
             self.policy_thread.submit(self.capture(must_go=size == 0))
             m.observations_sent += 1
 
@@ -441,6 +551,45 @@ def drive(client: RobotClient, duration: float | None = None, max_actions: int |
 # ---------------------------------------------------------------------------------------------
 
 
+def joint_dims(spec: PolicySpec) -> list[int]:
+    """The action dims seam_jerk() measures: the joints, not the gripper, whose percent of opening is
+    no joint angle and whose open/close steps are meant to be abrupt. Dims whose action name contains
+    "gripper" are left out; with no names recorded, an action of 6 values is taken for the SO-100's
+    (the gripper last); any other action is measured whole."""
+    if spec.action_names is not None:
+        return [i for i, name in enumerate(spec.action_names) if "gripper" not in name.lower()]
+    return list(range(5)) if spec.action_dim == 6 else list(range(spec.action_dim))
+
+
+SEAM_TICKS = 2  # seam_jerk(): the accelerations within this many actions of a merge
+
+
+def seam_jerk(actions: list[np.ndarray] | np.ndarray, merges: list[int], fps: float,
+              joints: list[int] | None = None) -> list[float]:
+    """How hard each chunk seam jolts the arm: for each merge, the largest joint acceleration
+    |a[k+1] - 2 a[k] + a[k-1]| x fps^2 (robot units per s^2: degrees/s^2 on the SO-100) over the
+    executed actions a[k] with k within SEAM_TICKS of the merge. A merge is stamped with the number of
+    actions executed before it, m: the seam lies between a[m-1] and a[m]. Positions count executed
+    actions, not ticks (an idle tick adds none). Merges before the first action (nothing to be a seam
+    with) or without an acceleration in reach are left out. `joints`: the dims measured (all: None)."""
+    if len(actions) < 3:
+        return []
+    a = np.asarray(actions, dtype=np.float64).reshape(len(actions), -1)
+    if joints is not None:
+        a = a[:, joints]
+    if a.shape[1] == 0:
+        return []
+    acceleration = np.abs(a[2:] - 2 * a[1:-1] + a[:-2]).max(axis=1) * fps ** 2  # [j]: at action j + 1
+    jerks = []
+    for m in merges:
+        if m < 1:
+            continue
+        low, high = max(m - SEAM_TICKS, 1), min(m + SEAM_TICKS, len(a) - 2)
+        if low <= high:
+            jerks.append(float(acceleration[low - 1: high].max()))
+    return jerks
+
+
 @dataclass
 class Metrics:
     """Counters of one run. Each field is written by one thread only (the control loop or the
@@ -461,6 +610,14 @@ class Metrics:
     stale_actions_dropped: int = 0  # actions for timesteps executed while the chunk was computed
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (time, seconds) per chunk
     queue_sizes: list[tuple[float, int]] = field(default_factory=list)  # (time, size) per tick
+    joints: list[int] | None = None  # the action dims seam_jerk measures (joint_dims; None: all)
+    executed: list[np.ndarray] = field(default_factory=list)  # every action executed, in order
+    merges: list[int] = field(default_factory=list)  # per chunk: actions executed when it was merged
+    inference_delays: list[int] = field(default_factory=list)  # --rtc: d sent with each observation
+
+    def seam_jerks(self) -> list[float]:
+        """Per merge, degrees/s^2 on the SO-100 (seam_jerk)."""
+        return seam_jerk(self.executed, self.merges, self.fps, self.joints)
 
     def latency_stats_ms(self) -> dict[str, float | None]:
         values = np.array([s for _, s in self.latencies]) * 1000
@@ -477,7 +634,14 @@ class Metrics:
                 "observations_sent": self.observations_sent, "observations_skipped": self.observations_skipped,
                 "chunks_received": self.chunks_received, "stale_actions_dropped": self.stale_actions_dropped,
                 "latency_ms": self.latency_stats_ms(),
-                "queue_size_mean": float(np.mean(sizes)) if sizes else None}
+                "queue_size_mean": float(np.mean(sizes)) if sizes else None,
+                "seam_jerk": self.seam_jerk_stats(),
+                "inference_delay_max": max(self.inference_delays) if self.inference_delays else None}
+
+    def seam_jerk_stats(self) -> dict[str, float | int | None]:
+        jerks = self.seam_jerks()
+        return {"mean": float(np.mean(jerks)) if jerks else None, "max": max(jerks) if jerks else None,
+                "seams": len(jerks)}
 
     def live_line(self) -> str:
         lat = self.latency_stats_ms()
@@ -492,6 +656,9 @@ class Metrics:
         lat = s["latency_ms"]
         latency = "no chunk received" if lat["mean"] is None else (
             f"mean {lat['mean']:.1f} ms, p95 {lat['p95']:.1f} ms, max {lat['max']:.1f} ms")
+        jerk = s["seam_jerk"]
+        seam = "no seam" if jerk["mean"] is None else (
+            f"mean {jerk['mean']:.0f}, max {jerk['max']:.0f} per s^2 over {jerk['seams']} seams (joints)")
         return "\n".join([
             f"{s['mode']} run: {s['duration_s']:.1f} s, {s['ticks']} ticks at {s['fps']:g} fps",
             f"  actions executed    {s['actions_executed']}",
@@ -500,7 +667,9 @@ class Metrics:
             f"  inference latency   {latency} over {s['chunks_received']} chunks",
             f"  observations        {s['observations_sent']} sent, {s['observations_skipped']} skipped as similar",
             f"  stale actions       {s['stale_actions_dropped']} dropped",
-            f"  queue size          mean {s['queue_size_mean'] or 0:.1f} of {s['chunk_size']}"])
+            f"  queue size          mean {s['queue_size_mean'] or 0:.1f} of {s['chunk_size']}",
+            f"  seam jerk           {seam}"]
+            + ([f"  inference delay     at most {s['inference_delay_max']} actions"] if self.mode == "rtc" else []))
 
     def write_json(self, path: str | Path) -> None:
         out = self.summary()
@@ -760,6 +929,10 @@ def build_parser(prog: str = "infer_async.py") -> argparse.ArgumentParser:
                    help="skip an observation whose joints all lie within this many degrees (gripper: "
                         "percent) of the last one processed; 0 disables")
     g.add_argument("--sync", action="store_true", help="synchronous loop: infer, execute, repeat")
+    g.add_argument("--rtc", action="store_true",
+                   help="latency-tolerant: each chunk continues the queued plan (real-time chunking, or what "
+                        "the policy was trained for) and replaces it after the inference delay; observes also "
+                        "when the queue is down to that delay + 1 (--aggregate, --ease-in unused)")
     g.add_argument("--n-action-steps", type=integer(1), help="--sync: actions executed per chunk (default: the policy's)")
     g = p.add_argument_group("run")
     g.add_argument("--duration", type=number(above=0), help="seconds, then the same safe stop as Ctrl-C")
@@ -780,6 +953,8 @@ def check_client_args(args: argparse.Namespace, simulated: bool) -> None:
         raise InferError("give the arm's serial port with --port (the simulated arm: `python sim.py live`)")
     if args.server and args.policy:
         raise InferError("--server and --policy exclude each other: the server's policy is fixed when it starts")
+    if args.rtc and args.sync:
+        raise InferError("--rtc and --sync exclude each other: --rtc keeps the arm moving while the policy runs")
     if args.server:
         host, sep, port = args.server.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
@@ -887,7 +1062,7 @@ def _client(args: argparse.Namespace, rig: SimulatedRig | None) -> int:
                       "such as lerobot/svla_so100_pickplace need --legacy)", file=sys.stderr)
             task = args.task if args.task is not None else rig.default_task  # only a rig's demo has none
             config = ClientConfig(control_rate(source, args.fps), args.threshold, args.aggregate, args.ease_in,
-                                  args.similarity, args.sync, args.n_action_steps)
+                                  args.similarity, args.sync, args.n_action_steps, rtc=args.rtc)
             if rig is None:
                 client = RobotClient(robot, open_cameras(args, spec, stack), policy_fn, spec, task, config)
             else:  # the physics advances in the control loop's sleep, paced to the wall clock

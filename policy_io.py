@@ -36,6 +36,12 @@ class Observation:
     task: str
     must_go: bool = False  # sent with an empty queue: never skipped
     captured_at: float = 0.0  # clock() when captured
+    # --rtc (latency-tolerant execution): the plan the new chunk must continue. left_over: float32
+    # (n, action_dim), robot units, the queued actions for timesteps timestep, timestep + 1, ...;
+    # inference_delay d: how many of them the robot will have executed when the chunk arrives
+    # (they are committed). None and 0 otherwise: the plain chunk.
+    left_over: np.ndarray | None = None
+    inference_delay: int = 0
 
 
 @dataclass
@@ -54,6 +60,20 @@ class PolicySpec:
     action_names: list[str] | None = None
     state_mean: list[float] | None = None  # robot units
     action_mean: list[float] | None = None
+    # How the policy was trained for delayed execution (flow.SmolVLAConfig; 0: not at all).
+    # rtc_prefix_max: training-time real-time chunking, the longest committed prefix it takes;
+    # future_state_max_offset: the largest offset in frames between its images and the state it plans from.
+    rtc_prefix_max: int = 0
+    future_state_max_offset: int = 0
+
+
+def chunk_offset(future_state_max_offset: int, inference_delay: int) -> int:
+    """Timesteps from an --rtc observation's timestep T to its chunk's first action. A policy trained on
+    future states plans from the state the arm is commanded to when the chunk starts, T + d: the offset
+    is d, held to the largest it was trained on (the chunk then starts d - offset actions early and
+    those, committed, are discarded). Any other policy plans from the state at capture: 0. Both ends
+    of remote mode compute it from the spec, so they agree where a chunk lands."""
+    return min(max(inference_delay, 0), max(future_state_max_offset, 0))
 
 # ---------------------------------------------------------------------------------------------
 # A checkpoint (flow.SmolVLA) as a function observation -> chunk
@@ -118,12 +138,23 @@ def policy_spec(policy) -> PolicySpec:
 
     return PolicySpec(cameras, int(features[STATE]["shape"][0]), int(action["shape"][0]),
                       int(policy.config.chunk_size), int(policy.config.n_action_steps),
-                      feature_names(features[STATE]), feature_names(action), mean(STATE), mean(ACTION))
+                      feature_names(features[STATE]), feature_names(action), mean(STATE), mean(ACTION),
+                      *delayed_execution(policy.config))
+
+
+def delayed_execution(config) -> tuple[int, int]:
+    """(rtc_prefix_max, future_state_max_offset) of a policy's config; 0 for a config that predates them."""
+    return int(getattr(config, "rtc_prefix_max", 0)), int(getattr(config, "future_state_max_offset", 0))
 
 
 def make_policy_fn(policy) -> Callable[[Observation], np.ndarray]:
-    """observation -> chunk (chunk_size, action_dim) in robot units, running flow.SmolVLA."""
+    """observation -> chunk (chunk_size, action_dim) in robot units, running flow.SmolVLA. An --rtc
+    observation's plan is given to predict_chunk as continuation() says."""
     import torch
+
+    from flow import RealTimeChunking
+
+    prefix_max, offset_max = delayed_execution(policy.config)
 
     def run(observation: Observation) -> np.ndarray:
         # torch.tensor copies: arrays received over the wire are read-only views of the message.
@@ -131,9 +162,44 @@ def make_policy_fn(policy) -> Callable[[Observation], np.ndarray]:
                  for key, image in observation.images.items()}
         batch[STATE] = torch.tensor(observation.state, dtype=torch.float32)[None]
         batch["task"] = [observation.task]
-        return policy.predict_chunk(batch)[0].float().cpu().numpy()
+        given = continuation(observation, prefix_max, offset_max)
+        if "prefix_actions" in given:
+            kwargs = {"prefix_actions": torch.tensor(given["prefix_actions"])[None]}
+        elif "left_over" in given:
+            horizon = max(RealTimeChunking.execution_horizon, given["inference_delay"])
+            kwargs = {"rtc": RealTimeChunking(torch.tensor(given["left_over"])[None], given["inference_delay"],
+                                              execution_horizon=horizon)}
+        else:
+            kwargs = {}
+        return policy.predict_chunk(batch, **kwargs)[0].float().cpu().numpy()
 
     return run
+
+
+def continuation(observation: Observation, rtc_prefix_max: int, future_state_max_offset: int) -> dict:
+    """How a chunk continues an --rtc observation's plan, by what the policy was trained for:
+
+    - the plan is first aligned with the chunk, which starts chunk_offset() actions after the
+      observation's timestep; its first d - offset actions are then committed (d: inference_delay);
+    - a policy trained with training-time RTC (rtc_prefix_max > 0) is given the first
+      min(committed, rtc_prefix_max) of them as its chunk's clean prefix, {"prefix_actions": (k, A)},
+      and no guidance (none at all when nothing is committed);
+    - any other policy is guided toward the aligned plan (inference-time RTC), {"left_over": (n, A),
+      "inference_delay": committed};
+    - no plan (not --rtc, or an empty queue): {}, the plain chunk.
+
+    float32 arrays in robot units. flow.RealTimeChunking's execution horizon (LeRobot's 10) is raised to
+    the committed count where that is larger: its weights hold the chunk to the plan only within the
+    horizon, and every committed action must be held."""
+    if observation.left_over is None or len(observation.left_over) == 0:
+        return {}
+    offset = chunk_offset(future_state_max_offset, observation.inference_delay)
+    plan = np.asarray(observation.left_over, np.float32)[offset:]
+    committed = min(max(observation.inference_delay - offset, 0), len(plan))
+    if rtc_prefix_max > 0:
+        k = min(committed, rtc_prefix_max)
+        return {"prefix_actions": plan[:k]} if k > 0 else {}
+    return {"left_over": plan, "inference_delay": committed} if len(plan) else {}
 
 
 def prepare_policy(path: str, vlm: str | None = None, device: str | None = None,

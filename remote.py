@@ -14,6 +14,7 @@ read, so an oversized message costs 12 bytes. A connection is this conversation:
     server -> client  {"type": "spec", "spec": PolicySpec}            or {"type": "error", "message": ...}
     then, repeated:
     client -> server  {"type": "infer", "timestep": t, "task": "..."}  + observation.state and the cameras
+                      (--rtc adds "inference_delay": d and the tensor "left_over" (n, action_dim); absent: 0, None)
     server -> client  {"type": "chunk", "timestep": t}                 + action (chunk_size, action_dim)
                                                                        or {"type": "error", "message": ...}
 
@@ -50,6 +51,7 @@ PREFIX = struct.Struct(">4sII")  # magic, header length, payload length
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_TASK_CHARS = 2000
+LEFT_OVER = "left_over"  # the tensor of an --rtc observation's queued plan
 
 
 class WireError(UserError):
@@ -108,7 +110,8 @@ def spec_to_json(spec: PolicySpec) -> dict:
     return {"cameras": {k: list(v) for k, v in spec.cameras.items()}, "state_dim": spec.state_dim,
             "action_dim": spec.action_dim, "chunk_size": spec.chunk_size, "n_action_steps": spec.n_action_steps,
             "state_names": spec.state_names, "action_names": spec.action_names,
-            "state_mean": spec.state_mean, "action_mean": spec.action_mean}
+            "state_mean": spec.state_mean, "action_mean": spec.action_mean,
+            "rtc_prefix_max": spec.rtc_prefix_max, "future_state_max_offset": spec.future_state_max_offset}
 
 
 def spec_from_json(raw: dict) -> PolicySpec:
@@ -128,13 +131,28 @@ def spec_from_json(raw: dict) -> PolicySpec:
                         isinstance(v, (int, float)) and math.isfinite(v) for v in mean):
                     raise ValueError(f"{key}_mean must be {dim} finite numbers")
                 setattr(spec, f"{key}_mean", [float(v) for v in mean])
+        for key in ("rtc_prefix_max", "future_state_max_offset"):  # absent from older servers: not trained for it
+            value = raw.get(key, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{key} must be an integer >= 0")
+            setattr(spec, key, value)
         return spec
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise WireError(f"malformed policy description from the server: {err}") from err
 
 
+def observation_header(observation: Observation) -> dict:
+    header = {"type": "infer", "timestep": observation.timestep, "task": observation.task}
+    if observation.left_over is not None:
+        header["inference_delay"] = observation.inference_delay
+    return header
+
+
 def observation_tensors(observation: Observation) -> dict[str, np.ndarray]:
-    return {STATE: np.asarray(observation.state, np.float32), **observation.images}
+    tensors = {STATE: np.asarray(observation.state, np.float32), **observation.images}
+    if observation.left_over is not None:
+        tensors[LEFT_OVER] = np.asarray(observation.left_over, np.float32)
+    return tensors
 
 
 def decode_observation(header: dict, tensors: dict[str, np.ndarray], spec: PolicySpec) -> Observation:
@@ -145,7 +163,7 @@ def decode_observation(header: dict, tensors: dict[str, np.ndarray], spec: Polic
     if not isinstance(task, str) or len(task) > MAX_TASK_CHARS:
         raise WireError(f"the task must be a string of at most {MAX_TASK_CHARS} characters")
     expected = {STATE, *spec.cameras}
-    if set(tensors) != expected:
+    if set(tensors) - {LEFT_OVER} != expected:
         raise WireError(f"observation keys {sorted(tensors)} do not match the policy's {sorted(expected)}")
     state = tensors[STATE]
     if state.dtype != np.float32 or state.shape != (spec.state_dim,) or not np.all(np.isfinite(state)):
@@ -153,7 +171,26 @@ def decode_observation(header: dict, tensors: dict[str, np.ndarray], spec: Polic
     for key, (height, width) in spec.cameras.items():
         if tensors[key].dtype != np.uint8 or tensors[key].shape != (height, width, 3):
             raise WireError(f"{key} must be uint8 ({height}, {width}, 3), got {tensors[key].dtype} {tensors[key].shape}")
-    return Observation(timestep, state, {k: tensors[k] for k in spec.cameras}, task)
+    left_over, delay = decode_plan(header, tensors, spec)
+    return Observation(timestep, state, {k: tensors[k] for k in spec.cameras}, task,
+                       left_over=left_over, inference_delay=delay)
+
+
+def decode_plan(header: dict, tensors: dict[str, np.ndarray], spec: PolicySpec) -> tuple[np.ndarray | None, int]:
+    """An --rtc observation's queued plan and inference delay, checked; (None, 0) from a client without
+    them (an older one, or not --rtc). The client caps d below a chunk."""
+    delay = header.get("inference_delay", 0)
+    most = max(spec.chunk_size - 1, spec.future_state_max_offset)  # infer_async.max_inference_delay
+    if not isinstance(delay, int) or isinstance(delay, bool) or not 0 <= delay <= most:
+        raise WireError(f"inference_delay must be an integer from 0 to {most}, got {delay!r}")
+    left_over = tensors.get(LEFT_OVER)
+    if left_over is None:
+        return None, delay
+    if left_over.dtype != np.float32 or left_over.ndim != 2 or left_over.shape[1] != spec.action_dim or not np.all(
+            np.isfinite(left_over)):
+        raise WireError(f"{LEFT_OVER} must be finite float32 (n, {spec.action_dim}), got {left_over.dtype} "
+                        f"{left_over.shape}")
+    return left_over, delay
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,8 +301,7 @@ class RemotePolicy:
         return header, tensors
 
     def __call__(self, observation: Observation) -> np.ndarray:
-        header, tensors = self._exchange({"type": "infer", "timestep": observation.timestep,
-                                          "task": observation.task}, observation_tensors(observation))
+        header, tensors = self._exchange(observation_header(observation), observation_tensors(observation))
         if header["type"] != "chunk" or header.get("timestep") != observation.timestep or ACTION not in tensors:
             raise WireError(f"unexpected reply from the policy server: {header}")
         return tensors[ACTION]

@@ -570,13 +570,37 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+# Student's t at 97.5% for 1..9 degrees of freedom; from 10 on, the Cornish-Fisher expansion below is
+# within 0.15% of it.
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)
+
+
+def mean_interval(values: list[float], z: float = 1.96) -> tuple[float, float]:
+    """95% interval for the mean of `values` (Student's t with n - 1 degrees of freedom, so that a few
+    episodes give a wide one); a single value gives (value, value): no spread is known."""
+    n = len(values)
+    mean = float(np.mean(values))
+    if n < 2:
+        return (mean, mean)
+    df = n - 1
+    t = T_975[df - 1] if df <= len(T_975) else (z + (z ** 3 + z) / (4 * df)
+                                                + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2))
+    half = t * float(np.std(values, ddof=1)) / math.sqrt(n)
+    return (mean - half, mean + half)
+
+
+def client_mode(client: infer_async.ClientConfig) -> str:
+    """The control loop's mode as its metrics name it: rtc, sync or async."""
+    return "rtc" if client.rtc else "sync" if client.sync else "async"
+
+
 @dataclass
 class EvalConfig:
     episodes: int = 50
     seed: int = 10_000  # episode i uses seed + i; recording uses small seeds, so these are held out
     time_limit_s: float = 25.0
     # The control loop exactly as on a real arm: fps, threshold g, aggregation, ease-in, observation
-    # skipping, sync. Make it with client_config(env, fps), which applies the world's own defaults.
+    # skipping, sync or rtc. Make it with client_config(env, fps), which applies the world's own defaults.
     client: infer_async.ClientConfig = field(default_factory=infer_async.ClientConfig)
     latency_s: float = 0.0  # added to the measured inference time (a slower model, a remote server)
     measure_latency: bool = True  # False: the policy costs no time (only latency_s), fully repeatable
@@ -619,8 +643,11 @@ def evaluate(env: Environment, policy_fn: PolicyFn, spec: policy_io.PolicySpec, 
         completed = env.completed_at
         success = completed is not None
         latencies = [latency for _, latency in metrics.latencies]
+        jerks = metrics.seam_jerks()
         results.append({"seed": seed, "success": success, "completion_s": completed,
                         "idle_ticks": metrics.idle_ticks, "ticks": metrics.ticks, "latencies": latencies,
+                        "seam_jerk": float(np.mean(jerks)) if jerks else None,
+                        "seam_jerk_max": max(jerks) if jerks else None,
                         "task": task, "facts": env.episode_facts()})
         outcome = f"success at {completed:.1f} s" if success else "failure"
         if film:
@@ -636,6 +663,8 @@ def summarise(results: list[dict], config: EvalConfig, settings: dict) -> dict:
     successes = sum(r["success"] for r in results)
     times = [r["completion_s"] for r in results if r["success"]]
     latencies = np.array([x for r in results for x in r["latencies"]] or [np.nan])
+    jerks = [r["seam_jerk"] for r in results if r.get("seam_jerk") is not None]
+    jerk_max = [r["seam_jerk_max"] for r in results if r.get("seam_jerk_max") is not None]
     client = config.client
     return {
         "success_rate": successes / len(results), "episodes": len(results), "successes": successes,
@@ -646,7 +675,11 @@ def summarise(results: list[dict], config: EvalConfig, settings: dict) -> dict:
         "latency_ms_mean": round(float(np.nanmean(latencies)) * 1000, 1),
         "latency_ms_p95": round(float(np.nanpercentile(latencies, 95)) * 1000, 1),
         "control_period_ms": round(1000 / client.fps, 1),
-        "mode": "sync" if client.sync else "async", "threshold": 0.0 if client.sync else client.threshold,
+        # degrees/s^2 on the SO-100: each episode's mean over its seams, then over the episodes
+        "seam_jerk_mean": round(float(np.mean(jerks)), 1) if jerks else None,
+        "seam_jerk_ci95": [round(x, 1) for x in mean_interval(jerks)] if jerks else None,
+        "seam_jerk_max": round(max(jerk_max), 1) if jerk_max else None,
+        "mode": client_mode(client), "threshold": 0.0 if client.sync else client.threshold,
         "aggregate": client.aggregate, "ease_in": client.ease_in, "similarity": client.similarity,
         "added_latency_s": config.latency_s, "seeds": [config.seed, config.seed + len(results) - 1],
         **settings, **{key: int(sum(r["facts"][key] for r in results)) for key in results[0]["facts"]},
@@ -833,7 +866,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first scene seed (default 10000: never used for recording by the demo)")
     e.add_argument("--fps", type=positive_float, default=None,
                    help=f"control rate; default: the policy's training dataset's, else {FPS}")
-    e.add_argument("--sync", action="store_true", help="synchronous: infer, execute the chunk, repeat")
+    how = e.add_mutually_exclusive_group()
+    how.add_argument("--sync", action="store_true", help="synchronous: infer, execute the chunk, repeat")
+    how.add_argument("--rtc", action="store_true",
+                     help="latency-tolerant: each chunk continues the queued plan and replaces it after the "
+                          "inference delay (infer_async.RobotClient)")
     e.add_argument("--threshold", type=unit_interval, default=None,
                    help=f"g of asynchronous inference (default {client.threshold:g})")
     e.add_argument("--n-action-steps", type=positive_int, default=None, help="--sync: actions per chunk")
@@ -950,7 +987,7 @@ def eval_main(args: argparse.Namespace) -> int:
     try:
         for task, env in zip(tasks, worlds):
             fps = policy_io.control_rate(args.policy, args.fps, env.fps)
-            client = client_config(env, fps, sync=args.sync, threshold=args.threshold,
+            client = client_config(env, fps, sync=args.sync, rtc=args.rtc, threshold=args.threshold,
                                    n_action_steps=args.n_action_steps, aggregate=args.aggregate,
                                    ease_in=args.ease_in, similarity=args.similarity)
             video = args.video if args.video is None or len(tasks) == 1 else video_path(args.video, task)
@@ -963,7 +1000,7 @@ def eval_main(args: argparse.Namespace) -> int:
             else:
                 env.cameras_for(spec)  # the policy's cameras exist here, before anything runs
             say(f"{task + ': ' if task else ''}evaluating on seeds {config.seed}..{config.seed + config.episodes - 1} "
-                f"at {fps:g} fps, {'sync' if client.sync else f'async (g={client.threshold:g})'}")
+                f"at {fps:g} fps, {client_mode(client)}{'' if client.sync else f' (g={client.threshold:g})'}")
             summaries[task] = evaluate(env, policy_fn, spec, config, log=say)
     finally:
         worlds.close()

@@ -113,6 +113,225 @@ def test_latency_statistics_and_summary_by_hand():
 
 
 # ---------------------------------------------------------------------------------------------
+# --rtc: the inference delay, the queue replaced, the observation sent, what the policy is given,
+# the seam metric (values computed by hand)
+
+
+@pytest.mark.parametrize("latencies, fps, chunk, delay", [
+    ([], 10, 50, 0),  # nothing measured yet
+    ([0.25, 0.61], 10, 50, 7),  # ceil(0.61 s / 0.1 s) = ceil(6.1)
+    ([0.3], 10, 50, 3),  # exactly 3 ticks: 0.3 x 10 is 3.0000000000000004 in floats, still 3
+    ([0.9, 0.1, 0.1, 0.1, 0.1, 0.1], 10, 50, 1),  # the slow one is the sixth last: out of the window of 5
+    ([0.9, 0.1, 0.1, 0.1, 0.1], 10, 50, 9),  # and the fifth last is in it
+    ([0.05], 30, 50, 2),  # 1.5 ticks at 30 fps
+    ([5.0], 10, 10, 9),  # 50 ticks, held to chunk - 1
+])
+def test_rtc_inference_delay_by_hand(latencies, fps, chunk, delay):
+    assert ia.inference_delay(latencies, fps, chunk - 1) == delay
+
+
+def test_rtc_delay_reaches_past_a_chunk_only_for_a_policy_trained_on_future_states():
+    plain = ia.PolicySpec({}, 6, 6, 10, 10)
+    future = ia.PolicySpec({}, 6, 6, 10, 10, future_state_max_offset=20)
+    assert ia.max_inference_delay(plain) == 9 and ia.max_inference_delay(future) == 20
+    assert ia.inference_delay([1.04], 10, ia.max_inference_delay(future)) == 11
+
+
+def queue_of(values, executed: int) -> ia.ActionQueue:
+    """A queue holding values[t] for timesteps 0.. (one dim), the first `executed` of them executed."""
+    queue = ia.ActionQueue()
+    queue.merge(0, np.array(values, float)[:, None])
+    assert [queue.pop()[0] for _ in range(executed)] == list(range(executed))
+    return queue
+
+
+def queued(queue: ia.ActionQueue) -> tuple[int, list[float]]:
+    timestep, actions = queue.plan()
+    return timestep, [float(a[0]) for a in actions]
+
+
+def test_rtc_chunk_replaces_the_queue_after_the_committed_actions():
+    # Plan 0..9 for timesteps 0..9; 0, 1, 2 executed. A chunk 100..109 computed from the observation at
+    # T = 2 with d = 3 (its action i for timestep 2 + i): timestep 2 was executed meanwhile (stale),
+    # 3 and 4 are committed (they stay 3, 4), from T + d = 5 on the chunk: 103..109 for 5..11.
+    queue = queue_of(range(10), executed=3)
+    assert queue.replace(2, np.arange(100, 110, dtype=float)[:, None], committed_until=5, source=1) == 1
+    assert queued(queue) == (3, [3, 4, 103, 104, 105, 106, 107, 108, 109])
+    assert queue.merged_at == 3  # the seam: 3 actions were executed when it came
+    # An older request's chunk (source 0) never overwrites the newer plan: dropped whole, counted stale.
+    assert queue.replace(3, np.full((10, 1), -1.0), committed_until=3, source=0) == 10
+    assert queued(queue) == (3, [3, 4, 103, 104, 105, 106, 107, 108, 109])
+
+
+def test_rtc_chunk_later_than_its_delay_replaces_from_the_next_action():
+    # d = 1 underestimated: by the time the chunk from T = 2 comes, timesteps 0..5 are executed. Its
+    # actions for 2..5 are stale (never executed late), the rest replaces the queue from 6 on.
+    queue = queue_of(range(10), executed=6)
+    assert queue.replace(2, np.arange(100, 110, dtype=float)[:, None], committed_until=3, source=1) == 4
+    assert queued(queue) == (6, [104, 105, 106, 107, 108, 109])
+
+
+def test_rtc_chunk_fills_what_a_short_queue_lacks_before_the_delay():
+    # Only timesteps 0, 1 were queued and 0 executed; d = 4 from T = 1 would leave 2, 3 empty: the chunk
+    # fills them, and the committed action 1 stays.
+    queue = queue_of([0, 1], executed=1)
+    assert queue.replace(1, np.arange(100, 106, dtype=float)[:, None], committed_until=5, source=1) == 0
+    assert queued(queue) == (1, [1, 101, 102, 103, 104, 105])
+
+
+class HeldArm:
+    """A robot that reports one state and remembers its goals (no bus: the tests below drive the
+    client by hand, tick by tick)."""
+
+    def __init__(self, state):
+        self.state, self.goals = np.asarray(state, np.float32), []
+
+    def read(self):
+        return self.state
+
+    def write(self, goal):
+        self.goals.append(np.array(goal))
+
+
+def rtc_client(spec: PolicySpec, threshold: float = 0.7) -> tuple[ia.RobotClient, list[Observation]]:
+    """An --rtc client at 10 fps whose policy thread is never started: the observations it would send
+    are collected, and the test hands the client chunks itself (policy_thread.on_chunk)."""
+    config = ia.ClientConfig(fps=10, threshold=threshold, rtc=True, similarity=0.0)
+    client = ia.RobotClient(HeldArm([7.0] * 6), {}, lambda obs: None, spec, "task", config)
+    sent: list[Observation] = []
+    client.policy_thread.submit = sent.append
+    return client, sent
+
+
+def chunk_of(first: float, chunk: int = 10) -> np.ndarray:
+    """(chunk, 6): action i is first + i in every dim."""
+    return first + np.repeat(np.arange(chunk, dtype=float)[:, None], 6, axis=1)
+
+
+@pytest.mark.parametrize("future_state_max_offset", [0, 5])
+def test_rtc_observation_carries_the_plan_and_the_delay_and_the_chunk_lands_after_it(future_state_max_offset):
+    spec = spec_with(future_state_max_offset=future_state_max_offset)
+    client, _ = rtc_client(spec)
+    first = client.capture(must_go=True)  # the empty queue, no latency known yet
+    assert first.timestep == 0 and first.left_over.shape == (0, 6) and first.inference_delay == 0
+    assert np.array_equal(first.state, [7.0] * 6)  # offset 0: the present state, even for future states
+    client.policy_thread.on_chunk(0, chunk_of(0), 0.25)  # 0.25 s at 10 fps: d = 3 from now on
+    assert client.delay == 3 and client.metrics.merges == [0]
+    for _ in range(4):
+        client.tick()  # executes 0, 1, 2, 3
+    observation = client.capture(must_go=False)
+    assert observation.timestep == 4 and observation.inference_delay == 3
+    assert observation.left_over.dtype == np.float32 and np.array_equal(observation.left_over, chunk_of(4, 6))
+    # A policy trained on future states plans from the pose commanded for T + d - 1 = 6 (action 6);
+    # its chunk is meant for 7.. . Any other policy plans from the present state; its chunk is for 4..
+    future = future_state_max_offset > 0
+    assert np.array_equal(observation.state, [6.0] * 6 if future else [7.0] * 6)
+    client.policy_thread.on_chunk(4, chunk_of(100), 0.25)
+    timestep, actions = client.queue.plan()
+    # 4, 5, 6 committed (no action executed meanwhile), then the new chunk from timestep 7
+    expected = [4, 5, 6] + (list(range(100, 110)) if future else list(range(103, 110)))
+    assert timestep == 4 and [a[0] for a in actions] == expected
+    assert client.metrics.stale_actions_dropped == 0 and client.metrics.merges == [0, 4]
+
+
+def test_rtc_sends_an_observation_when_the_queue_is_down_to_the_delay():
+    """g = 0.2 of a 10-action chunk asks at 2 actions left; with d = 4, --rtc asks at d + 1 = 5 already."""
+    client, sent = rtc_client(spec_with(), threshold=0.2)
+    client.capture(must_go=True)
+    client.policy_thread.on_chunk(0, chunk_of(0), 0.35)  # d = ceil(3.5) = 4
+    for _ in range(4):
+        client.tick()
+    assert sent == [] and len(client.queue) == 6
+    client.tick()
+    assert [o.timestep for o in sent] == [5] and sent[0].inference_delay == 4
+    assert np.array_equal(sent[0].left_over, chunk_of(5, 5))
+
+
+def test_rtc_and_sync_exclude_each_other():
+    with pytest.raises(ia.InferError, match="--rtc and --sync exclude each other"):
+        ia.RobotClient(HeldArm([0.0] * 6), {}, lambda obs: None, spec_with(), "task",
+                       ia.ClientConfig(sync=True, rtc=True))
+
+
+class RecordingPolicy:
+    """A stand-in for flow.SmolVLA: a config, and predict_chunk recording what it was given."""
+
+    def __init__(self, **config):
+        self.config, self.calls = SimpleNamespace(**config), []
+
+    def predict_chunk(self, batch, **kwargs):
+        import torch
+
+        self.calls.append(kwargs)
+        return torch.zeros(1, 10, 6)
+
+
+def plan_observation(n: int, delay: int) -> Observation:
+    """An --rtc observation at timestep 20 whose plan is 20, 21, ... (every dim)."""
+    return Observation(20, np.zeros(6, np.float32), {}, "task", left_over=chunk_of(20, n).astype(np.float32),
+                       inference_delay=delay)
+
+
+@pytest.mark.parametrize("config, n, delay, expected", [
+    ({}, 8, 3, ("guidance", 20, 3, 10)),  # a config before these fields: guidance, LeRobot's horizon 10
+    ({"rtc_prefix_max": 0, "future_state_max_offset": 0}, 8, 0, ("guidance", 20, 0, 10)),
+    ({}, 14, 12, ("guidance", 20, 12, 12)),  # the horizon covers every committed action
+    ({"rtc_prefix_max": 2}, 8, 3, ("prefix", 20, 2)),  # min(d, 2) committed actions as the prefix
+    ({"rtc_prefix_max": 5}, 8, 3, ("prefix", 20, 3)),
+    ({"rtc_prefix_max": 5}, 8, 0, ("neither",)),  # nothing committed; no guidance for a prefix policy
+    ({"future_state_max_offset": 5}, 8, 3, ("guidance", 23, 0, 10)),  # the chunk starts at T + 3
+    ({"future_state_max_offset": 2}, 8, 3, ("guidance", 22, 1, 10)),  # offset held to 2: one committed
+    ({"future_state_max_offset": 2, "rtc_prefix_max": 4}, 8, 3, ("prefix", 22, 1)),
+    ({}, 0, 0, ("neither",)),  # an empty queue
+])
+def test_make_policy_fn_gives_guidance_prefix_or_neither_by_what_the_policy_was_trained_for(config, n, delay, expected):
+    policy = RecordingPolicy(**config)
+    policy_io.make_policy_fn(policy)(plan_observation(n, delay))
+    kwargs = policy.calls[0]
+    if expected[0] == "neither":
+        assert kwargs == {}
+    elif expected[0] == "prefix":
+        _, start, k = expected
+        assert set(kwargs) == {"prefix_actions"}
+        assert np.array_equal(kwargs["prefix_actions"].numpy(), chunk_of(start, k)[None])
+    else:
+        _, start, committed, horizon = expected
+        rtc = kwargs["rtc"]
+        assert set(kwargs) == {"rtc"} and (rtc.inference_delay, rtc.execution_horizon) == (committed, horizon)
+        assert np.array_equal(rtc.prev_chunk_left_over.numpy(), chunk_of(start, n - (start - 20))[None])
+
+
+def test_a_plain_observation_gets_the_plain_chunk():
+    policy = RecordingPolicy(rtc_prefix_max=3, future_state_max_offset=3)
+    policy_io.make_policy_fn(policy)(observation([0.0] * 6, 5))  # async and sync send no plan
+    assert policy.calls == [{}]
+
+
+def test_the_spec_reads_delayed_execution_from_the_config_and_zero_from_an_old_one():
+    assert policy_io.delayed_execution(SimpleNamespace()) == (0, 0)
+    assert policy_io.delayed_execution(SimpleNamespace(rtc_prefix_max=4, future_state_max_offset=9)) == (4, 9)
+
+
+def test_seam_jerk_by_hand():
+    # One joint and the gripper at 10 fps. The joint steps 3 -> 10 between actions 3 and 4 (a merge
+    # after 4 executed): second differences at actions 1..8 are 0, 0, 6, -6, 0, 0, 0, 1, so the seam
+    # at 4 (actions 2..6 within 2) jolts 6 x 10^2 = 600 per s^2 and the one at 8 (6..8) 1 x 100. The
+    # merge at 0 (the first chunk) is no seam. The gripper's jumps (0 / 100 percent) are not a joint's.
+    joint = [0, 1, 2, 3, 10, 11, 12, 13, 14, 16]
+    gripper = [0, 100, 0, 100, 0, 100, 0, 100, 0, 100]
+    actions = np.array([joint, gripper], float).T
+    spec = spec_with(state_dim=2, action_dim=2, action_names=["elbow_flex.pos", "gripper.pos"])
+    assert ia.joint_dims(spec) == [0]
+    assert ia.seam_jerk(actions, [0, 4, 8], 10, ia.joint_dims(spec)) == pytest.approx([600, 100])
+    assert ia.seam_jerk(actions, [4], 10)[0] > 1e4  # with the gripper: its 200-percent swings
+    metrics = ia.Metrics(fps=10, joints=[0], executed=list(actions), merges=[0, 4, 8])
+    assert metrics.summary()["seam_jerk"] == pytest.approx({"mean": 350, "max": 600, "seams": 2})
+    assert ia.joint_dims(spec_with()) == [0, 1, 2, 3, 4]  # no names, 6 values: the SO-100, gripper last
+    assert ia.joint_dims(spec_with(state_dim=3, action_dim=3)) == [0, 1, 2]
+    assert ia.Metrics().summary()["seam_jerk"] == {"mean": None, "max": None, "seams": 0}
+
+
+# ---------------------------------------------------------------------------------------------
 # The policy thread: similarity skipping, errors
 
 SPEC_1 = PolicySpec(cameras={}, state_dim=6, action_dim=6, chunk_size=4, n_action_steps=4)
@@ -471,6 +690,8 @@ def run_on_rig(argv: list[str], rig: BusRig | None = None) -> int:
     (False, ["--port", "/dev/x", "--server", "h:1", "--policy", "p", "--task", "t"], "exclude"),
     (False, ["--port", "/dev/x", "--server", "nohostport", "--task", "t"], "HOST:PORT"),
     (False, ["--sim", "--policy", "p"], "moved to `python sim.py live`"),
+    (False, ["--port", "/dev/x", "--policy", "p", "--task", "t", "--rtc", "--sync"], "--rtc and --sync exclude"),
+    (True, ["--rtc", "--sync"], "--rtc and --sync exclude"),  # sim.py live shares the parser
     (True, ["--policy", "p"], "--task"),  # the scene's task is the demo policy's default only
     (True, ["--server", "nohostport", "--task", "t"], "HOST:PORT"),
     (True, ["--port", "/dev/x", "--camera", "top=/dev/video0"], "--port, --camera: the simulated arm brings its own"),

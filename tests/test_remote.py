@@ -80,6 +80,47 @@ def test_remote_round_trip_of_an_observation_and_a_chunk(tcp_server):
     assert np.array_equal(seen[0].state, state) and np.array_equal(seen[0].images[TOP], image)
 
 
+def test_remote_round_trip_of_an_rtc_observation(tcp_server):
+    server, seen = tcp_server
+    policy = remote.RemotePolicy("127.0.0.1", server.server_address[1], token="s3cret")
+    plan = np.arange(3 * 6, dtype=np.float32).reshape(3, 6) + 0.25
+    try:
+        policy.connect()
+        image = np.zeros((6, 8, 3), np.uint8)
+        policy(Observation(7, np.zeros(6, np.float32), {TOP: image}, "x", left_over=plan, inference_delay=2))
+        policy(Observation(8, np.zeros(6, np.float32), {TOP: image}, "x", left_over=plan[:0], inference_delay=0))
+        policy(Observation(9, np.zeros(6, np.float32), {TOP: image}, "x"))  # async and sync send no plan
+    finally:
+        policy.close()
+    assert np.array_equal(seen[0].left_over, plan) and seen[0].left_over.dtype == np.float32
+    assert seen[0].inference_delay == 2
+    assert seen[1].left_over.shape == (0, 6) and seen[1].inference_delay == 0
+    assert seen[2].left_over is None and seen[2].inference_delay == 0
+
+
+def test_an_observation_from_an_older_client_decodes_without_a_plan():
+    header = {"type": "infer", "timestep": 3, "task": "x"}  # what version 1 clients sent before --rtc
+    tensors = {"observation.state": np.zeros(6, np.float32), TOP: np.zeros((6, 8, 3), np.uint8)}
+    observation = remote.decode_observation(header, tensors, SPEC_2)
+    assert observation.timestep == 3 and observation.left_over is None and observation.inference_delay == 0
+
+
+@pytest.mark.parametrize("header, left_over, message", [
+    ({"inference_delay": 5}, np.zeros((2, 6), np.float32), "inference_delay must be an integer from 0 to 4"),
+    ({"inference_delay": -1}, None, "inference_delay"),
+    ({"inference_delay": True}, None, "inference_delay"),
+    ({"inference_delay": 1}, np.zeros((2, 5), np.float32), "left_over must be finite float32 \\(n, 6\\)"),
+    ({"inference_delay": 1}, np.zeros((2, 6), np.float64), "left_over must be finite float32"),
+    ({"inference_delay": 1}, np.full((2, 6), np.nan, np.float32), "left_over must be finite float32"),
+])
+def test_a_malformed_plan_is_refused(header, left_over, message):
+    tensors = {"observation.state": np.zeros(6, np.float32), TOP: np.zeros((6, 8, 3), np.uint8)}
+    if left_over is not None:
+        tensors["left_over"] = left_over
+    with pytest.raises(remote.WireError, match=message):
+        remote.decode_observation({"type": "infer", "timestep": 0, "task": "x", **header}, tensors, SPEC_2)
+
+
 @pytest.mark.parametrize("token", ["wrong", None, "s3cret "])
 def test_remote_refuses_a_wrong_or_missing_token(tcp_server, token):
     server, seen = tcp_server
@@ -144,6 +185,13 @@ def test_the_spec_carries_names_and_means_over_the_wire():
     assert remote.spec_from_json(json.loads(json.dumps(remote.spec_to_json(spec)))) == spec
     older_server = {k: v for k, v in remote.spec_to_json(spec).items() if "names" not in k and "mean" not in k}
     assert remote.spec_from_json(older_server) == spec_with()
+    delayed = spec_with(rtc_prefix_max=3, future_state_max_offset=7)
+    assert remote.spec_from_json(json.loads(json.dumps(remote.spec_to_json(delayed)))) == delayed
+    before_rtc = {k: v for k, v in remote.spec_to_json(delayed).items() if k not in ("rtc_prefix_max",
+                                                                                   "future_state_max_offset")}
+    assert remote.spec_from_json(before_rtc) == spec_with()  # an older server: trained for neither
+    with pytest.raises(remote.WireError, match="rtc_prefix_max must be an integer >= 0"):
+        remote.spec_from_json({**remote.spec_to_json(delayed), "rtc_prefix_max": -1})
     with pytest.raises(remote.WireError, match="state_names must be 6 strings"):
         remote.spec_from_json({**remote.spec_to_json(spec), "state_names": "abcdef"})
 

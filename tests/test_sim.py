@@ -437,3 +437,91 @@ def test_a_second_world_records_and_evaluates_through_the_same_interface(tmp_pat
     assert (result["ease_in"], result["similarity"], result["control_period_ms"]) == (0, 0.0, 100.0)  # the world's
     policy, spec = sim.random_policy(world, chunk_size=5)
     assert sim.evaluate(world, policy, spec, config, log=lambda m: None)["episodes"] == 3
+
+
+class Line:
+    """A world with no physics for SimClock: simulated time, and a robot that holds its last goal."""
+
+    def __init__(self):
+        self.time, self.goal = 0.0, np.zeros(1, np.float32)
+
+    def step(self, seconds: float) -> None:
+        self.time += seconds
+
+    def read(self) -> np.ndarray:
+        return self.goal
+
+    def write(self, action) -> None:
+        self.goal = np.asarray(action, np.float32)
+
+
+def plan_at(t) -> np.ndarray:
+    """The one right action for timestep t: a plan every chunk agrees on."""
+    return np.array([10 * math.sin(t / 7)])
+
+
+@pytest.mark.parametrize("future_state_max_offset", [0, 10])
+def test_rtc_in_simulated_time_executes_the_plan_and_lands_each_chunk_after_its_delay(future_state_max_offset):
+    """A policy that takes 0.45 s at 10 fps (d = ceil(4.5) = 5), with 10-action chunks, each chunk the
+    plan from where the policy is told it starts (T + the offset: 5 for a future-state policy, told its
+    state is the plan's action for T + 4). SimClock.timed hands each observation through as sent. If
+    a chunk landed a timestep off, the arm would execute the plan shifted at its seams."""
+    world = Line()
+    clock = sim.SimClock(world)
+    spec = policy_io.PolicySpec({}, 1, 1, 10, 10, future_state_max_offset=future_state_max_offset)
+    seen = []
+
+    def policy(observation):
+        offset = policy_io.chunk_offset(future_state_max_offset, observation.inference_delay)
+        seen.append(observation)
+        if offset:
+            assert observation.state == pytest.approx(plan_at(observation.timestep + offset - 1))
+        return np.stack([plan_at(observation.timestep + offset + i) for i in range(10)])
+
+    config = infer_async.ClientConfig(fps=10, rtc=True, similarity=0.0)
+    client = infer_async.RobotClient(world, {}, clock.timed(policy, 0.45, measure=False), spec, "t", config,
+                                     clock=clock.now, sleep=clock.sleep)
+    clock.attach(client.policy_thread)
+    metrics = client.run(max_actions=60, duration=100)
+    clock.attach(None)
+    assert metrics.mode == "rtc" and metrics.idle_ticks == 0
+    np.testing.assert_allclose(np.array(metrics.executed)[:, 0], [plan_at(t)[0] for t in range(60)], atol=1e-5)
+    assert [o.inference_delay for o in seen[:3]] == [0, 5, 5]  # none known before the first chunk
+    for observation in seen[1:]:
+        assert observation.left_over is not None and len(observation.left_over) >= observation.inference_delay
+        np.testing.assert_allclose(observation.left_over[:, 0],
+                                   [plan_at(observation.timestep + i)[0] for i in range(len(observation.left_over))],
+                                   atol=1e-5)
+    # The plain policy's first 4 actions of each chunk after the first come for timesteps already
+    # executed (4 ticks pass before it lands at 0.45 s); a future-state policy's chunk starts later.
+    assert metrics.stale_actions_dropped == (0 if future_state_max_offset else 4 * (metrics.chunks_received - 1))
+
+
+def test_the_summary_reports_rtc_and_the_seam_jerk_over_episodes():
+    """Per-episode seam jerks 100, 200, 300 (mean 200, sd 100): 95% interval 200 +- 4.303 x 100 / sqrt(3)
+    (Student's t, 2 degrees of freedom) = 200 +- 248.4; an episode without a seam is left out."""
+    results = [{"success": True, "completion_s": 1.0, "idle_ticks": 0, "ticks": 10, "latencies": [0.1],
+                "seam_jerk": jerk, "seam_jerk_max": jerk and 2 * jerk, "facts": {}}
+               for jerk in (100.0, 200.0, 300.0, None)]
+    config = sim.EvalConfig(client=infer_async.ClientConfig(rtc=True))
+    summary = sim.summarise(results, config, {})
+    assert summary["mode"] == "rtc" and summary["seam_jerk_mean"] == 200.0
+    assert summary["seam_jerk_ci95"] == pytest.approx([200 - 248.4, 200 + 248.4], abs=0.1)
+    assert summary["seam_jerk_max"] == 600.0
+    assert sim.summarise(results, sim.EvalConfig(client=infer_async.ClientConfig(sync=True)), {})["mode"] == "sync"
+    assert sim.mean_interval([5.0]) == (5.0, 5.0)
+    low, high = sim.mean_interval(list(np.arange(31.0)))  # 30 degrees of freedom: t = 2.042
+    assert (high - low) / 2 == pytest.approx(2.042 * np.std(np.arange(31.0), ddof=1) / math.sqrt(31), rel=1e-3)
+
+
+def test_command_line_eval_rtc_runs_and_excludes_sync(tmp_path, capsys):
+    summary_path = tmp_path / "eval.json"
+    assert sim.main(["eval", "--expert", "--rtc", "--episodes", "2", "--time-limit", "2", "--latency", "0.3",
+                     "--json", str(summary_path)]) == 0
+    summary = json.loads(summary_path.read_text())
+    assert summary["mode"] == "rtc" and summary["episodes"] == 2
+    assert summary["seam_jerk_mean"] is not None and len(summary["seam_jerk_ci95"]) == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        sim.main(["eval", "--expert", "--rtc", "--sync"])
+    assert exit_.value.code == cli.USER_ERROR and "not allowed with argument" in capsys.readouterr().err
