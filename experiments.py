@@ -11,6 +11,7 @@ Each experiment is one command; it writes a table (CSV and JSON) and a plot (PNG
     python experiments.py moving --policy P      # a cube sliding at speed v
     python experiments.py metaworld              # Meta-World MT50: record, train from scratch, evaluate
     python experiments.py metaworld --expert-attention cross   # (and self): the attention ablation there
+    python experiments.py realtime               # sync, async and --rtc (three policies) at latencies to 2 s
 
 `steps` and `attention` train on the demo's dataset (outputs/demo/dataset) with the demo's recipe
 (demo.py); `language` records its own two-cube demonstrations and trains on them with the same recipe.
@@ -283,6 +284,94 @@ def budget(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def realtime(args: argparse.Namespace) -> list[dict]:
+    """A slow policy in real time. The paper's async loses to sync once the latency nears a chunk (the
+    first d actions of each chunk are stale on arrival, d = latency / control period); --rtc
+    (infer_async) keeps the arm fed by what the policy supports. Five ways, each at the own latency
+    plus 0.3, 0.6, 1.0 and 2.0 s: sync, the paper's async (g = 0.7), and --rtc with three policies
+    trained with the demo's recipe on the demo's data: a plain one (inference-time guidance toward the
+    queued plan), one trained with a clean committed prefix (training-time RTC), one trained on
+    future states (it plans from where the arm will be when the chunk starts). Then the real SmolVLA's
+    timing, 50-action chunks at 30 fps, on demonstrations recorded at 30 fps."""
+    steps = args.steps or DEMO_STEPS
+    policies = {name: train_variant(args.out, f"realtime-{name}-{steps}", flags, steps, 1000)
+                for name, flags in REALTIME_POLICIES.items()}
+    modes = [("sync", "plain", {"sync": True}), ("async", "plain", {}), ("rtc inference", "plain", {"rtc": True}),
+             ("rtc training", "prefix", {"rtc": True}), ("future state", "future", {"rtc": True})]
+    rows = []
+    for mode, policy, fields in modes:
+        settings = [(f"{mode} +{extra:g}s", {**fields, **realtime_latency(extra)}) for extra in REALTIME_LATENCIES]
+        for row in cached_settings(args.out / "runs" / "realtime" / f"{mode.replace(' ', '_')}-{steps}.json",
+                                   policies[policy], settings, args.episodes, args.seed):
+            row.update(realtime_mode=mode, policy_variant=policy, chunk_size=10)
+            rows.append(row)
+    plot_realtime(args.out / "realtime.png", rows, [mode for mode, _, _ in modes])
+    rows += realtime_30fps(args, steps)
+    return rows
+
+
+# Each policy of the realtime experiment: the train.py flags that make it what it is (set either way,
+# so that a change of the demo's recipe cannot change what is compared).
+REALTIME_MAX_DELAY = 20  # ticks: 2.0 s at the demo's 10 fps, the largest latency tried
+REALTIME_POLICIES = {
+    "plain": ["--rtc-prefix-max", "0", "--future-state-max-offset", "0"],
+    "prefix": ["--rtc-prefix-max", str(demo.DEFAULTS["chunk_size"] - 1), "--future-state-max-offset", "0"],
+    "future": ["--rtc-prefix-max", "0", "--future-state-max-offset", str(REALTIME_MAX_DELAY)],
+}
+REALTIME_LATENCIES = (0.0, 0.3, 0.6, 1.0, 2.0)  # added to the own latency
+REALTIME_30FPS_LATENCIES = (0.3, 1.0)
+REALTIME_30FPS_EPISODES = 100  # as many scenes as the demo records (train.py --demo-episodes), 3x the frames
+
+
+def realtime_latency(extra: float) -> dict:
+    """The evaluation fields of one added latency: past a second the arm waits long in every mode, so
+    those episodes get a minute instead of 25 s."""
+    return {"latency_s": OWN_LATENCY_S + extra, "time_limit_s": 60.0 if extra > 1 else 25.0}
+
+
+def cached_settings(cache: Path, policy: str, settings: list[tuple[str, dict]], episodes: int, seed: int) -> list[dict]:
+    """run_settings, its rows kept in `cache` so that a stopped experiment resumes where it was."""
+    if cache.is_file():
+        rows = json.loads(cache.read_text())
+        if [r["setting"] for r in rows] == [name for name, _ in settings] and all(r["episodes"] == episodes for r in rows):
+            return rows
+    rows = run_settings(policy, settings, episodes, seed, print)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cli.write_text(cache, json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+def realtime_30fps(args: argparse.Namespace, steps: int) -> list[dict]:
+    """The real SmolVLA's timing: 50 actions per chunk at 30 fps (1.7 s a chunk), a plain policy
+    trained on the demo's scenes recorded at 30 fps; sync, async and --rtc at two latencies."""
+    demos = args.out / "runs" / f"realtime_demos30-{REALTIME_30FPS_EPISODES}"
+    if not (demos / "dataset").is_dir():
+        print(f"recording {REALTIME_30FPS_EPISODES} demonstrations at 30 fps ...", flush=True)
+        with sim.SO100Env() as env:
+            sim.record(env, demos / "dataset", REALTIME_30FPS_EPISODES, seed=0, fps=30, noise=demo.NOISE,
+                       log=lambda line: None)
+    if not (demos / "vlm").is_dir():
+        demo.write_vlm(demos / "vlm", [sim.TASK])
+    policy = train_variant(args.out, f"realtime-30fps-{steps}", ["--chunk-size", "50", *REALTIME_POLICIES["plain"]],
+                           steps, 1000, demos)
+    rows = []
+    for mode, fields in (("sync", {"sync": True}), ("async", {}), ("rtc inference", {"rtc": True})):
+        settings = [(f"30 fps, 50 actions: {mode} +{extra:g}s", {**fields, **realtime_latency(extra)})
+                    for extra in REALTIME_30FPS_LATENCIES]
+        for row in cached_settings(args.out / "runs" / "realtime" / f"30fps-{mode.replace(' ', '_')}-{steps}.json",
+                                   policy, settings, args.episodes, args.seed):
+            row.update(realtime_mode=mode, policy_variant="plain", chunk_size=50)
+            rows.append(row)
+    return rows
+
+
+def plot_realtime(path: Path, rows: list[dict], modes: list[str]) -> None:
+    """Success and completion against the added latency, one line per way of running."""
+    x = [row["added_latency_s"] - OWN_LATENCY_S for row in rows]
+    groups = {mode: [i for i, row in enumerate(rows) if row["realtime_mode"] == mode] for mode in modes}
+    plot_rows(path, rows, [round(v, 3) for v in x], "added latency (s)", groups, "real time at a real latency")
+
+
 def metaworld(args: argparse.Namespace) -> list[dict]:
     """Meta-World MT50 judged by Meta-World (info["success"]), as LeRobot evaluates it: the scripted
     experts' demonstrations of every task (seeds 0, 1, ...), one demo-sized SmolVLA trained from scratch
@@ -385,14 +474,14 @@ def metaworld_table(row: dict, args: argparse.Namespace) -> str:
 
 
 EXPERIMENTS = {"budget": budget, "async": async_vs_sync, "threshold": threshold, "moving": moving, "steps": actions_per_chunk,
-               "attention": attention, "language": language, "metaworld": metaworld}
+               "attention": attention, "language": language, "metaworld": metaworld, "realtime": realtime}
 
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("experiment", choices=sorted(EXPERIMENTS))
     p.add_argument("--policy", default=DEMO_POLICY, help=f"policy directory (default: the demo's, {DEMO_POLICY})")
@@ -402,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency", type=sim.non_negative_float, default=REMOTE_GPU_LATENCY_S,
                    help="threshold: the added latency in seconds (default 0.3)")
     p.add_argument("--steps", type=sim.positive_int, default=None,
-                   help=f"steps, attention, language, metaworld: training steps of each policy they train "
+                   help=f"steps, attention, language, metaworld, realtime: training steps of each policy they train "
                         f"(default {DEMO_STEPS}, the demo's; language {LANGUAGE_STEPS}; metaworld {METAWORLD_STEPS})")
     p.add_argument("--language-episodes", type=sim.positive_int, default=200,
                    help="language: two-cube demonstrations to record (default 200)")
@@ -413,12 +502,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--expert-attention", choices=("interleaved", "cross", "self"), default="interleaved",
                    help="metaworld: the action expert's attention (the ablation trains each)")
     p.add_argument("--out", type=Path, default=Path("outputs/experiments"), help="where tables and plots go")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        if args.experiment in ("steps", "attention") and not (DEMO_DIR / "dataset").is_dir():
+        if args.experiment in ("steps", "attention", "realtime") and not (DEMO_DIR / "dataset").is_dir():
             raise cli.UserError(f"no demo dataset at {DEMO_DIR / 'dataset'}: run `python train.py` first")
-        if args.experiment not in ("steps", "attention", "language", "metaworld") and not Path(args.policy).exists():
+        if args.experiment not in ("steps", "attention", "language", "metaworld", "realtime") and not Path(args.policy).exists():
             raise cli.UserError(f"no policy at {args.policy}: run `python train.py` first, or pass --policy")
         args.out.mkdir(parents=True, exist_ok=True)  # plots are written before the table
         rows = EXPERIMENTS[args.experiment](args)

@@ -110,3 +110,50 @@ def test_metaworld_records_trains_and_evaluates_each_phase_once(tmp_path, capsys
     assert experiments.main(argv) == 0
     out = capsys.readouterr().out
     assert "recording" not in out and "reach-v3:" not in out  # nothing recorded or evaluated again
+
+
+def test_realtime_runs_each_way_on_its_own_policy_at_every_latency_and_resumes(tmp_path, monkeypatch):
+    """Five ways x five latencies on three policies trained with opposite flags, then the 30-fps,
+    50-action setting; each mode's rows are cached, so a second run evaluates nothing again."""
+    import demo
+    import sim
+
+    trained, evaluated = {}, []
+
+    def fake_train(out, name, flags, steps, seed, demos=experiments.DEMO_DIR):
+        trained[name] = (flags, demos)
+        return f"policy/{name}"
+
+    def fake_run(policy, settings, episodes, seed, log, cubes=1):
+        evaluated.append((policy, settings))
+        return [{**row(name, 5, 9.0), "episodes": episodes, "added_latency_s": fields["latency_s"], **fields}
+                for name, fields in settings]
+
+    def fake_record(env, out, episodes, seed=0, fps=None, noise=0.0, log=print):
+        assert (episodes, fps, noise) == (experiments.REALTIME_30FPS_EPISODES, 30, demo.NOISE)
+        out.mkdir(parents=True)
+
+    monkeypatch.setattr(experiments, "train_variant", fake_train)
+    monkeypatch.setattr(experiments, "run_settings", fake_run)
+    monkeypatch.setattr(sim, "record", fake_record)
+    monkeypatch.setattr(demo, "write_vlm", lambda path, tasks: path.mkdir(parents=True))
+    args = experiments.build_parser().parse_args(["realtime", "--episodes", "4", "--out", str(tmp_path)])
+    rows = experiments.realtime(args)
+    assert trained["realtime-prefix-3000"][0] == ["--rtc-prefix-max", "9", "--future-state-max-offset", "0"]
+    assert trained["realtime-future-3000"][0] == ["--rtc-prefix-max", "0", "--future-state-max-offset", "20"]
+    assert trained["realtime-30fps-3000"][0][:2] == ["--chunk-size", "50"]
+    assert trained["realtime-30fps-3000"][1] == tmp_path / "runs" / "realtime_demos30-100"
+    assert len(rows) == 5 * 5 + 3 * 2
+    by_setting = {r["setting"]: r for r in rows}
+    sync = by_setting["sync +0.6s"]
+    assert sync["sync"] is True and sync["policy_variant"] == "plain" and abs(sync["latency_s"] - 0.64) < 1e-9
+    future = by_setting["future state +2s"]
+    assert future["rtc"] is True and future["policy_variant"] == "future" and future["time_limit_s"] == 60.0
+    assert by_setting["async +1s"]["time_limit_s"] == 25.0 and "rtc" not in by_setting["async +1s"]
+    policies = {policy for policy, _ in evaluated}
+    assert policies == {"policy/realtime-plain-3000", "policy/realtime-prefix-3000", "policy/realtime-future-3000",
+                        "policy/realtime-30fps-3000"}
+    assert (tmp_path / "realtime.png").is_file()
+    evaluated.clear()
+    assert experiments.realtime(args) == rows and evaluated == []  # every mode read back from its cache
+
