@@ -26,6 +26,7 @@ mode, the policy on a GPU machine over TCP, is remote.py; what both ends share i
 
     python infer_async.py --port /dev/ttyACM0 --policy <hub id or dir> --task "Pick up the cube." \\
         --camera top=/dev/video0 --camera wrist=/dev/video2
+    python infer_async.py --port ... --policy ... --rtc ...         # a slow policy: chunks continue the plan
     python infer_async.py serve --policy <id or dir>              # on the GPU machine, then
     python infer_async.py --server 127.0.0.1:8765 --port ... --task ... --camera ...
     python sim.py live                                            # the MuJoCo arm, in real time

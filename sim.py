@@ -14,6 +14,7 @@ policy driven through `infer_async.RobotClient` runs the exact code path of a re
     python sim.py record --episodes 50 --out outputs/sim_dataset --seed 0   # scripted demonstrations
     python sim.py eval --policy outputs/demo/checkpoints/last/pretrained_model --episodes 50 --seed 10000
     python sim.py eval --expert --episodes 5 --video expert.mp4             # the scripted expert
+    python sim.py eval --policy DIR --latency 0.6 --rtc                     # a slow policy, latency-tolerant
     python sim.py live --task "Pick up the cube and place it in the box."   # infer_async's client, real time
     python sim.py eval --env metaworld --task mt50 --expert --episodes 3    # Meta-World (sim_metaworld.py)
 
