@@ -1,7 +1,7 @@
 """Benchmarks. One subcommand per thing measured; each prints JSON lines.
 
     python bench.py data [--workers 2] [--batch-size 8] [--batches 40]
-    python bench.py infer [--device cpu] [--dtype float32] [--compile] [--fast] [--batch 1 8]
+    python bench.py infer [--device cpu] [--dtype float32] [--compile] [--fast [MODE]] [--batch 1 8]
     python bench.py train [--device cpu] [--batch-size 2]
     python bench.py sim [--ticks 300]
 """
@@ -172,6 +172,38 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, size: int = 4096) ->
     return gflops
 
 
+def int8_linear_gops(size: int = 4096) -> float:
+    """The same ceiling for the int8 fast modes: a size x size int8 dynamic linear layer (fbgemm: the
+    activations quantised on the fly, int32 accumulation, float32 out) on size rows, in GOP/s."""
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # the API's announced move to torchao
+        warnings.simplefilter("ignore")
+        layer = quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(size, size, bias=False)),
+                                 {torch.nn.Linear}, dtype=torch.qint8)
+    x = torch.randn(size, size)
+    with torch.no_grad():
+        seconds = timed(lambda: layer(x), 5, lambda: None)
+    gops = 2 * size**3 / seconds / 1e9
+    emit({"bench": "matmul", "device": "cpu", "dtype": "int8 dynamic linear", "threads": torch.get_num_threads(),
+          "gflops": round(gops, 1)})
+    return gops
+
+
+# The ceiling each fast mode's efficiency is held to: the dtype its bulk of FLOPs runs in (in
+# "int8+bf16" the linears, 87% of the chunk, are int8; only the vision attention is bfloat16).
+FAST_MODE_CEILING = {"int8": "int8", "int8+bf16": "int8", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def gemm_ceiling(dtype: str, size: int = 4096) -> float:
+    """This machine's GEMM throughput for a FAST_MODE_CEILING dtype (printed)."""
+    if dtype == "int8":
+        return int8_linear_gops(size)
+    return matmul_gflops(torch.device("cpu"), getattr(torch, dtype), size)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -285,18 +317,49 @@ def bench_infer(args: argparse.Namespace) -> None:
               "mean_abs_action_diff_std": round(difference.mean().item(), 5),
               "max_abs_action_diff_std": round(difference.max().item(), 5)})
     if args.fast:
-        policy.quantize_int8()
-        for batch_size in args.batch:
-            exact_seconds, exact_actions, batch, noise = exact[batch_size]
-            seconds = timed(lambda: policy.predict_chunk(batch, noise), args.repeats, sync)
-            # The stand-in stats have std 1, so robot units are units of the action std.
-            difference = (policy.predict_chunk(batch, noise) - exact_actions).abs()
-            emit({"bench": "infer", "mode": "fast-int8", "batch": batch_size, "ms_per_chunk": round(seconds * 1e3, 1),
-                  "speedup_vs_exact": round(exact_seconds / seconds, 2),
-                  "mean_abs_action_diff_std": round(difference.mean().item(), 5),
-                  "fidelity_bound_std": flow.INT8_FIDELITY_BOUND,
-                  "within_bound": difference.mean().item() < flow.INT8_FIDELITY_BOUND,
-                  "peak_memory_mb": round(peak_memory_mb(device))})
+        chosen = flow.choose_fast_mode()
+        modes = [chosen] if args.fast == "auto" else list(flow.FAST_MODES[:3]) if args.fast == "all" else [args.fast]
+        ceilings = {"float32": peak}
+        for mode in modes:
+            # The same random weights (smolvla_base seeds them), made fast; the exact policy stays as it is.
+            fast = smolvla_base(device, torch.float32, args.cameras, args.height, args.width).make_fast(mode)
+            dtype = FAST_MODE_CEILING[mode]
+            if dtype not in ceilings:
+                ceilings[dtype] = gemm_ceiling(dtype)
+            for batch_size in args.batch:
+                _, exact_actions, batch, noise = exact[batch_size]
+                emit(compare_fast(policy, fast, batch, noise, exact_actions, gflop_per_chunk[batch_size],
+                                  ceilings[dtype], args.repeats, chosen=mode == chosen))
+            del fast
+
+
+def compare_fast(exact: flow.SmolVLA, fast: flow.SmolVLA, batch: dict, noise: torch.Tensor,
+                 exact_actions: torch.Tensor, gflop: float, ceiling: float, repeats: int, chosen: bool) -> dict:
+    """Time a fast policy against the exact one, interleaved (exact, fast, exact, fast, ... after a
+    warm-up of each), so that both see the same machine: on a shared machine absolute timings drift
+    by 10-30% between minutes, the ratio much less. The actions' difference is in units of the action
+    std (the stand-in stats have std 1). Efficiency: the exact chunk's FLOPs per second of the fast
+    one, over the measured ceiling of the dtype the mode computes in."""
+    fast.predict_chunk(batch, noise)
+    exact.predict_chunk(batch, noise)
+    exact_times, fast_times = [], []
+    for _ in range(repeats):
+        for policy, times in ((exact, exact_times), (fast, fast_times)):
+            start = time.perf_counter()
+            policy.predict_chunk(batch, noise)
+            times.append(time.perf_counter() - start)
+    exact_seconds, seconds = float(np.median(exact_times)), float(np.median(fast_times))
+    difference = (fast.predict_chunk(batch, noise) - exact_actions).abs()
+    return {"bench": "infer", "mode": f"fast-{fast.fast_mode}", "chosen_for_this_cpu": chosen,
+            "batch": exact_actions.shape[0], "ms_per_chunk": round(seconds * 1e3, 1),
+            "exact_ms_same_run": round(exact_seconds * 1e3, 1), "speedup_vs_exact": round(exact_seconds / seconds, 2),
+            "mean_abs_action_diff_std": round(difference.mean().item(), 5),
+            "max_abs_action_diff_std": round(difference.max().item(), 5),
+            "fidelity_bound_std": flow.INT8_FIDELITY_BOUND,
+            "within_bound": difference.mean().item() < flow.INT8_FIDELITY_BOUND,
+            "gflops": round(gflop / seconds, 1), "ceiling_dtype": FAST_MODE_CEILING[fast.fast_mode],
+            "ceiling_gflops": round(ceiling, 1), "efficiency": round(gflop / seconds / ceiling, 3),
+            "peak_memory_mb": round(peak_memory_mb(torch.device("cpu")))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,8 +494,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     infer.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="weights and activations (the checkpoint's float32 tensors stay float32)")
     infer.add_argument("--compile", action="store_true", help="torch.compile the denoising step")
-    infer.add_argument("--fast", action="store_true",
-                       help="also time the int8 CPU mode and its action difference (--device cpu only)")
+    infer.add_argument("--fast", nargs="?", const="auto", default=None, metavar="MODE",
+                       choices=["auto", "all", *flow.FAST_MODES],
+                       help="also time a CPU fast mode against the exact chunk, interleaved: bare --fast the one "
+                       f"chosen for this CPU, or one of {', '.join(flow.FAST_MODES)}, or all (the first three); "
+                       "--device cpu and --dtype float32 only")
     infer.add_argument("--batch", type=integer(1), nargs="+", default=[1, 8], help="batch sizes timed")
     infer.set_defaults(run=bench_infer)
 
@@ -449,7 +515,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     args = parser.parse_args(argv)
     if args.command == "infer" and args.fast and torch.device(args.device).type != "cpu":
-        infer.error(f"argument --fast: the int8 mode runs on the CPU only, not on --device {args.device}")
+        infer.error(f"argument --fast: the fast modes run on the CPU only, not on --device {args.device}")
+    if args.command == "infer" and args.fast and args.dtype != "float32":
+        infer.error(f"argument --fast: a fast mode is made from the float32 policy, not --dtype {args.dtype}")
     return args
 
 
@@ -482,7 +550,7 @@ def environment() -> dict[str, Any]:
         pass
     extensions = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
     return {"bench": "environment", "python": platform.python_version(), **versions, "cpu": cpu,
-            "cpu_extensions": extensions, "cpus": os.cpu_count()}
+            "cpu_extensions": extensions, "cpus": os.cpu_count(), "fast_mode_for_this_cpu": flow.choose_fast_mode()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -627,9 +627,10 @@ def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed memory for reuse rather than return it to the system (Linux).
     A chunk allocates about 1.3 GB of activations in blocks up to 25 MB (the vision MLP's): by
     default glibc maps each large block afresh and unmaps it when freed, so every one is page-faulted
-    in again, 0.36 ms per MB here (a 100 MB empty+fill: 36 ms, 3.9 ms once memory is kept; the
-    vision encoder under int8: 2.2 s -> 1.7 s). Process-wide; the peak memory is unchanged, it is
-    only held. Returns whether it applied (False: another C library or system)."""
+    in again, 0.36 ms per MB here (a 100 MB empty+fill: 36 ms, 3.9 ms once memory is kept). On a
+    whole chunk the gain was within the noise of the shared 2-core machine it was measured on.
+    Process-wide; the peak memory is unchanged, it is only held. Returns whether it applied (False:
+    another C library or system)."""
     import ctypes
     import sys
 

@@ -80,13 +80,19 @@ def chunk_offset(future_state_max_offset: int, inference_delay: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_policy(policy: str, vlm: str | None = None, device: str | None = None, fast: bool = False):
-    """flow.SmolVLA from a Hub id or directory (fast: the int8 CPU mode). Imported here: in remote
+# --fast's values on the command lines (bare --fast is "auto"): flow.FAST_MODES spelt out here, since in
+# remote mode the robot computer parses --fast without importing torch (a test keeps the two equal).
+FAST_CHOICES = ("auto", "int8", "int8+bf16", "bf16", "fp32")
+
+
+def load_policy(policy: str, vlm: str | None = None, device: str | None = None, fast: bool | str = False):
+    """flow.SmolVLA from a Hub id or directory (fast: a CPU speed mode, True for the one chosen for
+    this CPU or a flow.FAST_MODES name; see SmolVLA.make_fast). Imported here: in remote
     mode the robot computer needs neither torch nor the model code."""
     from flow import SmolVLA
 
     if fast and device not in (None, "cpu"):
-        raise UserError(f"--fast is the int8 CPU mode; it cannot run on --device {device}")
+        raise UserError(f"--fast is a CPU mode; it cannot run on --device {device}")
     try:
         return SmolVLA.from_pretrained(policy, vlm=vlm, device="cpu" if fast else device, fast=fast)
     except (FileNotFoundError, ValueError, KeyError, OSError) as err:
@@ -203,7 +209,7 @@ def continuation(observation: Observation, rtc_prefix_max: int, future_state_max
 
 
 def prepare_policy(path: str, vlm: str | None = None, device: str | None = None,
-                   fast: bool = False) -> tuple[object, Callable[[Observation], np.ndarray], PolicySpec]:
+                   fast: bool | str = False) -> tuple[object, Callable[[Observation], np.ndarray], PolicySpec]:
     """(policy, policy_fn, spec) for a control loop: loaded, and warmed up by one inference."""
     policy = load_policy(path, vlm, device, fast)
     spec, policy_fn = policy_spec(policy), make_policy_fn(policy)

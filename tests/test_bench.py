@@ -114,7 +114,55 @@ def test_bench_fast_mode_on_a_gpu_is_refused(monkeypatch, capsys):
     assert bench.parse_args(["infer", "--device", "cuda"]).device == "cuda"
     with pytest.raises(SystemExit) as exit_:
         bench.parse_args(["infer", "--device", "cuda", "--fast"])
-    assert exit_.value.code == 2 and "--fast: the int8 mode runs on the CPU only" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "--fast: the fast modes run on the CPU only" in capsys.readouterr().err
+
+
+def test_bench_fast_takes_an_optional_mode(capsys):
+    assert bench.parse_args(["infer"]).fast is None
+    assert bench.parse_args(["infer", "--fast", "--batch", "1"]).fast == "auto"  # bare: the CPU's choice
+    for mode in ("all", *flow.FAST_MODES):
+        assert bench.parse_args(["infer", "--fast", mode]).fast == mode
+    for argv, message in [(["infer", "--fast", "int4"], "argument --fast: invalid choice: 'int4'"),
+                          (["infer", "--fast", "--dtype", "bfloat16"], "made from the float32 policy")]:
+        with pytest.raises(SystemExit) as exit_:
+            bench.parse_args(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and message in err
+
+
+def test_fast_mode_ceilings_are_measured(capsys):
+    """Each mode's efficiency is held to its own dtype's GEMM throughput (tiny sizes here)."""
+    assert set(bench.FAST_MODE_CEILING) == set(flow.FAST_MODES)
+    for dtype in set(bench.FAST_MODE_CEILING.values()):
+        assert bench.gemm_ceiling(dtype, size=64) > 0
+    assert '"dtype": "int8 dynamic linear"' in capsys.readouterr().out
+
+
+def micro_policy() -> SmolVLA:
+    cfg = SmolVLAConfig(
+        input_features={"observation.images.top": {"type": "VISUAL", "shape": [3, 16, 16]},
+                        "observation.state": {"type": "STATE", "shape": [2]}},
+        output_features={"action": {"type": "ACTION", "shape": [2]}}, chunk_size=3, n_action_steps=3,
+        max_state_dim=4, max_action_dim=4, resize_imgs_with_padding=(16, 16), tokenizer_max_length=4,
+        num_steps=2, num_vlm_layers=2, expert_width_multiplier=0.5)
+    torch.manual_seed(0)
+    policy = SmolVLA(cfg, MICRO_VLM, flow.Tokenizer(VLM, 4, True)).eval()
+    policy.set_stats({k: {"mean": torch.zeros(2), "std": torch.ones(2)} for k in ("observation.state", "action")})
+    return policy
+
+
+@pytest.mark.parametrize("mode", flow.FAST_MODES)
+def test_compare_fast_reports_mode_speed_fidelity_and_efficiency(mode):
+    exact = micro_policy()
+    batch = {"observation.images.top": torch.rand(1, 3, 16, 16), "observation.state": torch.zeros(1, 2), "task": "push"}
+    noise = torch.randn(1, 3, 4)
+    actions, flops = bench.count_flops(lambda: exact.predict_chunk(batch, noise))
+    record = bench.compare_fast(exact, micro_policy().make_fast(mode), batch, noise, actions, flops / 1e9,
+                                ceiling=100.0, repeats=2, chosen=False)
+    assert record["mode"] == f"fast-{mode}" and record["ceiling_dtype"] == bench.FAST_MODE_CEILING[mode]
+    assert record["ms_per_chunk"] > 0 and record["speedup_vs_exact"] > 0 and record["exact_ms_same_run"] > 0
+    assert record["within_bound"] and record["max_abs_action_diff_std"] >= record["mean_abs_action_diff_std"]
+    assert record["efficiency"] == pytest.approx(record["gflops"] / 100.0, abs=1e-3)
 
 
 def test_bench_batch_zero_prints_no_record():
