@@ -53,7 +53,7 @@ import remote
 import so100
 from cli import USER_ERROR, HelpFormatter, Parser, UserError, integer, number, print_live
 from plot import Panel, save_panels
-from policy_io import (ACTION, DEFAULT_FPS, DEMO_POLICY, IMAGE_PREFIX, STATE, Observation, PolicySpec,
+from policy_io import (ACTION, DEFAULT_FPS, DEMO_POLICY, FAST_CHOICES, IMAGE_PREFIX, STATE, Observation, PolicySpec,
                        chunk_offset, control_rate, prepare_policy)
 
 # ---------------------------------------------------------------------------------------------
@@ -892,8 +892,10 @@ def build_parser(prog: str = "infer_async.py") -> argparse.ArgumentParser:
                                     f"`python sim.py live`, the default is the demo's {DEMO_POLICY})")
     g.add_argument("--vlm", help="VLM config/tokenizer (dir or Hub id) if not the policy's vlm_model_name")
     g.add_argument("--device", help="cuda, cpu, mps (default: cuda if available)")
-    g.add_argument("--fast", action="store_true",
-                   help="real-time CPU mode: int8 linear layers, ~2x faster chunks (see docs/performance.md)")
+    g.add_argument("--fast", nargs="?", const="auto", choices=FAST_CHOICES, metavar="MODE",
+                   help="a faster CPU mode: bare --fast picks it from the CPU's instruction sets (int8 on AVX2 "
+                        f"and AVX-512, bf16 with AMX), or name one of {', '.join(FAST_CHOICES[1:])} "
+                        "(~2.4x faster chunks; see docs/performance.md)")
     g.add_argument("--task", help="the instruction given to the policy (in the simulator with the demo policy, "
                                   "the default is the scene's)")
     g.add_argument("--server", metavar="HOST:PORT", help="use a remote policy server instead of a local policy")
@@ -997,7 +999,8 @@ def open_policy(args: argparse.Namespace,
                          "(about 10 minutes on a CPU), or pass --policy")
     print(f"loading {path} ...", file=sys.stderr, flush=True)
     policy, policy_fn, spec = prepare_policy(path, args.vlm, args.device, args.fast)
-    mode = " (int8 fast mode)" if getattr(policy, "quantized", False) else ""
+    fast_mode = getattr(policy, "fast_mode", "off")
+    mode = f" ({fast_mode} fast mode)" if fast_mode != "off" else ""
     print(f"policy on {policy.device}{mode}: chunk {spec.chunk_size}, cameras {sorted(spec.cameras)}", file=sys.stderr)
     return policy_fn, spec, path
 

@@ -43,7 +43,7 @@ from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
 from cli import USER_ERROR, HelpFormatter, Parser, UserError, integer, number
-from policy_io import ACTION, STATE, Observation, PolicySpec, prepare_policy
+from policy_io import ACTION, FAST_CHOICES, STATE, Observation, PolicySpec, prepare_policy
 
 MAGIC = b"SVLA"
 PROTOCOL_VERSION = 1
@@ -323,7 +323,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", required=True, help="Hub id or directory, fixed for the server's lifetime")
     p.add_argument("--vlm", help="VLM config/tokenizer (dir or Hub id) if not the policy's vlm_model_name")
     p.add_argument("--device", help="cuda, cpu, mps (default: cuda if available)")
-    p.add_argument("--fast", action="store_true", help="real-time CPU mode: int8 linear layers (CPU only)")
+    p.add_argument("--fast", nargs="?", const="auto", choices=FAST_CHOICES, metavar="MODE",
+                   help="a faster CPU mode, as infer_async.py --fast: bare, the one chosen for this CPU (CPU only)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind; keep 127.0.0.1 and reach it through an SSH tunnel")
     p.add_argument("--listen", type=integer(0, 65535), default=8765, help="TCP port (0: any free one)")

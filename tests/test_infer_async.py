@@ -28,7 +28,7 @@ import infer_async as ia
 import policy_io
 import remote
 import so100
-from policy_io import Observation, PolicySpec
+from policy_io import FAST_CHOICES, Observation, PolicySpec
 from sim_bus import SimulatedBus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1025,13 +1025,30 @@ def test_command_line_run_on_a_rig_writes_metrics_and_plot(tmp_path, capsys, arm
     assert "inference latency" in err and "torque went off" in err
 
 
-def test_command_line_fast_mode_runs_the_int8_policy(tmp_path, capsys, arm_policy):
-    status = run_on_rig(["--policy", str(arm_policy), "--vlm", str(TINY_VLM), "--fast",
+@pytest.mark.parametrize("fast", [["--fast"], ["--fast", "fp32"]])
+def test_command_line_fast_mode_runs_the_mode_asked_for(tmp_path, capsys, arm_policy, fast):
+    """Bare --fast: the mode chosen for this CPU's instruction sets; or the one named."""
+    import flow
+
+    status = run_on_rig(["--policy", str(arm_policy), "--vlm", str(TINY_VLM), *fast,
                          "--task", "Pick up the cube.", "--duration", "1", "--quiet",
                          "--metrics-json", str(tmp_path / "m.json")])
     assert status == 0
     assert json.loads((tmp_path / "m.json").read_text())["actions_executed"] > 0
-    assert "int8 fast mode" in capsys.readouterr().err
+    expected = fast[1] if len(fast) == 2 else flow.choose_fast_mode()
+    assert f"policy on cpu ({expected} fast mode)" in capsys.readouterr().err
+
+
+def test_fast_choices_are_the_model_modes(capsys):
+    """The command lines spell the modes out (no torch import in remote mode): they must stay flow's."""
+    import flow
+
+    assert FAST_CHOICES == ("auto", *flow.FAST_MODES)
+    with pytest.raises(SystemExit) as exit_:
+        ia.build_parser().parse_args(["--policy", "p", "--fast", "int4"])
+    assert exit_.value.code == 2 and "argument --fast: invalid choice: 'int4'" in capsys.readouterr().err
+    assert remote.build_serve_parser().parse_args(["--policy", "p", "--fast"]).fast == "auto"
+    assert remote.build_serve_parser().parse_args(["--policy", "p"]).fast is None
 
 
 def test_command_line_remote_run_against_a_token_server(tmp_path):
