@@ -27,15 +27,21 @@ MICRO_VLM = {"model_type": "smolvlm", "scale_factor": 2,
                                "num_attention_heads": 2, "image_size": 16, "patch_size": 8}}
 
 
-def test_chunk_flops_match_a_hand_count():
+def micro_policy() -> SmolVLA:
     cfg = SmolVLAConfig(
         input_features={"observation.images.top": {"type": "VISUAL", "shape": [3, 16, 16]},
                         "observation.state": {"type": "STATE", "shape": [2]}},
         output_features={"action": {"type": "ACTION", "shape": [2]}}, chunk_size=3, n_action_steps=3,
         max_state_dim=4, max_action_dim=4, resize_imgs_with_padding=(16, 16), tokenizer_max_length=4,
         num_steps=2, num_vlm_layers=2, expert_width_multiplier=0.5)
-    policy = SmolVLA(cfg, MICRO_VLM, flow.Tokenizer(VLM, 4, True))
+    torch.manual_seed(0)
+    policy = SmolVLA(cfg, MICRO_VLM, flow.Tokenizer(VLM, 4, True)).eval()
     policy.set_stats({k: {"mean": torch.zeros(2), "std": torch.ones(2)} for k in ("observation.state", "action")})
+    return policy
+
+
+def test_chunk_flops_match_a_hand_count():
+    policy = micro_policy()
     assert (policy.expert_cfg.hidden_size, policy.expert_cfg.intermediate_size) == (8, 256)
     batch = {"observation.images.top": torch.rand(1, 3, 16, 16), "observation.state": torch.zeros(1, 2),
              "task": "push"}
@@ -136,19 +142,6 @@ def test_fast_mode_ceilings_are_measured(capsys):
     for dtype in set(bench.FAST_MODE_CEILING.values()):
         assert bench.gemm_ceiling(dtype, size=64) > 0
     assert '"dtype": "int8 dynamic linear"' in capsys.readouterr().out
-
-
-def micro_policy() -> SmolVLA:
-    cfg = SmolVLAConfig(
-        input_features={"observation.images.top": {"type": "VISUAL", "shape": [3, 16, 16]},
-                        "observation.state": {"type": "STATE", "shape": [2]}},
-        output_features={"action": {"type": "ACTION", "shape": [2]}}, chunk_size=3, n_action_steps=3,
-        max_state_dim=4, max_action_dim=4, resize_imgs_with_padding=(16, 16), tokenizer_max_length=4,
-        num_steps=2, num_vlm_layers=2, expert_width_multiplier=0.5)
-    torch.manual_seed(0)
-    policy = SmolVLA(cfg, MICRO_VLM, flow.Tokenizer(VLM, 4, True)).eval()
-    policy.set_stats({k: {"mean": torch.zeros(2), "std": torch.ones(2)} for k in ("observation.state", "action")})
-    return policy
 
 
 @pytest.mark.parametrize("mode", flow.FAST_MODES)
