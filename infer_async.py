@@ -354,8 +354,8 @@ class RobotClient:
     chunk or at most d + 1 actions (d = inference_delay(), from the latencies measured; the chunk
     must arrive before the queue runs dry), and it carries the queued plan from its timestep T and
     d, held to the plan's length (the arm cannot execute more than is queued). A policy trained on
-    future states is given, as its state, the plan's action for T + offset - 1 (the pose the arm is
-    commanded to when its chunk starts; the present state at offset 0), and its chunk starts at
+    future states is given, as its state, the measured one plus the motion the plan commands until its
+    chunk starts (the plan's action for T + offset - 1 minus that for T), and its chunk starts at
     T + offset (policy_io.chunk_offset). The chunk replaces the queue from T + d on, or from the next
     action if the arm got further (ActionQueue.replace): no blending and no ease-in, the policy has
     made the seam consistent. Every mode records the seams' jolt (Metrics.seam_jerks).
@@ -412,8 +412,8 @@ class RobotClient:
         plan = np.array(actions, np.float32).reshape(len(actions), self.spec.action_dim)
         delay = min(self.delay, len(plan))
         offset = chunk_offset(self.spec.future_state_max_offset, delay)
-        if offset > 0:
-            state = plan[offset - 1].copy()
+        if offset > 0:  # where the plan takes the arm by then (train.at_state_offsets: the same estimate)
+            state = state + plan[offset - 1] - plan[0]
         self._request = (self.metrics.observations_sent, timestep, delay, offset)
         self.metrics.inference_delays.append(delay)
         return Observation(timestep, state, images, self.task, must_go, now, plan, delay)

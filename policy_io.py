@@ -69,7 +69,7 @@ class PolicySpec:
 
 def chunk_offset(future_state_max_offset: int, inference_delay: int) -> int:
     """Timesteps from an --rtc observation's timestep T to its chunk's first action. A policy trained on
-    future states plans from the state the arm is commanded to when the chunk starts, T + d: the offset
+    future states plans from the state the arm will be in when the chunk starts, T + d: the offset
     is d, held to the largest it was trained on (the chunk then starts d - offset actions early and
     those, committed, are discarded). Any other policy plans from the state at capture: 0. Both ends
     of remote mode compute it from the spec, so they agree where a chunk lands."""

@@ -156,16 +156,25 @@ def flow_noise_and_time(seed: int, stream: int, step: int, rank: int, batch_size
     training distribution (flow.sample_time), drawn after the noise: (batch,).
 
     With training-time real-time chunking (config.rtc_prefix_max D > 0) the times are per action token,
-    (batch, chunk): each sample's first d ~ U{0..D} tokens are given clean, at time 0 (flow.prefix_times),
-    so the policy learns to continue a committed prefix of up to D actions. d is drawn after the rest,
-    so the noise and times are those of a run without it."""
+    (batch, chunk): each sample's first d tokens are given clean, at time 0 (flow.prefix_times), so the
+    policy learns to continue a committed prefix of up to D actions. Half the samples get no prefix
+    (d = 0) and the others d ~ U{1..D}: the loss leaves the prefix out, so with d ~ U{0..D} token k would
+    be trained only when d <= k, the first one on 1/(D+1) of the samples, and the first actions are the
+    ones a policy executes right after each chunk lands and with no queue (at start, --sync). The demo's
+    policy so trained (D = 9) succeeded in 4 of 20 scenes (--rtc, the policy's own latency), against 13
+    of 20 with half the samples free of a prefix. d is drawn after the rest, so the noise and times are
+    those of a run without it."""
     generator = step_generator(seed, stream, step, rank)
     noise = torch.randn(batch_size, policy.config.chunk_size, policy.config.max_action_dim, generator=generator)
     time = flow.sample_time(batch_size, generator, device)
     if policy.config.rtc_prefix_max:
-        prefix_length = torch.randint(0, policy.config.rtc_prefix_max + 1, (batch_size,), generator=generator)
+        prefix_length = torch.randint(1, policy.config.rtc_prefix_max + 1, (batch_size,), generator=generator)
+        prefix_length *= torch.rand(batch_size, generator=generator) < PREFIX_SHARE
         time = flow.prefix_times(time, prefix_length, policy.config.chunk_size)
     return noise.to(device), time
+
+
+PREFIX_SHARE = 0.5  # training-time RTC: the share of samples given a committed prefix (flow_noise_and_time)
 
 
 def state_offsets(seed: int, stream: int, step: int, rank: int, batch_size: int, max_offset: int) -> torch.Tensor:
@@ -177,10 +186,20 @@ def state_offsets(seed: int, stream: int, step: int, rank: int, batch_size: int,
 
 def at_state_offsets(batch: dict[str, Any], offsets: torch.Tensor, chunk_size: int) -> dict[str, Any]:
     """Future-state conditioning (VLASH, arXiv 2512.01031): sample b keeps the images of its frame i but
-    is given the state of frame i + offsets[b], and its targets become the actions from that frame on.
-    The policy so learns to plan from the state the robot will be in when the chunk starts executing,
-    not the stale one at capture. An offset past the episode's last frame is cut back to it (the state
-    and first action stay real). Needs the dataset's windows (LeRobotDataset future_state_max_offset)."""
+    is given the state the arm will be in at frame i + o (o = offsets[b]), and its targets become the
+    actions from that frame on. The policy so learns to plan from where the arm will be when its chunk
+    starts executing, not from the stale state at capture.
+
+    That future state is estimated as the control loop can at capture (infer_async.RobotClient): the
+    measured state of frame i plus the motion planned from then to frame i + o, action i + o - 1 minus
+    action i (the actions are goal positions in the state's units). Trained on the true state of frame
+    i + o, the policy met at inference a commanded pose instead, which differs most at the gripper
+    (commanded shut past the object it closes on: 0.4 std apart on the demo's data, the joints 0.1); fed
+    the commanded pose itself, in training and at inference, it lost the measured feedback (a gripper
+    blocked by the cube) and repeated its own plan. Both failed nearly every scene. At o = 0 and 1 the
+    state is frame i's measured one. An offset past the episode's last frame is cut back to it. Needs
+    the dataset's windows (LeRobotDataset future_state_max_offset) and actions that are goal positions
+    of the state (check_state_like_actions)."""
     if "state_window" not in batch:
         raise TrainError("future-state conditioning needs batches with a state window: build the dataset "
                          "with LeRobotDataset(..., future_state_max_offset=D)")
@@ -192,8 +211,9 @@ def at_state_offsets(batch: dict[str, Any], offsets: torch.Tensor, chunk_size: i
     offsets = torch.minimum(offsets.to(last_real.device), last_real)
     rows = torch.arange(len(offsets))
     steps = offsets[:, None] + torch.arange(chunk_size)
+    planned = batch["action_window"][rows, (offsets - 1).clamp(min=0)] - batch["action_window"][:, 0]
     shifted = {k: v for k, v in batch.items() if k not in data.WINDOW_KEYS}
-    shifted[STATE] = batch["state_window"][rows, offsets]
+    shifted[STATE] = batch["state_window"][:, 0] + planned
     shifted[ACTION] = batch["action_window"][rows[:, None], steps]
     shifted["action_is_pad"] = batch["action_window_is_pad"][rows[:, None], steps]
     return shifted
@@ -803,11 +823,26 @@ def build_policy(args: argparse.Namespace, dataset: data.LeRobotDataset, device:
     if policy.config.rtc_prefix_max >= policy.config.chunk_size:
         raise TrainError(f"--rtc-prefix-max {policy.config.rtc_prefix_max} must be below the policy's chunk size "
                          f"{policy.config.chunk_size} (a chunk needs actions left to predict)")
+    if policy.config.future_state_max_offset:
+        check_state_like_actions(dataset)
     policy.rename_map = {source: slot for source, slot in mapping.items() if source != slot}
     print("cameras: " + ", ".join(f"{s} -> {t}" for s, t in mapping.items()) + "  (override with --rename DATA=POLICY)",
           flush=True)
     policy.set_stats(dataset_stats(dataset), source=f"dataset {dataset.root}")
     return policy.to(device)
+
+
+def check_state_like_actions(dataset: data.LeRobotDataset) -> None:
+    """Future-state conditioning gives the policy a commanded pose as its state (at_state_offsets), which
+    only means something where the actions are goal positions of the state's own values: the dataset
+    names them alike (LeRobot's SO-100: "shoulder_pan.pos" in both). Meta-World's actions are hand
+    deltas and a gripper effort, not a state."""
+    names = [dataset.features.get(key, {}).get("names") for key in (STATE, ACTION)]
+    if isinstance(names[0], dict) or isinstance(names[1], dict):  # LeRobot v2.1 may nest them: {"motors": [...]}
+        names = [sum(n.values(), []) if isinstance(n, dict) else n for n in names]
+    if names[0] and names[1] and list(names[0]) != list(names[1]):
+        raise TrainError(f"--future-state-max-offset needs actions that are goal positions of the state, and this "
+                         f"dataset's differ: {STATE} {list(names[0])}, {ACTION} {list(names[1])}")
 
 
 FROZEN_VISION = ("vision.",)

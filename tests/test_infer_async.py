@@ -222,10 +222,11 @@ def test_rtc_observation_carries_the_plan_and_the_delay_and_the_chunk_lands_afte
     observation = client.capture(must_go=False)
     assert observation.timestep == 4 and observation.inference_delay == 3
     assert observation.left_over.dtype == np.float32 and np.array_equal(observation.left_over, chunk_of(4, 6))
-    # A policy trained on future states plans from the pose commanded for T + d - 1 = 6 (action 6);
-    # its chunk is meant for 7.. . Any other policy plans from the present state; its chunk is for 4..
+    # A policy trained on future states plans from the present state (7) moved as the plan moves it
+    # until T + d - 1 = 6 (action 6 - action 4 = 2); its chunk is meant for 7.. . Any other policy plans
+    # from the present state; its chunk is for 4..
     future = future_state_max_offset > 0
-    assert np.array_equal(observation.state, [6.0] * 6 if future else [7.0] * 6)
+    assert np.array_equal(observation.state, [9.0] * 6 if future else [7.0] * 6)
     client.policy_thread.on_chunk(4, chunk_of(100), 0.25)
     timestep, actions = client.queue.plan()
     # 4, 5, 6 committed (no action executed meanwhile), then the new chunk from timestep 7

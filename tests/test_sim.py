@@ -464,7 +464,7 @@ def plan_at(t) -> np.ndarray:
 def test_rtc_in_simulated_time_executes_the_plan_and_lands_each_chunk_after_its_delay(future_state_max_offset):
     """A policy that takes 0.45 s at 10 fps (d = ceil(4.5) = 5), with 10-action chunks, each chunk the
     plan from where the policy is told it starts (T + the offset: 5 for a future-state policy, told its
-    state is the plan's action for T + 4). SimClock.timed hands each observation through as sent. If
+    state is the present one moved as the plan moves it until T + 4). SimClock.timed hands each observation through as sent. If
     a chunk landed a timestep off, the arm would execute the plan shifted at its seams."""
     world = Line()
     clock = sim.SimClock(world)
@@ -474,8 +474,10 @@ def test_rtc_in_simulated_time_executes_the_plan_and_lands_each_chunk_after_its_
     def policy(observation):
         offset = policy_io.chunk_offset(future_state_max_offset, observation.inference_delay)
         seen.append(observation)
-        if offset:
-            assert observation.state == pytest.approx(plan_at(observation.timestep + offset - 1))
+        if offset:  # the arm holds its last goal (action T - 1), moved by the plan from T to T + offset - 1
+            t = observation.timestep
+            expected = plan_at(t - 1) + plan_at(t + offset - 1) - plan_at(t)
+            assert observation.state == pytest.approx(expected, abs=1e-5)
         return np.stack([plan_at(observation.timestep + offset + i) for i in range(10)])
 
     config = infer_async.ClientConfig(fps=10, rtc=True, similarity=0.0)

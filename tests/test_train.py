@@ -33,6 +33,7 @@ POLICY, VLM = FIXTURE / "policy", FIXTURE / "vlm"
 TASK = "pick the cube"
 SIZE = 32
 LENGTH = 20
+JOINTS = ["shoulder_pan.pos", "shoulder_lift.pos", "elbow_flex.pos", "wrist_flex.pos", "wrist_roll.pos", "gripper.pos"]
 
 
 def reaching_episodes(num_episodes: int, state_dim: int = 6, cameras=("top", "wrist"), seed: int = 0):
@@ -53,7 +54,9 @@ def reaching_episodes(num_episodes: int, state_dim: int = 6, cameras=("top", "wr
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory) -> Path:
-    return data.write_dataset(tmp_path_factory.mktemp("data") / "reach", reaching_episodes(8), fps=10)
+    # the actions are the next frame's pose: goal positions of the state, named alike (as LeRobot's SO-100)
+    return data.write_dataset(tmp_path_factory.mktemp("data") / "reach", reaching_episodes(8), fps=10,
+                              state_names=JOINTS, action_names=JOINTS)
 
 
 def args_for(dataset: Path, out: Path, *extra: str) -> list[str]:
@@ -685,14 +688,19 @@ def test_delay_draws_are_fixed_by_seed_stream_step_and_rank():
     assert torch.equal(noise, plain_noise)
     lengths = (time == 0).sum(dim=1)
     assert sorted(set(lengths.tolist())) == [0, 1, 2, 3]
+    # half the samples get no prefix, so that the first tokens are trained on (about) half the batch
+    assert 0.4 < (lengths == 0).float().mean() < 0.6
+    assert 0.4 < (lengths == 1).sum() / (lengths == 3).sum() < 2.5
     for row, d in zip(time, lengths.tolist()):
         assert torch.equal(row[:d], torch.zeros(d)) and (row[d:] > 0).all()
     assert torch.equal(time[:, -1], plain_time)
 
 
-def test_state_offsets_give_the_later_frames_state_and_actions(dataset_dir):
-    """Against the dataset's own items: sample i at offset o is frame i's images with the state and
-    the action chunk of frame i + o, cut back to the episode's last frame (episodes of 20 frames)."""
+def test_state_offsets_give_the_planned_state_and_the_later_frames_actions(dataset_dir):
+    """Against the dataset's own items: sample i at offset o is frame i's images with the action chunk
+    of frame j = i + o, cut back to the episode's last frame (episodes of 20 frames), and as its state
+    frame i's measured one moved by the plan up to frame j (action j - 1 minus action i: what the
+    control loop knows at capture), frame i's measured state at o = 0 and 1."""
     windowed = data.LeRobotDataset(dataset_dir, chunk_size=10, decode_video=False, future_state_max_offset=4)
     plain = data.LeRobotDataset(dataset_dir, chunk_size=10, decode_video=False)
     picks, offsets = [0, 5, 17, 18, 19, 40], torch.tensor([0, 4, 4, 2, 3, 1])
@@ -702,7 +710,9 @@ def test_state_offsets_give_the_later_frames_state_and_actions(dataset_dir):
     assert not set(data.WINDOW_KEYS) & set(shifted)
     assert shifted["index"].tolist() == picks  # still frame i (its images, its task)
     for b, j in enumerate(expected):
-        assert torch.equal(shifted["observation.state"][b], plain[j]["observation.state"])
+        i = picks[b]
+        state = plain[i]["observation.state"] + plain[max(j - 1, i)]["action"][0] - plain[i]["action"][0]
+        torch.testing.assert_close(shifted["observation.state"][b], state, rtol=0, atol=1e-5)
         assert torch.equal(shifted["action"][b], plain[j]["action"])
         assert torch.equal(shifted["action_is_pad"][b], plain[j]["action_is_pad"])
     with pytest.raises(train.TrainError, match="future_state_max_offset"):
@@ -737,7 +747,8 @@ def test_a_run_for_delayed_execution_trains_on_its_draws_and_saves_them(dataset_
         offsets = train.state_offsets(5, 0, step, 0, 8, 2)
         for b, i in enumerate(batch["index"].tolist()):
             j = min(i + int(offsets[b]), (i // LENGTH + 1) * LENGTH - 1)
-            assert torch.equal(batch["observation.state"][b], plain[j]["observation.state"])
+            state = plain[i]["observation.state"] + plain[max(j - 1, i)]["action"][0] - plain[i]["action"][0]
+            torch.testing.assert_close(batch["observation.state"][b], state, rtol=0, atol=1e-5)
             assert torch.equal(batch["action"][b], plain[j]["action"])
         assert torch.equal(time, train.flow_noise_and_time(5, 0, step, 0, 8, policy, torch.device("cpu"))[1])
         assert time.shape == (8, 10) and ((time == 0).sum(dim=1) <= 3).all()
@@ -747,6 +758,16 @@ def test_a_run_for_delayed_execution_trains_on_its_draws_and_saves_them(dataset_
     batches = train.validation_batches(val_set, 16, 8, 0)
     first = train.validation_loss(policy, batches, 5)
     assert math.isfinite(first) and train.validation_loss(policy, batches, 5) == first
+
+
+def test_future_state_training_needs_actions_named_as_the_state(tmp_path, capsys):
+    """Meta-World's actions are hand deltas and a gripper effort: a commanded pose is no state there."""
+    deltas = data.write_dataset(tmp_path / "deltas", reaching_episodes(2), fps=10, state_names=JOINTS,
+                                action_names=[f"{joint}.delta" for joint in JOINTS])
+    with pytest.raises(SystemExit):
+        train.main(args_for(deltas, tmp_path / "out", "--steps", "1", "--future-state-max-offset", "2"))
+    err = capsys.readouterr().err
+    assert "actions that are goal positions of the state" in err and "'shoulder_pan.pos.delta'" in err
 
 
 def test_a_resumed_run_keeps_its_delay_training(dataset_dir, tmp_path, monkeypatch, capsys):
