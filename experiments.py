@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,6 +60,8 @@ LANGUAGE_STEPS = 15_000  # at 5,000 steps the policy still ignored the colour wo
 METAWORLD_EPISODES = 20
 METAWORLD_STEPS = 30_000
 METAWORLD_CHUNK = 20
+METAWORLD_EVAL_EPISODES = 10  # per task, as lerobot-eval runs Meta-World
+METAWORLD_JOBS = 2  # evaluation processes at most (sim.map_tasks), one per core: the demo machine's 2
 METAWORLD_CURVE = (0.25, 0.5, 1.0)  # fractions of the budget whose checkpoints are evaluated
 PAPER_METAWORLD = {  # SmolVLA (arXiv 2506.01844), Meta-World MT50 success rates (%) by difficulty group
     "SmolVLA (0.45B, paper)": {"easy": 82.5, "medium": 41.8, "hard": 45.0, "very_hard": 60.0, "average": 57.3},
@@ -424,13 +428,25 @@ def metaworld(args: argparse.Namespace) -> list[dict]:
 
 def evaluate_metaworld(policy: Path, tasks: list[str], episodes: int, seed: int, cache: Path) -> dict:
     """sim.py's Meta-World evaluation of one checkpoint over `tasks` (a table per task and group), the
-    policy's own latency fixed as in every setting here; the summary is cached in `cache`."""
+    policy's own latency fixed as in every setting here, the tasks shared by as many processes as
+    there are cores (at most METAWORLD_JOBS); the summary is cached in `cache`."""
     import sim_metaworld
 
     if cache.is_file():
         return json.loads(cache.read_text())
     start = time.perf_counter()
-    _, policy_fn, spec = policy_io.prepare_policy(str(policy))
+    jobs = min(METAWORLD_JOBS, os.cpu_count() or 1)
+    per_task = sim.map_tasks(functools.partial(metaworld_share, str(policy), episodes, seed), tasks, jobs)
+    summary = sim.benchmark_summary(per_task, sim_metaworld.GROUP_OF)
+    summary["wall_s"] = round(time.perf_counter() - start, 1)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cli.write_text(cache, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def metaworld_share(policy: str, episodes: int, seed: int, tasks: list[str]) -> dict:
+    """One process's part of evaluate_metaworld: {task: sim.evaluate summary}."""
+    _, policy_fn, spec = policy_io.prepare_policy(policy)
     per_task = {}
     worlds = sim.open_worlds("metaworld", tasks)
     try:
@@ -441,11 +457,7 @@ def evaluate_metaworld(policy: Path, tasks: list[str], episodes: int, seed: int,
             print(f"  {task}: {per_task[task]['successes']}/{episodes}", flush=True)
     finally:
         worlds.close()
-    summary = sim.benchmark_summary(per_task, sim_metaworld.GROUP_OF)
-    summary["wall_s"] = round(time.perf_counter() - start, 1)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cli.write_text(cache, json.dumps(summary, indent=2) + "\n")
-    return summary
+    return per_task
 
 
 def train_seconds(run: Path, step: int) -> float | None:
@@ -485,7 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("experiment", choices=sorted(EXPERIMENTS))
     p.add_argument("--policy", default=DEMO_POLICY, help=f"policy directory (default: the demo's, {DEMO_POLICY})")
-    p.add_argument("--episodes", type=sim.positive_int, default=50, help="episodes per setting (default 50)")
+    p.add_argument("--episodes", type=sim.positive_int, default=None,
+                   help=f"episodes per setting (default 50; metaworld: {METAWORLD_EVAL_EPISODES} per task, LeRobot's "
+                        "protocol, a third of them at the curve's earlier checkpoints)")
     p.add_argument("--seed", type=sim.non_negative_int, default=20_000,
                    help="first scene seed (default 20000: held out from recording and the demo's evaluation)")
     p.add_argument("--latency", type=sim.non_negative_float, default=REMOTE_GPU_LATENCY_S,
@@ -507,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.episodes is None:
+        args.episodes = METAWORLD_EVAL_EPISODES if args.experiment == "metaworld" else 50
     start = time.perf_counter()
     try:
         if args.experiment in ("steps", "attention", "realtime") and not (DEMO_DIR / "dataset").is_dir():

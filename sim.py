@@ -33,6 +33,7 @@ SO-100 dataset to data.py and train.py.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -889,6 +890,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--video", default=None, help="mp4 of the first episodes, both cameras, success written on them")
     e.add_argument("--video-episodes", type=positive_int, default=4, help="episodes in the video (default 4)")
     e.add_argument("--json", default=None, help="also write the summary to this file")
+    e.add_argument("--jobs", type=positive_int, default=1,
+                   help="--task with several tasks: evaluate them in this many processes (2 halves an MT50 "
+                        "evaluation on 2 cores; default 1)")
     e.add_argument("--cubes", type=int, choices=(1, 2), default=1, help="2: the red/green scene (language)")
     e.add_argument("--instruction", choices=INSTRUCTIONS, default="named",
                    help="--cubes 2: name the scene's cube, the other cube (judged on that one) or say nothing")
@@ -980,31 +984,10 @@ def serve_bus(args: argparse.Namespace) -> int:
 
 def eval_main(args: argparse.Namespace) -> int:
     tasks = benchmark_tasks(args.env, args.task)
-    if args.policy:  # loaded once, whatever the number of worlds
-        _, policy_fn, spec = policy_io.prepare_policy(args.policy, args.vlm, args.device)
     say = lambda message: print(message, file=sys.stderr)  # noqa: E731
-    summaries = {}
-    worlds = open_worlds(args.env, tasks, args.size, args.cubes, args.instruction)
-    try:
-        for task, env in zip(tasks, worlds):
-            fps = policy_io.control_rate(args.policy, args.fps, env.fps)
-            client = client_config(env, fps, sync=args.sync, rtc=args.rtc, threshold=args.threshold,
-                                   n_action_steps=args.n_action_steps, aggregate=args.aggregate,
-                                   ease_in=args.ease_in, similarity=args.similarity)
-            video = args.video if args.video is None or len(tasks) == 1 else video_path(args.video, task)
-            config = EvalConfig(episodes=args.episodes, seed=args.seed, time_limit_s=args.time_limit or env.time_limit_s,
-                                client=client, latency_s=args.latency, video=video, video_episodes=args.video_episodes)
-            if args.expert:
-                policy_fn, spec = env.expert_policy(fps)
-            elif args.random:
-                policy_fn, spec = random_policy(env)
-            else:
-                env.cameras_for(spec)  # the policy's cameras exist here, before anything runs
-            say(f"{task + ': ' if task else ''}evaluating on seeds {config.seed}..{config.seed + config.episodes - 1} "
-                f"at {fps:g} fps, {client_mode(client)}{'' if client.sync else f' (g={client.threshold:g})'}")
-            summaries[task] = evaluate(env, policy_fn, spec, config, log=say)
-    finally:
-        worlds.close()
+    if args.jobs > 1 and len(tasks) > 1 and args.video:
+        raise SimError("--video with --jobs: the videos are written by one process; drop one of them")
+    summaries = map_tasks(functools.partial(eval_tasks, args), tasks, args.jobs)
     if args.video:
         say(f"video: {args.video}" if len(tasks) == 1 else f"videos: {video_path(args.video, '<task>')}")
     if args.env == "metaworld":
@@ -1018,6 +1001,66 @@ def eval_main(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
     return 0
+
+
+def eval_tasks(args: argparse.Namespace, tasks: list[str | None]) -> dict:
+    """The eval command's evaluations of `tasks` in this process, {task: evaluate() summary}; the
+    policy is loaded once, whatever the number of worlds."""
+    if args.policy:
+        _, policy_fn, spec = policy_io.prepare_policy(args.policy, args.vlm, args.device)
+    summaries = {}
+    worlds = open_worlds(args.env, tasks, args.size, args.cubes, args.instruction)
+    try:
+        for task, env in zip(tasks, worlds):
+            say = lambda message: print(f"{task + ': ' if task else ''}{message}", file=sys.stderr)  # noqa: E731
+            fps = policy_io.control_rate(args.policy, args.fps, env.fps)
+            client = client_config(env, fps, sync=args.sync, rtc=args.rtc, threshold=args.threshold,
+                                   n_action_steps=args.n_action_steps, aggregate=args.aggregate,
+                                   ease_in=args.ease_in, similarity=args.similarity)
+            video = args.video if args.video is None or len(tasks) == 1 else video_path(args.video, task)
+            config = EvalConfig(episodes=args.episodes, seed=args.seed, time_limit_s=args.time_limit or env.time_limit_s,
+                                client=client, latency_s=args.latency, video=video, video_episodes=args.video_episodes)
+            if args.expert:
+                policy_fn, spec = env.expert_policy(fps)
+            elif args.random:
+                policy_fn, spec = random_policy(env)
+            else:
+                env.cameras_for(spec)  # the policy's cameras exist here, before anything runs
+            say(f"evaluating on seeds {config.seed}..{config.seed + config.episodes - 1} "
+                f"at {fps:g} fps, {client_mode(client)}{'' if client.sync else f' (g={client.threshold:g})'}")
+            summaries[task] = evaluate(env, policy_fn, spec, config, log=say)
+    finally:
+        worlds.close()
+    return summaries
+
+
+def map_tasks(evaluate_share: Callable[[list], dict], tasks: list, jobs: int = 1) -> dict:
+    """evaluate_share(tasks) -> {task: summary} over `tasks`, in `jobs` processes: the tasks dealt round
+    robin (neighbours in a group are alike in length), each process with its own policy, GL context and
+    cores / jobs torch threads. An evaluation runs the policy and the renderer one after the other on
+    one core, so on a 2-core machine two processes take half the time. Summaries in the tasks' order.
+    `evaluate_share` must pickle (a module-level function, or a functools.partial of one)."""
+    if jobs <= 1 or len(tasks) <= 1:
+        return evaluate_share(list(tasks))
+    import concurrent.futures
+    import multiprocessing
+
+    jobs = min(jobs, len(tasks))
+    shares = [list(tasks[i::jobs]) for i in range(jobs)]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    # spawned, not forked: a forked child would inherit this process's GL and torch thread state
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_start_worker, initargs=(threads,)) as pool:
+        done: dict = {}
+        for result in pool.map(evaluate_share, shares):
+            done.update(result)
+    return {task: done[task] for task in tasks}
+
+
+def _start_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def video_path(path: str, task: str) -> str:

@@ -110,6 +110,11 @@ def test_metaworld_records_trains_and_evaluates_each_phase_once(tmp_path, capsys
     assert experiments.main(argv) == 0
     out = capsys.readouterr().out
     assert "recording" not in out and "reach-v3:" not in out  # nothing recorded or evaluated again
+    # two tasks: one process each (spawned), the summary in the tasks' order
+    policy = tmp_path / "runs" / "metaworld-interleaved-4" / "checkpoints" / "000004" / "pretrained_model"
+    both = experiments.evaluate_metaworld(policy, ["reach-v3", "drawer-close-v3"], 1, 500, tmp_path / "two.json")
+    assert list(both["per_task"]) == ["reach-v3", "drawer-close-v3"] and both["episodes"] == 2
+    assert both["per_task"]["reach-v3"]["successes"] == final["per_task"]["reach-v3"]["successes"]
 
 
 def test_realtime_runs_each_way_on_its_own_policy_at_every_latency_and_resumes(tmp_path, monkeypatch):

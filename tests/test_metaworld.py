@@ -322,6 +322,21 @@ def test_eval_of_the_expert_prints_a_table_and_a_json_line_per_task_and_group(ca
     assert "drawer-close-v3" in captured.err and "[easy: 1 tasks]" in captured.err
 
 
+def test_jobs_share_the_tasks_between_processes_and_judge_them_as_one_process_does(capsys):
+    """--jobs 2: the group's five tasks run in two spawned processes; every task's outcome, the
+    summary's task order and the groups are those of the same evaluation in one process."""
+    argv = ["eval", "--env", "metaworld", "--task", "very_hard", "--expert", "--episodes", "1", "--seed", "300"]
+    summaries = []
+    for jobs in ("1", "2"):
+        assert sim.main([*argv, "--jobs", jobs]) == 0
+        summaries.append(json.loads(capsys.readouterr().out.splitlines()[-1]))
+    serial, parallel = summaries
+    assert list(parallel["per_task"]) == list(serial["per_task"]) == list(mw.GROUPS["very_hard"])
+    for task, result in serial["per_task"].items():
+        assert parallel["per_task"][task]["successes"] == result["successes"], task
+    assert parallel["per_group"] == serial["per_group"] and parallel["episodes"] == 5
+
+
 def test_the_benchmark_average_is_the_mean_of_the_groups_as_in_the_paper():
     """The paper's 57.3% for SmolVLA is the mean of its four group rates (82.5, 41.8, 45.0, 60.0), not
     the rate over all 50 tasks' episodes (which would weigh the 28 easy tasks most)."""
