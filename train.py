@@ -833,8 +833,8 @@ def build_policy(args: argparse.Namespace, dataset: data.LeRobotDataset, device:
 
 
 def check_state_like_actions(dataset: data.LeRobotDataset) -> None:
-    """Future-state conditioning gives the policy a commanded pose as its state (at_state_offsets), which
-    only means something where the actions are goal positions of the state's own values: the dataset
+    """Future-state conditioning moves the measured state by the planned actions' motion (at_state_offsets),
+    which only means something where the actions are goal positions of the state's own values: the dataset
     names them alike (LeRobot's SO-100: "shoulder_pan.pos" in both). Meta-World's actions are hand
     deltas and a gripper effort, not a state."""
     names = [dataset.features.get(key, {}).get("names") for key in (STATE, ACTION)]
