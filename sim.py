@@ -17,6 +17,7 @@ policy driven through `infer_async.RobotClient` runs the exact code path of a re
     python sim.py eval --policy DIR --latency 0.6 --rtc                     # a slow policy, latency-tolerant
     python sim.py live --task "Pick up the cube and place it in the box."   # infer_async's client, real time
     python sim.py eval --env metaworld --task mt50 --expert --episodes 3    # Meta-World (sim_metaworld.py)
+    python sim.py eval --env metaworld --task mt50 --policy DIR --episodes 10 --jobs 2   # tasks on 2 cores
 
 Read top to bottom:
   1. the environment interface

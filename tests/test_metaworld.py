@@ -335,6 +335,8 @@ def test_jobs_share_the_tasks_between_processes_and_judge_them_as_one_process_do
     for task, result in serial["per_task"].items():
         assert parallel["per_task"][task]["successes"] == result["successes"], task
     assert parallel["per_group"] == serial["per_group"] and parallel["episodes"] == 5
+    assert sim.main([*argv, "--jobs", "2", "--video", "eval.mp4"]) == 2  # videos come from one process
+    assert "--video with --jobs" in capsys.readouterr().err
 
 
 def test_the_benchmark_average_is_the_mean_of_the_groups_as_in_the_paper():
