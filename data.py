@@ -318,7 +318,8 @@ class PreloadedDataset(torch.utils.data.Dataset):
     frames (~500 MB), where decoding video for every sample would cost more than the step itself."""
 
     def __init__(self, dataset: LeRobotDataset, name: str, verbose: bool = True):
-        self.camera_keys = list(dataset.camera_keys)
+        # the cameras its items carry: none from a dataset read with decode_video=False (cached features)
+        self.camera_keys = list(dataset.camera_keys) if dataset.decode_video else []
         start, self.items = time.perf_counter(), []
         for i in range(len(dataset)):
             item = dataset[i]

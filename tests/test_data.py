@@ -359,6 +359,10 @@ def test_preloaded_items_are_the_decoded_ones_bit_for_bit(tiny_v3_dataset):
         decoded, kept = dataset[i], preloaded[i]
         assert list(kept) == list(decoded) and kept["task"] == decoded["task"]
         assert all(torch.equal(kept[k], decoded[k]) for k in decoded if k != "task")
+    # without video (training from cached vision features) the items have no images to keep
+    imageless = data.LeRobotDataset(tiny_v3_dataset[0], chunk_size=3, decode_video=False)
+    kept = data.PreloadedDataset(imageless, "test", verbose=False)[0]
+    assert not set(CAMERAS) & set(kept) and torch.equal(kept["action"], imageless[0]["action"])
 
 
 def test_dataloader_workers_open_their_own_decoders(tiny_v3_dataset):
