@@ -28,6 +28,16 @@ class UserError(Exception):
     """A problem the user can fix (a missing file, a bad setting, an arm that does not answer): the
     command lines print its message in one line, without a traceback, and exit with USER_ERROR."""
 
+def gl_problem(err: BaseException) -> str:
+    """One line saying what to install when MuJoCo cannot render headless (the simulators' worlds)."""
+    backend = os.environ.get("MUJOCO_GL", "")
+    hint = {"egl": "libEGL (Debian/Ubuntu: apt install libegl1 libgl1-mesa-dri)",
+            "osmesa": "OSMesa (Debian/Ubuntu: apt install libosmesa6)"}.get(
+        backend, "libEGL and set MUJOCO_GL=egl (or OSMesa and MUJOCO_GL=osmesa)")
+    last = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+    return f"MuJoCo cannot render with MUJOCO_GL={backend or '(unset)'} ({type(err).__name__}: {last}); install {hint}"
+
+
 def print_live(line: str, end: bool = False, stream: TextIO | None = None) -> None:
     """A status line rewritten in place on a terminal (`end`: then kept, and the next starts below);
     in a log (not a terminal) every call is a plain line, so callers print there only what a log

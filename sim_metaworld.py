@@ -24,7 +24,7 @@ demonstrations, recorded as a LeRobot v3.0 dataset with LeRobot's feature names:
     python sim.py eval --env metaworld --task mt50 --expert --episodes 3
 
 Read top to bottom: 1. the benchmark (tasks, instructions, groups), 2. the world and its camera,
-3. the scripted experts (recording goes through sim.record, one world per task), 4. errors.
+3. the scripted experts (recording goes through sim.record, one world per task).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from typing import Callable
 import mujoco
 import numpy as np
 
+import cli
 import policy_io
 from cli import UserError
 
@@ -347,7 +348,7 @@ class MetaWorldEnv:
         try:
             renderer = mujoco.Renderer(self.sawyer.model, height, width)
         except Exception as err:  # the GL library is missing or cannot start headless
-            raise MetaWorldError(gl_problem(err)) from err
+            raise MetaWorldError(cli.gl_problem(err)) from err
         # Shadow maps and reflections cost ~10x the rest of a frame on a software renderer.
         renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
         renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
@@ -416,15 +417,3 @@ def expert_policy(env: "MetaWorldEnv") -> tuple[Callable[[policy_io.Observation]
 
     return run, policy_io.PolicySpec(cameras={}, state_dim=4, action_dim=4, chunk_size=1, n_action_steps=1,
                                      state_names=STATE_NAMES, action_names=ACTION_NAMES)
-
-# ---------------------------------------------------------------------------------------------
-# 4. Errors
-# ---------------------------------------------------------------------------------------------
-
-
-def gl_problem(err: BaseException) -> str:
-    """One line saying what to install when MuJoCo cannot render headless."""
-    backend = os.environ.get("MUJOCO_GL", "")
-    last = str(err).strip().splitlines()[-1] if str(err).strip() else ""
-    return (f"MuJoCo cannot render with MUJOCO_GL={backend or '(unset)'} ({type(err).__name__}: {last}); install "
-            "libEGL (Debian/Ubuntu: apt install libegl1 libgl1-mesa-dri) or OSMesa and set MUJOCO_GL=osmesa")

@@ -41,24 +41,14 @@ class SceneError(cli.UserError):
     """The scene cannot be built or rendered as asked (the command lines print it in one line)."""
 
 
-def gl_problem(err: BaseException) -> str:
-    """One line saying what to install when MuJoCo cannot render headless."""
-    backend = os.environ.get("MUJOCO_GL", "")
-    hint = {"egl": "libEGL (Debian/Ubuntu: apt install libegl1 libgl1-mesa-dri)",
-            "osmesa": "OSMesa (Debian/Ubuntu: apt install libosmesa6)"}.get(
-        backend, "libEGL and set MUJOCO_GL=egl (or OSMesa and MUJOCO_GL=osmesa)")
-    return (f"MuJoCo cannot render with MUJOCO_GL={backend or '(unset)'} "
-            f"({type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}); install {hint}")
-
-
 try:
     import mujoco
 except ImportError as err:
     if "mujoco" in str(err):
         raise SceneError(f"the simulator needs MuJoCo: pip install -r requirements.txt ({err})") from err
-    raise SceneError(gl_problem(err)) from err
+    raise SceneError(cli.gl_problem(err)) from err
 except Exception as err:  # MuJoCo loads its GL back end on import: a missing or wrong one fails here
-    raise SceneError(gl_problem(err)) from err
+    raise SceneError(cli.gl_problem(err)) from err
 
 TASK = "Pick up the cube and place it in the box."
 CUBE_COLOURS = {"red": "0.85 0.1 0.1 1", "green": "0.1 0.65 0.15 1"}  # the language scene's two cubes
@@ -401,7 +391,7 @@ def open_renderer(model, height: int, width: int) -> "mujoco.Renderer":
     try:
         return mujoco.Renderer(model, height, width)
     except Exception as err:  # the GL library is missing or cannot start headless
-        raise SceneError(gl_problem(err)) from err
+        raise SceneError(cli.gl_problem(err)) from err
 
 
 # ---------------------------------------------------------------------------------------------
