@@ -196,7 +196,8 @@ def at_state_offsets(batch: dict[str, Any], offsets: torch.Tensor, chunk_size: i
     i + o, the policy met at inference a commanded pose instead, which differs most at the gripper
     (commanded shut past the object it closes on: 0.4 std apart on the demo's data, the joints 0.1); fed
     the commanded pose itself, in training and at inference, it lost the measured feedback (a gripper
-    blocked by the cube) and repeated its own plan. Both failed nearly every scene. At o = 0 and 1 the
+    blocked by the cube) and repeated its own plan. Both failed nearly every scene; this estimate
+    succeeds more often, still below a plain policy's (docs/experiments.md, section 8). At o = 0 and 1 the
     state is frame i's measured one. An offset past the episode's last frame is cut back to it. Needs
     the dataset's windows (LeRobotDataset future_state_max_offset) and actions that are goal positions
     of the state (check_state_like_actions)."""
