@@ -838,12 +838,10 @@ def check_state_like_actions(dataset: data.LeRobotDataset) -> None:
     which only means something where the actions are goal positions of the state's own values: the dataset
     names them alike (LeRobot's SO-100: "shoulder_pan.pos" in both). Meta-World's actions are hand
     deltas and a gripper effort, not a state."""
-    names = [dataset.features.get(key, {}).get("names") for key in (STATE, ACTION)]
-    if isinstance(names[0], dict) or isinstance(names[1], dict):  # LeRobot v2.1 may nest them: {"motors": [...]}
-        names = [sum(n.values(), []) if isinstance(n, dict) else n for n in names]
-    if names[0] and names[1] and list(names[0]) != list(names[1]):
+    state, action = (policy_io.feature_names(dataset.features.get(key, {})) for key in (STATE, ACTION))
+    if state and action and state != action:
         raise TrainError(f"--future-state-max-offset needs actions that are goal positions of the state, and this "
-                         f"dataset's differ: {STATE} {list(names[0])}, {ACTION} {list(names[1])}")
+                         f"dataset's differ: {STATE} {state}, {ACTION} {action}")
 
 
 FROZEN_VISION = ("vision.",)
