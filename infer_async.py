@@ -313,7 +313,7 @@ class ClientConfig:
     threshold: float = 0.7  # g: send an observation when queue size / chunk size <= g
     aggregate: str = "weighted"
     ease_in: int = 3  # ticks of crossfade at chunk seams (0: off)
-    similarity: float = 1.0  # degrees (gripper percent); 0 disables skipping
+    similarity: float = 1.0  # degrees (gripper percent); 0 disables skipping (--rtc never skips)
     sync: bool = False  # infer, execute n_action_steps, repeat
     n_action_steps: int | None = None  # --sync: actions executed per chunk (None: the policy's)
     rtc: bool = False  # latency-tolerant: chunks continue the queued plan and replace it (RobotClient)
@@ -385,7 +385,10 @@ class RobotClient:
         self.delay = 0  # --rtc: d, from the latencies measured (written by the policy thread)
         # --rtc: (request number, T, d, the chunk's offset) of the observation with the policy; one at a time
         self._request: tuple[int, int, int, int] | None = None  # the number: observations sent before it
-        self.policy_thread = PolicyThread(policy_fn, spec, self._on_chunk, self.metrics, config.similarity, clock)
+        # --rtc never skips an observation as similar: it carries the plan and d, which change while the
+        # arm stands still, and a skipped one would leave the queue to run dry before the next is sent.
+        similarity = 0.0 if config.rtc else config.similarity
+        self.policy_thread = PolicyThread(policy_fn, spec, self._on_chunk, self.metrics, similarity, clock)
 
     def _on_chunk(self, timestep: int, chunk: np.ndarray, latency: float) -> None:
         m = self.metrics
@@ -930,7 +933,7 @@ def build_parser(prog: str = "infer_async.py") -> argparse.ArgumentParser:
                    help="ticks of crossfade into each new chunk (0: off)")
     g.add_argument("--similarity", type=number(0), default=defaults.similarity,
                    help="skip an observation whose joints all lie within this many degrees (gripper: "
-                        "percent) of the last one processed; 0 disables")
+                        "percent) of the last one processed; 0 disables (--rtc never skips)")
     g.add_argument("--sync", action="store_true", help="synchronous loop: infer, execute, repeat")
     g.add_argument("--rtc", action="store_true",
                    help="latency-tolerant: each chunk continues the queued plan (real-time chunking, or what "

@@ -248,6 +248,19 @@ def test_rtc_sends_an_observation_when_the_queue_is_down_to_the_delay():
     assert np.array_equal(sent[0].left_over, chunk_of(5, 5))
 
 
+def test_rtc_never_skips_an_observation_as_similar():
+    """The arm stands still (the same state every time), the default similarity of 1 degree would skip
+    the second observation in async; under --rtc each one carries a new plan and delay and is processed."""
+    calls = []
+    for rtc in (False, True):
+        client = ia.RobotClient(HeldArm([7.0] * 6), {}, lambda obs: calls.append(rtc) or chunk_of(0), spec_with(),
+                                "task", ia.ClientConfig(fps=10, rtc=rtc, similarity=1.0))
+        for must_go in (True, False):
+            client.policy_thread._process(client.capture(must_go=must_go))
+        assert client.metrics.observations_skipped == (0 if rtc else 1)
+    assert calls == [False, True, True]
+
+
 def test_rtc_and_sync_exclude_each_other():
     with pytest.raises(ia.InferError, match="--rtc and --sync exclude each other"):
         ia.RobotClient(HeldArm([0.0] * 6), {}, lambda obs: None, spec_with(), "task",
