@@ -108,3 +108,30 @@ def test_quantize_int8_is_the_int8_mode():
     policy = SmolVLA.from_pretrained(POLICY, vlm=VLM, device="cpu").quantize_int8()
     assert policy.fast_mode == "int8"
     assert isinstance(policy.vision.layers[0].self_attn, flow.FusedVisionAttention)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_vision_block_computes_the_block_it_replaces(dtype, exact):
+    """The fast modes' in-place block gives the model's own block's values bit for bit with the
+    checkpoint's tanh GELU; with the erf GELU (bf16 and int8 modes) within the two forms' largest
+    difference (4.7e-4 at x = 2.7) passed through the rest of the block."""
+    import copy
+
+    block = copy.deepcopy(exact.vision.layers[0]).to(dtype)
+    x = torch.randn(2, 16, block.layer_norm1.normalized_shape[0], generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.no_grad():
+        expected = block(x)
+        fast = flow.InPlaceVisionBlock(copy.deepcopy(block))
+        assert torch.equal(fast(x.clone()), expected)
+        fast.gelu_approximate = "none"
+        erf = fast(x.clone())
+    assert not torch.equal(erf, expected) or dtype == torch.bfloat16
+    tolerance = 1e-3 if dtype == torch.float32 else 0.05  # bfloat16: a step of the output's own rounding
+    assert (erf.float() - expected.float()).abs().max() < tolerance
+
+
+def test_erf_gelu_only_where_activations_are_rounded():
+    assert all(b.gelu_approximate == "tanh" for b in
+               SmolVLA.from_pretrained(POLICY, vlm=VLM, device="cpu", fast="fp32").vision.layers)
+    assert all(b.gelu_approximate == "none" for b in
+               SmolVLA.from_pretrained(POLICY, vlm=VLM, device="cpu", fast="bf16").vision.layers)
