@@ -576,7 +576,9 @@ def choose_fast_mode(flags: set[str] | None = None, machine: str | None = None) 
     at the model's own shapes int8 ran 1.6-1.8x bfloat16 and bfloat16 SDPA was no faster than
     float32 over the encoder's 1024 patches (55 vs 55 ms a layer). Hence:
     - AMX (Sapphire Rapids and later): "bf16". oneDNN runs bfloat16 linears and PyTorch's bfloat16
-      attention on the AMX tiles, which fbgemm's int8 does not use. Expected, not measured here.
+      attention on the AMX tiles, which fbgemm's int8 does not use. Measured on 2 cores of such a
+      Xeon: GEMM bfloat16 1833 GFLOP/s, int8 dynamic linear 773-959, float32 296-300; a chunk in
+      0.33-0.34x the exact time in bf16, 0.51 in int8, 0.44 in int8+bf16.
     - AVX2 or AVX-512, with or without VNNI or AVX512-BF16 (Zen 4, Zen 2/3, Ice Lake, Skylake):
       "int8". VNNI's int8 dot products do 2x the work of AVX512-BF16's per instruction, and without
       VNNI fbgemm's AVX2 int8 kernels still run ~2x float32, while bfloat16 has no hardware at all.
