@@ -28,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -691,8 +692,8 @@ def _write_v30(root, episodes, fps, robot_type, state_names, action_names, crf, 
     video_path = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
     data_path = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
     videos = {
-        key: _open_video(root / video_path.format(video_key=key, chunk_index=0, file_index=0),
-                         shapes[key][0], shapes[key][1], fps, crf, gop)
+        key: VideoEncoder(root / video_path.format(video_key=key, chunk_index=0, file_index=0),
+                          shapes[key][0], shapes[key][1], fps, crf, gop)
         for key in camera_keys
     }
     tasks: dict[str, int] = {}
@@ -700,7 +701,7 @@ def _write_v30(root, episodes, fps, robot_type, state_names, action_names, crf, 
     rows: dict[str, list[np.ndarray]] = {c: [] for c in numeric_keys}
     episode_rows: list[dict[str, Any]] = []
     dataset_stats = {k: RunningStats() for k in (*numeric_keys, *camera_keys)}
-    total, flushed = 0, False
+    total = 0
     try:
         for episode_index, episode in enumerate(_chain(first, episodes)):
             state = np.asarray(episode["observation.state"], dtype=np.float32)
@@ -741,7 +742,6 @@ def _write_v30(root, episodes, fps, robot_type, state_names, action_names, crf, 
                 "dataset_to_index": total + length,
             }
             for key in camera_keys:
-                container, stream = videos[key]
                 frames = episode[key]
                 if len(frames) != length:
                     raise ValueError(f"{where}: {key} has {len(frames)} frames, state has {length}")
@@ -751,7 +751,7 @@ def _write_v30(root, episodes, fps, robot_type, state_names, action_names, crf, 
                         raise ValueError(f"{where}: {key} frame {frame_index} is {image.dtype} {image.shape}, expected uint8 {shapes[key]}")
                     frame = av.VideoFrame.from_ndarray(image, format="rgb24")
                     frame.pts, frame.time_base = total + frame_index, Fraction(1, fps)
-                    _encode(container, stream, frame)
+                    videos[key].encode(frame)
                     pixels = _image_rows(image)
                     episode_stats[key].add(pixels, 1)
                     dataset_stats[key].add(pixels, 1)
@@ -768,19 +768,11 @@ def _write_v30(root, episodes, fps, robot_type, state_names, action_names, crf, 
             row["meta/episodes/chunk_index"], row["meta/episodes/file_index"] = 0, 0
             episode_rows.append(row)
             total += length
-        for container, stream in videos.values():
-            _encode(container, stream, None)  # flush the encoder's delayed frames
-        flushed = True
+        for video in videos.values():
+            video.encode(None)  # flush the encoder's delayed frames
     finally:
-        for container, stream in videos.values():
-            with scheduling_kept():
-                if not flushed:  # stopped by an error: end the encoder's stream all the same (the
-                    try:         # partial directory is discarded), or SVT-AV1 is torn down mid-stream
-                        for _ in stream.encode(None):
-                            pass
-                    except av.error.FFmpegError:
-                        pass
-                container.close()
+        for video in videos.values():
+            video.close()
 
     data = {name: np.concatenate(parts) for name, parts in rows.items()}
     table = pa.table({
@@ -908,15 +900,85 @@ def _image_rows(frame: np.ndarray) -> np.ndarray:
     return frame[::4, ::4].reshape(-1, 3).astype(np.float64) / 255.0
 
 
-def _open_video(path: Path, height: int, width: int, fps: int, crf: int, gop: int):
-    """An AV1 stream (SVT-AV1 at its fastest preset, 12) as LeRobot records its videos."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    container = av.open(str(path), "w")
-    stream = container.add_stream("libsvtav1", rate=fps)
-    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-    stream.codec_context.time_base = Fraction(1, fps)
-    stream.options = {"crf": str(crf), "g": str(gop), "preset": "12"}
-    return container, stream
+# An encoder call that has not returned after this long has deadlocked: SVT-AV1 4.1 (PyAV 18) was seen
+# to stop for good inside avcodec_send_frame, every one of its threads waiting, while its process ran
+# at nice 19 on a 2-core machine saturated by other work (a frame of 96-480 px takes milliseconds).
+ENCODER_STALL_S = 120.0
+
+
+class VideoEncodeError(DatasetError):
+    """The AV1 encoder failed or stopped answering."""
+
+
+class VideoEncoder:
+    """One AV1 video file (SVT-AV1 at its fastest preset, 12, as LeRobot records its videos), its
+    encoder called from a thread of its own. The writer waits for each call at most ENCODER_STALL_S,
+    so a deadlocked encoder becomes a VideoEncodeError that names the file, not a recording that hangs
+    for ever; and since the writer waits in Python, not inside the encoder, Ctrl-C stops it. A stuck
+    encoder is left as it is (ending or closing it would block too); its thread is a daemon and goes
+    with the process."""
+
+    def __init__(self, path: Path, height: int, width: int, fps: int, crf: int, gop: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.frames, self.stuck, self.ended = path, 0, False, False
+        self.container = av.open(str(path), "w")
+        self.stream = self.container.add_stream("libsvtav1", rate=fps)
+        self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
+        self.stream.codec_context.time_base = Fraction(1, fps)
+        self.stream.options = {"crf": str(crf), "g": str(gop), "preset": "12"}
+        self._calls: queue.Queue = queue.Queue()  # (frame, the queue its outcome goes to)
+        self._thread = threading.Thread(target=self._serve, name=f"encode {path.parent.parent.name}", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            frame, outcome = self._calls.get()
+            try:
+                _encode(self.container, self.stream, frame)
+                outcome.put(None)
+            except BaseException as err:  # handed to the writer's thread, which raises it
+                outcome.put(err)
+            if frame is None:
+                return
+
+    def encode(self, frame: av.VideoFrame | None) -> None:
+        """Encode one frame (None: end the stream, flushing the encoder's delayed frames). Calls run
+        in order: after one interrupted by Ctrl-C, the next waits for it to end first."""
+        what = "the end of the stream" if frame is None else f"frame {self.frames}"
+        if self.stuck or self.ended:
+            raise VideoEncodeError(f"{self.path}: the encoder is {'stuck' if self.stuck else 'ended'}; cannot take {what}")
+        outcome: queue.Queue = queue.Queue(maxsize=1)
+        self._calls.put((frame, outcome))
+        try:
+            error = outcome.get(timeout=ENCODER_STALL_S)
+        except queue.Empty:
+            self.stuck = True
+            raise VideoEncodeError(
+                f"{self.path}: the AV1 encoder (libsvtav1) has not returned from {what} in "
+                f"{ENCODER_STALL_S:.0f} s: it has deadlocked (seen with SVT-AV1 4.1 on a saturated machine); "
+                "nothing was written; record again, with fewer other jobs on the CPU") from None
+        if frame is None:
+            self.ended = True
+        else:
+            self.frames += 1
+        if isinstance(error, av.error.FFmpegError):
+            raise VideoEncodeError(f"{self.path}: the AV1 encoder failed at {what}: {error}") from error
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """Close the file. A stream not ended (the writer stopped by an error) is ended first, or
+        SVT-AV1 is torn down mid-stream (it then complained from C, and once never exited)."""
+        if self.stuck:
+            return
+        if not self.ended:
+            try:
+                self.encode(None)
+            except VideoEncodeError:
+                if self.stuck:
+                    return
+        with scheduling_kept():
+            self.container.close()
 
 
 def _encode(container, stream, frame: av.VideoFrame | None) -> None:

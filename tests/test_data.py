@@ -680,3 +680,32 @@ def test_a_write_stopped_by_bad_input_still_ends_the_encoders_stream(tmp_path):
                           text=True, timeout=120)
     assert (done.returncode, done.stdout) == (0, "refused\n"), done.stderr
     assert "EOS" not in done.stderr and not (tmp_path / "ds").exists()
+
+
+def test_an_encoder_that_stops_answering_is_an_error_naming_its_file(tmp_path, monkeypatch):
+    """A deadlocked encoder call (SVT-AV1 4.1 once stopped for good inside avcodec_send_frame, every
+    thread of it waiting) must end the write with an error after data.ENCODER_STALL_S, not hang it."""
+    import threading
+    import time
+
+    real_encode, release = data._encode, threading.Event()
+    calls = {"n": 0}
+
+    def deadlocks_at_the_wrist_cameras_third_frame(container, stream, frame):
+        if frame is not None and "wrist" in container.name:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                release.wait(30)  # stands for the deadlock; released at the end of the test
+                return
+        real_encode(container, stream, frame)
+
+    monkeypatch.setattr(data, "_encode", deadlocks_at_the_wrist_cameras_third_frame)
+    monkeypatch.setattr(data, "ENCODER_STALL_S", 1.0)
+    start = time.monotonic()
+    try:
+        with pytest.raises(data.VideoEncodeError, match=r"observation\.images\.wrist.*frame 2 in 1 s: it has deadlocked"):
+            data.write_dataset(tmp_path / "ds", make_episodes(), fps=FPS)
+        assert time.monotonic() - start < 20
+        assert list(tmp_path.iterdir()) == []  # no dataset, no .partial directory
+    finally:
+        release.set()
