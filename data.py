@@ -904,6 +904,7 @@ def _image_rows(frame: np.ndarray) -> np.ndarray:
 # to stop for good inside avcodec_send_frame, every one of its threads waiting, while its process ran
 # at nice 19 on a 2-core machine saturated by other work (a frame of 96-480 px takes milliseconds).
 ENCODER_STALL_S = 120.0
+ENCODER_CLOSE_S = 10.0  # ending a stream of a write already failed or interrupted (VideoEncoder.close)
 
 
 class VideoEncodeError(DatasetError):
@@ -941,21 +942,23 @@ class VideoEncoder:
             if frame is None:
                 return
 
-    def encode(self, frame: av.VideoFrame | None) -> None:
-        """Encode one frame (None: end the stream, flushing the encoder's delayed frames). Calls run
-        in order: after one interrupted by Ctrl-C, the next waits for it to end first."""
+    def encode(self, frame: av.VideoFrame | None, wait_s: float | None = None) -> None:
+        """Encode one frame (None: end the stream, flushing the encoder's delayed frames), waiting at
+        most `wait_s` (default ENCODER_STALL_S). Calls run in order: after one interrupted by Ctrl-C,
+        the next waits for it to end first."""
+        wait_s = ENCODER_STALL_S if wait_s is None else wait_s
         what = "the end of the stream" if frame is None else f"frame {self.frames}"
         if self.stuck or self.ended:
             raise VideoEncodeError(f"{self.path}: the encoder is {'stuck' if self.stuck else 'ended'}; cannot take {what}")
         outcome: queue.Queue = queue.Queue(maxsize=1)
         self._calls.put((frame, outcome))
         try:
-            error = outcome.get(timeout=ENCODER_STALL_S)
+            error = outcome.get(timeout=wait_s)
         except queue.Empty:
             self.stuck = True
             raise VideoEncodeError(
                 f"{self.path}: the AV1 encoder (libsvtav1) has not returned from {what} in "
-                f"{ENCODER_STALL_S:.0f} s: it has deadlocked (seen with SVT-AV1 4.1 on a saturated machine); "
+                f"{wait_s:.0f} s: it has deadlocked (seen with SVT-AV1 4.1 on a saturated machine); "
                 "nothing was written; record again, with fewer other jobs on the CPU") from None
         if frame is None:
             self.ended = True
@@ -967,13 +970,14 @@ class VideoEncoder:
             raise error
 
     def close(self) -> None:
-        """Close the file. A stream not ended (the writer stopped by an error) is ended first, or
-        SVT-AV1 is torn down mid-stream (it then complained from C, and once never exited)."""
+        """Close the file. A stream not ended (the writer stopped by an error or Ctrl-C) is ended
+        first, or SVT-AV1 is torn down mid-stream (it then complained from C, and once never exited);
+        what was written is discarded then, so that waits ENCODER_CLOSE_S at most, not a full stall."""
         if self.stuck:
             return
         if not self.ended:
             try:
-                self.encode(None)
+                self.encode(None, wait_s=ENCODER_CLOSE_S)
             except VideoEncodeError:
                 if self.stuck:
                     return

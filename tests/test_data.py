@@ -709,3 +709,36 @@ def test_an_encoder_that_stops_answering_is_an_error_naming_its_file(tmp_path, m
         assert list(tmp_path.iterdir()) == []  # no dataset, no .partial directory
     finally:
         release.set()
+
+
+def test_ctrl_c_stops_a_write_whose_encoder_is_stuck_in_c(tmp_path, spawn):
+    """The writer waits for the encoder in Python, so Ctrl-C works even while a call into the encoder
+    never returns. The stuck call stands in C here as it did in SVT-AV1: pthread_join on a thread that
+    never ends, which no signal interrupts (made from the writer's thread, it would block Ctrl-C too)."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes, sys, threading, numpy as np, data\n"
+        "data.ENCODER_CLOSE_S = 1.0\n"
+        "forever = threading.Thread(target=threading.Event().wait, daemon=True); forever.start()\n"
+        "real, calls = data._encode, []\n"
+        "def stuck(container, stream, frame):\n"
+        "    calls.append(frame)\n"
+        "    if len(calls) == 3:\n"
+        "        print('stuck', flush=True)\n"
+        "        ctypes.CDLL(None).pthread_join(ctypes.c_ulong(forever.ident), None)\n"
+        "    real(container, stream, frame)\n"
+        "data._encode = stuck\n"
+        "ep = {'task': 't', 'observation.state': np.zeros((8, 2), np.float32),\n"
+        "      'action': np.zeros((8, 2), np.float32), 'observation.images.top': np.zeros((8, 32, 32, 3), np.uint8)}\n"
+        f"try:\n    data.write_dataset({str(tmp_path / 'ds')!r}, [ep], fps=10)\n"
+        "except KeyboardInterrupt:\n    print('interrupted', flush=True)\n")
+    process = spawn([sys.executable, "-c", code], cwd=Path(data.__file__).parent, stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL, text=True)
+    assert process.stdout.readline() == "stuck\n"
+    process.send_signal(signal.SIGINT)
+    out, _ = process.communicate(timeout=30)
+    assert out == "interrupted\n" and process.returncode == 0
+    assert list(tmp_path.iterdir()) == []
