@@ -52,7 +52,7 @@ TIMESTAMP_TOLERANCE_S = 1e-4
 # Columns every data parquet has, whatever the robot.
 INDEX_COLUMNS = ("timestamp", "frame_index", "episode_index", "index", "task_index")
 # The keys an item gains with future_state_max_offset > 0 (LeRobotDataset's docstring).
-WINDOW_KEYS = ("state_window", "state_window_is_pad", "action_window", "action_window_is_pad")
+WINDOW_KEYS = ("action_window", "action_window_is_pad")
 # Video files a dataset keeps open per process (the least recently used is closed first): a v2.1
 # dataset has one file per episode and camera, and a shuffled DataLoader visits them all.
 MAX_OPEN_VIDEOS = 16
@@ -86,11 +86,11 @@ class LeRobotDataset(torch.utils.data.Dataset):
       "task"                   str
       "episode_index", "frame_index", "index"   int64 0-dim;  "timestamp" float32 0-dim
     With future_state_max_offset D > 0 (future-state conditioning, train.py --future-state-max-offset),
-    items also carry what a later state needs, for the training step to pick an offset from:
-      "state_window"           float32 (D+1, S): states i..i+D, the last one repeated past the episode end
-      "state_window_is_pad"    bool (D+1,): True where the state is such a repeat
-      "action_window"          float32 (D+chunk_size, A): actions i..i+D+chunk_size-1, padded likewise
-      "action_window_is_pad"   bool (D+chunk_size,)
+    items also carry the actions a later frame needs, for the training step to pick an offset from
+    (the state it plans from is estimated from frame i's state and these actions, train.at_state_offsets):
+      "action_window"          float32 (D+chunk_size, A): actions i..i+D+chunk_size-1, the last one
+                               repeated past the episode end
+      "action_window_is_pad"   bool (D+chunk_size,): True where the action is such a repeat
     The offset itself is not drawn here: a worker's draws would depend on which worker read the item,
     and train.py draws it from a generator seeded by the step, so a resumed run draws the same.
     Video files are opened lazily in whichever process reads items, so DataLoader workers each keep
@@ -250,9 +250,6 @@ class LeRobotDataset(torch.utils.data.Dataset):
         item["action"] = torch.from_numpy(columns["action"][np.minimum(chunk, end - 1)])
         item["action_is_pad"] = torch.from_numpy(chunk >= end)
         if self.future_state_max_offset:
-            ahead = np.arange(i, i + self.future_state_max_offset + 1)
-            item["state_window"] = torch.from_numpy(columns["observation.state"][np.minimum(ahead, end - 1)])
-            item["state_window_is_pad"] = torch.from_numpy(ahead >= end)
             window = np.arange(i, i + self.future_state_max_offset + self.chunk_size)
             item["action_window"] = torch.from_numpy(columns["action"][np.minimum(window, end - 1)])
             item["action_window_is_pad"] = torch.from_numpy(window >= end)

@@ -201,20 +201,20 @@ def at_state_offsets(batch: dict[str, Any], offsets: torch.Tensor, chunk_size: i
     state is frame i's measured one. An offset past the episode's last frame is cut back to it. Needs
     the dataset's windows (LeRobotDataset future_state_max_offset) and actions that are goal positions
     of the state (check_state_like_actions)."""
-    if "state_window" not in batch:
-        raise TrainError("future-state conditioning needs batches with a state window: build the dataset "
+    if "action_window" not in batch:
+        raise TrainError("future-state conditioning needs batches with an action window: build the dataset "
                          "with LeRobotDataset(..., future_state_max_offset=D)")
-    window = batch["state_window"].shape[1]
-    if int(offsets.max()) >= window:
-        raise TrainError(f"a state offset of {int(offsets.max())} frames does not fit the dataset's window of "
-                         f"{window} states (future_state_max_offset {window - 1})")
-    last_real = (~batch["state_window_is_pad"]).sum(dim=1) - 1
+    max_offset = batch["action_window"].shape[1] - chunk_size
+    if int(offsets.max()) > max_offset:
+        raise TrainError(f"a state offset of {int(offsets.max())} frames does not fit the dataset's window "
+                         f"(future_state_max_offset {max_offset})")
+    last_real = (~batch["action_window_is_pad"]).sum(dim=1) - 1  # frames i..i+last_real are the episode's
     offsets = torch.minimum(offsets.to(last_real.device), last_real)
     rows = torch.arange(len(offsets))
     steps = offsets[:, None] + torch.arange(chunk_size)
     planned = batch["action_window"][rows, (offsets - 1).clamp(min=0)] - batch["action_window"][:, 0]
     shifted = {k: v for k, v in batch.items() if k not in data.WINDOW_KEYS}
-    shifted[STATE] = batch["state_window"][:, 0] + planned
+    shifted[STATE] = batch[STATE] + planned
     shifted[ACTION] = batch["action_window"][rows[:, None], steps]
     shifted["action_is_pad"] = batch["action_window_is_pad"][rows[:, None], steps]
     return shifted

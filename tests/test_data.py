@@ -328,18 +328,15 @@ def test_items_without_video(tiny_v3_dataset, tmp_path):
 
 
 def test_future_state_windows_are_the_next_frames_of_the_episode(tiny_v3_dataset):
-    """future_state_max_offset D: item i also carries states i..i+D and actions i..i+D+chunk-1 of its
-    episode, the last frame repeated past the end with pad flags; the usual keys are unchanged."""
+    """future_state_max_offset D: item i also carries actions i..i+D+chunk-1 of its episode, the last
+    frame repeated past the end with pad flags; the usual keys are unchanged."""
     root, episodes = tiny_v3_dataset
     plain = data.LeRobotDataset(root, chunk_size=3, decode_video=False)
     dataset = data.LeRobotDataset(root, chunk_size=3, decode_video=False, future_state_max_offset=2)
-    assert set(dataset[0]) - set(plain[0]) == set(data.WINDOW_KEYS)
+    assert set(dataset[0]) - set(plain[0]) == {"action_window", "action_window_is_pad"}
     for i, (e, f) in enumerate(expected_rows(episodes, [0, 1, 2])):
         item, length = dataset[i], LENGTHS[e]
         assert all(torch.equal(item[k], plain[i][k]) for k in plain[i] if k != "task")
-        states = [min(f + k, length - 1) for k in range(3)]
-        np.testing.assert_array_equal(item["state_window"].numpy(), episodes[e]["observation.state"][states])
-        assert item["state_window_is_pad"].tolist() == [f + k >= length for k in range(3)]
         actions = [min(f + k, length - 1) for k in range(2 + 3)]
         np.testing.assert_array_equal(item["action_window"].numpy(), episodes[e]["action"][actions])
         assert item["action_window_is_pad"].tolist() == [f + k >= length for k in range(5)]
