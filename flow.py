@@ -414,7 +414,11 @@ class SmolVLA(nn.Module):
             raise RuntimeError(f"this policy is already in the fast mode {self.fast_mode!r}")
         for i, block in enumerate(self.vision.layers):
             block.self_attn = FusedVisionAttention(block.self_attn)
+            if mode == "int8+bf16":
+                block.self_attn.attention_dtype = torch.bfloat16
             self.vision.layers[i] = InPlaceVisionBlock(block)
+            if mode != "fp32":  # the erf GELU where activations are rounded to bfloat16 or int8 anyway
+                self.vision.layers[i].gelu_approximate = "none"
         contiguous_patches(self.vision)
         if mode == "bf16":
             for module in (self.vision, self.connector, self.lm, self.expert):
@@ -428,12 +432,6 @@ class SmolVLA(nn.Module):
                 warnings.simplefilter("ignore")
                 for module in (self.vision, self.connector, self.lm, self.expert):
                     quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
-        if mode == "int8+bf16":
-            for block in self.vision.layers:
-                block.self_attn.attention_dtype = torch.bfloat16
-        if mode != "fp32":  # the erf GELU where activations are rounded to bfloat16 or int8 anyway
-            for block in self.vision.layers:
-                block.gelu_approximate = "none"
         keep_freed_memory()
         self.quantized = True  # the layers are no longer the checkpoint's: no saving, no training
         self.fast_mode = mode
