@@ -389,8 +389,8 @@ def start_run(start: RunStart, rank: int, world_size: int, device: torch.device)
               f"{sum(p.numel() for n, p in policy.named_parameters() if n in trained) / 1e6:.2f} M trained; "
               f"device {device}, {world_size} process(es)")
     if args.preload:
-        train_set = data.PreloadedDataset(train_set, "training", rank == 0)
-        val_set = data.PreloadedDataset(val_set, "validation", rank == 0) if val_set is not None else None
+        train_set = data.PreloadedDataset(train_set, "training", rank == 0, args.num_workers)
+        val_set = data.PreloadedDataset(val_set, "validation", rank == 0, args.num_workers) if val_set is not None else None
     if args.cache_vision:
         cache_root = Path(args.cache_dir) if args.cache_dir else output_dir / "vision_cache"
         cache = vision_cache.build(policy, data.LeRobotDataset(whole.root, chunk_size=chunk), cache_root,
@@ -409,10 +409,12 @@ def start_run(start: RunStart, rank: int, world_size: int, device: torch.device)
             model, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False, find_unused_parameters=args.train_vlm)
     sampler = ResumableSampler(len(train_set), args.seed, rank, world_size, start=step * args.batch_size)
-    loader = make_loader(train_set, args.batch_size, sampler, args.num_workers, device.type == "cuda")
+    # From memory an item costs next to nothing: worker processes would only add hand-off costs.
+    loader_workers = 0 if args.preload else args.num_workers
+    loader = make_loader(train_set, args.batch_size, sampler, loader_workers, device.type == "cuda")
     val_batches = None
     if val_set is not None and rank == 0:  # rank 0 validates
-        val_batches = validation_batches(val_set, args.val_samples, args.batch_size, args.num_workers)
+        val_batches = validation_batches(val_set, args.val_samples, args.batch_size, loader_workers)
     metrics_path = output_dir / "metrics.jsonl"
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -1111,7 +1113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="episodes held out for validation: a count N (the last N) or a list like 3,17,42")
     g.add_argument("--eval-every", type=cli.integer(1), default=1_000, help="validation loss interval in steps")
     g.add_argument("--val-samples", type=cli.integer(1), default=256, help="frames in the (fixed) validation set")
-    g.add_argument("--num-workers", type=cli.integer(0), default=4, help="DataLoader worker processes")
+    g.add_argument("--num-workers", type=cli.integer(0), default=4,
+                   help="DataLoader worker processes decoding video (with --preload: decoding it once, before training)")
     g.add_argument("--device", help="cuda, cuda:1, cpu, mps (default: cuda if available)")
     g.add_argument("--cache-vision", action="store_true",
                    help="compute the frozen vision encoder's image embeddings once (float16, memory-mapped) "

@@ -346,12 +346,17 @@ def test_future_state_windows_are_the_next_frames_of_the_episode(tiny_v3_dataset
     assert all(torch.equal(preloaded[9][k], dataset[9][k]) for k in data.WINDOW_KEYS)
 
 
-def test_preloaded_items_are_the_decoded_ones_bit_for_bit(tiny_v3_dataset):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_preloaded_items_are_the_decoded_ones_bit_for_bit(tiny_v3_dataset, workers, monkeypatch):
     """Preloading keeps the images as uint8 (a quarter of float32's memory): a decoded frame is k/255,
-    so every item comes back exactly as the dataset decodes it."""
+    so every item comes back exactly as the dataset decodes it, decoded in one process or several."""
+    monkeypatch.setattr(data, "PRELOAD_RUN", 5)  # several runs, split among the workers
     dataset = data.LeRobotDataset(tiny_v3_dataset[0], chunk_size=3)
-    preloaded = data.PreloadedDataset(dataset, "test", verbose=False)
-    assert len(preloaded) == len(dataset) and preloaded.items[0][CAMERAS[0]].dtype == torch.uint8
+    preloaded = data.PreloadedDataset(dataset, "test", verbose=False, workers=workers)
+    assert len(preloaded) == len(dataset)
+    for camera in CAMERAS:  # one uint8 tensor for all of a camera's frames, not one per item
+        assert preloaded.columns[camera].dtype == torch.uint8
+        assert preloaded.columns[camera].shape == (len(dataset), *dataset[0][camera].shape)
     for i in range(len(dataset)):
         decoded, kept = dataset[i], preloaded[i]
         assert list(kept) == list(decoded) and kept["task"] == decoded["task"]
