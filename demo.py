@@ -5,7 +5,7 @@
 The simulator's scripted expert (sim.py) records demonstrations as a LeRobot dataset; a tiny SmolVLA
 whose VLM is random (no pretrained VLM is this small) learns them with train.py's loop; and the
 policy is then judged closed loop on scenes never used for recording. This file holds what makes
-the run a demo: its recipe (DEFAULTS), the policy's size (policy_config, vlm_config, write_vlm), its
+the run a demo: its recipe (DEFAULTS), the policy's size (TinyVLM, policy_config, write_vlm), its
 data (ensure) and its verdict (evaluate). train.py holds the loop and calls these when --data is
 absent; it reads DEFAULTS for any command line without --data (the demo's --output-dir, a resumed
 run), so the simulator and MuJoCo are imported only where they run.
@@ -19,6 +19,7 @@ Under the run's --output-dir:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import cli
@@ -52,27 +53,46 @@ def vlm_dir(output_dir: Path) -> Path:
 
 
 def policy_config(vlm: Path, chunk_size: int, expert_attention: dict) -> flow.SmolVLAConfig:
-    """The demo policy: all 4 layers of the tiny VLM, 16 language tokens, IMAGE-pixel images; the
-    VLM found through vlm_model_name, so the checkpoint loads by its path alone."""
+    """The demo policy: every layer of the tiny VLM, 16 language tokens, images at the vision
+    encoder's side (IMAGE for the demo's VLM); the VLM found through vlm_model_name, so the
+    checkpoint loads by its path alone."""
+    config = json.loads((vlm / "config.json").read_text())
+    side = config["vision_config"]["image_size"]
     return flow.SmolVLAConfig(chunk_size=chunk_size, n_action_steps=chunk_size, tokenizer_max_length=16,
-                              num_vlm_layers=4, **expert_attention, resize_imgs_with_padding=(IMAGE, IMAGE),
-                              vlm_model_name=str(vlm.resolve()))
+                              num_vlm_layers=config["text_config"]["num_hidden_layers"], **expert_attention,
+                              resize_imgs_with_padding=(side, side), vlm_model_name=str(vlm.resolve()))
 
 
-def vlm_config(vocab_size: int) -> dict:
-    """A SmolVLM-shaped config small enough to train on a laptop CPU in minutes (~0.5 M parameters)."""
+@dataclass(frozen=True)
+class TinyVLM:
+    """The sizes of a SmolVLM-shaped VLM small enough to train from scratch on a CPU. The defaults
+    are the demo's (~0.4 M parameters with its expert): IMAGE-pixel images cut into 8x8 patches,
+    pixel-shuffled 2x2 into 16 image tokens."""
+
+    image: int = IMAGE  # the vision encoder's input side (images are resized to it, padded)
+    patch: int = IMAGE // 8
+    scale_factor: int = 2  # the connector's pixel shuffle: (image / patch / scale_factor)^2 image tokens
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    text_hidden: int = 64  # the action expert is 0.75 of this wide
+    text_layers: int = 4
+
+
+def vlm_config(vocab_size: int, size: TinyVLM = TinyVLM()) -> dict:
+    """A SmolVLM-shaped config of `size` (4 attention heads everywhere, 2 key/value heads in the LM)."""
     return {
-        "model_type": "smolvlm", "scale_factor": 2,
-        "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-                        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-                        "rms_norm_eps": 1e-5, "vocab_size": vocab_size},
-        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                          "num_attention_heads": 4, "image_size": IMAGE, "patch_size": IMAGE // 8,
+        "model_type": "smolvlm", "scale_factor": size.scale_factor,
+        "text_config": {"hidden_size": size.text_hidden, "intermediate_size": 2 * size.text_hidden,
+                        "num_hidden_layers": size.text_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+                        "head_dim": size.text_hidden // 4, "rms_norm_eps": 1e-5, "vocab_size": vocab_size},
+        "vision_config": {"hidden_size": size.vision_hidden, "intermediate_size": 2 * size.vision_hidden,
+                          "num_hidden_layers": size.vision_layers, "num_attention_heads": 4,
+                          "image_size": size.image, "patch_size": size.patch,
                           "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh"},
     }
 
 
-def write_vlm(vlm: Path, tasks: list[str]) -> None:
+def write_vlm(vlm: Path, tasks: list[str], size: TinyVLM = TinyVLM()) -> None:
     """config.json and a byte-level BPE tokenizer.json trained on the task strings, with SmolVLM's
     special tokens (<|im_end|> is the padding token), so flow.Tokenizer reads it as the real one.
     Written atomically."""
@@ -88,7 +108,7 @@ def write_vlm(vlm: Path, tasks: list[str]) -> None:
     with cli.writing_dir(vlm) as partial:
         tokenizer.save(str(partial / "tokenizer.json"))
         (partial / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|im_end|>"}, indent=2))
-        (partial / "config.json").write_text(json.dumps(vlm_config(tokenizer.get_vocab_size()), indent=2))
+        (partial / "config.json").write_text(json.dumps(vlm_config(tokenizer.get_vocab_size(), size), indent=2))
 
 
 # ----------------------------------------------------------------------------------------------
