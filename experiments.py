@@ -53,11 +53,12 @@ REMOTE_GPU_LATENCY_S = 0.3  # a policy server on a GPU across a network: inferen
 SLOW_REMOTE_LATENCY_S = 0.6  # the same over a slow link (Wi-Fi, the internet): still under g x one chunk
 DEMO_STEPS = demo.DEFAULTS["steps"]  # steps and attention train each policy with the demo's budget
 LANGUAGE_STEPS = 15_000  # at 5,000 steps the policy still ignored the colour word
-# Meta-World, sized for a 2-core CPU within about 3 hours (record ~40 min, train ~1.5 h, evaluate ~15 min
-# per checkpoint): 40 demonstrations of each of the 50 tasks (~80 frames each, 80 fps), a policy
-# twice the demo's width and 4x its image tokens (~0.9 M parameters: the 128-pixel camera as it is, in
+# Meta-World, sized for a 2-core CPU within about 3 hours (measured: record 34 min, train 66 min, evaluate
+# 3-8 min per checkpoint): 40 demonstrations of each of the 50 tasks (~77 frames each, 80 fps), a policy
+# twice the demo's width with 4x its image tokens (0.88 M parameters: the 128-pixel camera as it is, in
 # 16-pixel patches, 64 image tokens; the goal markers are a few pixels wide) with 20-action chunks
-# (0.25 s at 80 Hz), trained on all tasks at once with each episode's instruction. The paper's rows.
+# (0.25 s at 80 Hz), trained on all tasks at once with each episode's instruction. (Half the
+# demonstrations and the demo's policy did as well: docs/experiments.md, section 7.) The paper's rows.
 METAWORLD_EPISODES = 40
 METAWORLD_VLM = demo.TinyVLM(image=128, patch=16, scale_factor=1, vision_hidden=64, vision_layers=3, text_hidden=96)
 METAWORLD_STEPS = 30_000
