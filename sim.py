@@ -849,7 +849,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--size", type=image_size, default=None,
                    help="camera HEIGHTxWIDTH (default: the world's: so100 96x96, metaworld 128x128)")
     r.add_argument("--noise", type=non_negative_float, default=0.0,
-                   help="radians of wandering offset added to the executed goals, not to the recorded ones (DART)")
+                   help="DART: noise in what is executed, not in what is recorded (so100: radians of wandering offset "
+                        "of the goals; metaworld: the std of Gaussian noise on the hand's xyz action, 1 = 1 cm a step)")
     r.add_argument("--cubes", type=int, choices=(1, 2), default=1,
                    help="2: a red and a green cube, each episode's task names the one to move")
     e = sub.add_parser("eval", help="closed-loop success rate of a policy (JSON summary on the last line)")

@@ -295,11 +295,12 @@ class MetaWorldEnv:
 
     def expert(self, seed: int, fps: float, noise: float = 0.0) -> MetaWorldDemonstration:
         """The scripted expert for the episode reset() has just begun (at the world's own fps: an action
-        is one Meta-World step). `noise` is the SO-100 scene's DART offset; Meta-World's experts have none."""
-        if fps != self.fps or noise:
-            raise MetaWorldError(f"Meta-World's demonstrations are recorded at {self.fps:g} fps without noise "
-                                 f"(asked: {fps:g} fps, noise {noise:g})")
-        return MetaWorldDemonstration(self)
+        is one Meta-World step). `noise`: DART, the standard deviation of Gaussian noise (action units:
+        1 = 1 cm a step) added to the hand's executed xyz deltas, drawn from `seed`; the recorded
+        action stays the expert's own, which reads the hand where the noise put it."""
+        if fps != self.fps:
+            raise MetaWorldError(f"Meta-World's demonstrations are recorded at {self.fps:g} fps (asked: {fps:g} fps)")
+        return MetaWorldDemonstration(self, noise, np.random.default_rng(seed))
 
     def expert_policy(self, fps: float) -> tuple[Callable[[policy_io.Observation], np.ndarray], policy_io.PolicySpec]:
         return expert_policy(self)
@@ -389,17 +390,24 @@ class ScriptedExpert:
 
 class MetaWorldDemonstration:
     """One scripted demonstration as sim.expert_episode records it (sim.Demonstration): each step the
-    expert's action for the present observation, recorded as executed; it ends at the step Meta-World
-    reports success, or at the episode's 500 steps (then it did not succeed)."""
+    expert's action for the present observation, recorded; executed as it is or, with `noise`, with
+    the hand's xyz delta perturbed (DART: the deterministic experts never leave their own path, so
+    without it a policy never sees how to come back to it). The gripper is never perturbed. It ends at
+    the step Meta-World reports success, or at the episode's 500 steps (then it did not succeed)."""
 
-    def __init__(self, env: "MetaWorldEnv"):
-        self.env, self.expert = env, ScriptedExpert(env.task)
+    def __init__(self, env: "MetaWorldEnv", noise: float = 0.0, rng: np.random.Generator | None = None):
+        self.env, self.expert, self.noise = env, ScriptedExpert(env.task), noise
+        self.rng = rng if rng is not None else np.random.default_rng(0)
 
     def act(self, t: float) -> tuple[np.ndarray, np.ndarray] | None:
         if self.env.task_done() or self.env.steps >= self.env.max_steps:
             return None
         action = self.expert(self.env.observation)
-        return action, action
+        if not self.noise:
+            return action, action
+        executed = action.copy()
+        executed[:3] = np.clip(action[:3] + self.noise * self.rng.normal(size=3), -1.0, 1.0)
+        return action, executed
 
     def succeeded(self) -> bool:
         return self.env.task_done()

@@ -281,6 +281,34 @@ def test_expert_actions_are_clipped_to_the_action_space():
         assert np.abs(actions).max() <= 1.0 and np.abs(actions[:, :3]).max() == pytest.approx(1.0)
 
 
+def test_dart_noise_perturbs_the_executed_hand_and_records_meta_worlds_own_action():
+    """With noise, each step records Meta-World's own expert action for the observation the noise led
+    to, and executes it with the xyz delta perturbed (clipped to the action space), the gripper as is."""
+    raw = metaworld.policies.ENV_POLICY_MAP["pick-place-v3"]()
+    with mw.MetaWorldEnv("pick-place-v3") as env:
+        env.reset(0)
+        demo = env.expert(0, env.fps, noise=0.5)
+        moved = []
+        for k in range(40):
+            expected = np.clip(raw.get_action(env.observation), -1, 1)
+            recorded, executed = demo.act(k / env.fps)
+            np.testing.assert_allclose(recorded, expected, atol=1e-6)
+            assert executed[3] == recorded[3] and np.abs(executed).max() <= 1.0
+            moved.append(np.abs(executed[:3] - recorded[:3]).max())
+            env.robot.write(executed)
+            env.step(1 / env.fps)
+        assert np.mean(np.array(moved) > 0) > 0.5  # perturbed at most steps (clipping hides a few)
+        hand_with_noise = env.observation[:3].copy()
+        env.reset(0)
+        quiet = env.expert(0, env.fps)
+        for k in range(40):
+            recorded, executed = quiet.act(k / env.fps)
+            assert np.array_equal(recorded, executed)
+            env.robot.write(executed)
+            env.step(1 / env.fps)
+        assert np.abs(env.observation[:3] - hand_with_noise).max() > 1e-3  # the noise moved the hand
+
+
 def test_recorded_demonstrations_read_back_through_data_py(tmp_path, capsys):
     """`sim.py record --env metaworld` over two tasks: one dataset, each episode its task's instruction."""
     tasks = ["reach-v3", "button-press-topdown-v3"]
