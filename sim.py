@@ -526,7 +526,7 @@ def demonstrations(env: Environment, episodes: int, seed: int = 0, fps: float | 
     fps = fps or env.fps
     used = [] if used is None else used
     failed = [] if failed is None else failed
-    s, start, done = seed, time.monotonic(), 0
+    s, start, done, failed_here = seed, time.monotonic(), 0, []  # failed_here: this world's alone
     while done < episodes:
         episode = expert_episode(env, s, fps, noise)
         (used if episode is not None else failed).append(s)
@@ -535,8 +535,11 @@ def demonstrations(env: Environment, episodes: int, seed: int = 0, fps: float | 
             log(f"episode {done}/{episodes} (seed {s}): {len(episode[policy_io.ACTION])} frames, "
                 f"{time.monotonic() - start:.0f} s")
             yield episode
-        elif len(failed) > max(10, episodes):
-            raise SimError(f"the scripted expert failed on {len(failed)} seeds ({failed[:10]} ...)")
+        else:
+            failed_here.append(s)
+            if len(failed_here) > max(10, episodes):
+                where = f" in {env.task}" if getattr(env, "task", None) else ""
+                raise SimError(f"the scripted expert failed{where} on {len(failed_here)} seeds ({failed_here[:10]} ...)")
         s += 1
 
 

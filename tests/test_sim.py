@@ -415,6 +415,38 @@ class PointCamera:
         return self.world.render()
 
 
+class FailingPointWorld(PointWorld):
+    """A PointWorld whose expert fails on seeds below `first_success` (it never moves the point)."""
+
+    def __init__(self, first_success: int, task: str):
+        super().__init__()
+        self.first_success, self.task = first_success, task
+
+    def expert(self, seed: int, fps: float, noise: float = 0.0):
+        if seed >= self.first_success:
+            return super().expert(seed, fps, noise)
+
+        class Idle:
+            def act(self, t):
+                return None if t >= 0.5 else (np.array([0.0], np.float32),) * 2
+
+            def succeeded(self):
+                return False
+
+        return Idle()
+
+
+def test_the_recorder_bounds_each_worlds_expert_failures_not_their_sum(tmp_path):
+    """Chained worlds (Meta-World's tasks) each get the failure allowance, max(10, episodes): 8 + 8
+    failures in two worlds record; 11 in one stop the recording, naming the world."""
+    worlds = [FailingPointWorld(8, "first"), FailingPointWorld(8, "second")]
+    summary = sim.record(worlds, tmp_path / "ds", episodes=1, seed=0, log=lambda m: None)
+    assert summary["episodes"] == 2 and len(summary["expert_failures"]) == 16
+    with pytest.raises(sim.SimError, match="in hopeless on 11 seeds"):
+        sim.record(FailingPointWorld(100, "hopeless"), tmp_path / "ds2", episodes=1, seed=0, log=lambda m: None)
+    assert not (tmp_path / "ds2").exists()
+
+
 def test_a_second_world_records_and_evaluates_through_the_same_interface(tmp_path):
     world = PointWorld()
     summary = sim.record(world, tmp_path / "ds", episodes=2, seed=3, log=lambda m: None)
