@@ -529,13 +529,14 @@ def demonstrations(env: Environment, episodes: int, seed: int = 0, fps: float | 
     s, start, done, failed_here = seed, time.monotonic(), 0, []  # failed_here: this world's alone
     while done < episodes:
         episode = expert_episode(env, s, fps, noise)
-        (used if episode is not None else failed).append(s)
         if episode is not None:
+            used.append(s)
             done += 1
             log(f"episode {done}/{episodes} (seed {s}): {len(episode[policy_io.ACTION])} frames, "
                 f"{time.monotonic() - start:.0f} s")
             yield episode
         else:
+            failed.append(s)
             failed_here.append(s)
             if len(failed_here) > max(10, episodes):
                 where = f" in {env.task}" if getattr(env, "task", None) else ""

@@ -300,7 +300,7 @@ class MetaWorldEnv:
         action stays the expert's own, which reads the hand where the noise put it."""
         if fps != self.fps:
             raise MetaWorldError(f"Meta-World's demonstrations are recorded at {self.fps:g} fps (asked: {fps:g} fps)")
-        return MetaWorldDemonstration(self, noise, np.random.default_rng(seed))
+        return MetaWorldDemonstration(self, seed, noise)
 
     def expert_policy(self, fps: float) -> tuple[Callable[[policy_io.Observation], np.ndarray], policy_io.PolicySpec]:
         return expert_policy(self)
@@ -395,9 +395,9 @@ class MetaWorldDemonstration:
     without it a policy never sees how to come back to it). The gripper is never perturbed. It ends at
     the step Meta-World reports success, or at the episode's 500 steps (then it did not succeed)."""
 
-    def __init__(self, env: "MetaWorldEnv", noise: float = 0.0, rng: np.random.Generator | None = None):
+    def __init__(self, env: "MetaWorldEnv", seed: int, noise: float = 0.0):
         self.env, self.expert, self.noise = env, ScriptedExpert(env.task), noise
-        self.rng = rng if rng is not None else np.random.default_rng(0)
+        self.rng = np.random.default_rng(seed)  # the noise, drawn from the episode's seed
 
     def act(self, t: float) -> tuple[np.ndarray, np.ndarray] | None:
         if self.env.task_done() or self.env.steps >= self.env.max_steps:
