@@ -61,6 +61,7 @@ LANGUAGE_STEPS = 15_000  # at 5,000 steps the policy still ignored the colour wo
 # demonstrations and the demo's policy did as well: docs/experiments.md, section 7.) The paper's rows.
 METAWORLD_EPISODES = 40
 METAWORLD_VLM = demo.TinyVLM(image=128, patch=16, scale_factor=1, vision_hidden=64, vision_layers=3, text_hidden=96)
+METAWORLD_NOISE = 0.0
 METAWORLD_STEPS = 30_000
 METAWORLD_CHUNK = 20
 METAWORLD_EVAL_EPISODES = 10  # per task, as lerobot-eval runs Meta-World
@@ -388,13 +389,15 @@ def metaworld(args: argparse.Namespace) -> list[dict]:
     import sim_metaworld
 
     tasks = sim_metaworld.tasks_for(args.metaworld_tasks)
-    demos = args.out / "runs" / f"metaworld_demos-{args.metaworld_tasks}-{args.metaworld_episodes}"
+    noise = f"-noise{args.metaworld_noise:g}" if args.metaworld_noise else ""
+    demos = args.out / "runs" / f"metaworld_demos-{args.metaworld_tasks}-{args.metaworld_episodes}{noise}"
     if not (demos / "dataset").is_dir():
         print(f"recording {args.metaworld_episodes} demonstrations of each of {len(tasks)} tasks ...", flush=True)
         start = time.perf_counter()
         worlds = sim.open_worlds("metaworld", tasks)
         try:
-            recorded = sim.record(worlds, demos / "dataset", args.metaworld_episodes, seed=0, log=lambda line: None)
+            recorded = sim.record(worlds, demos / "dataset", args.metaworld_episodes, seed=0,
+                                  noise=args.metaworld_noise, log=lambda line: None)
         finally:
             worlds.close()
         recorded["wall_s"] = round(time.perf_counter() - start, 1)
@@ -407,7 +410,7 @@ def metaworld(args: argparse.Namespace) -> list[dict]:
         raise SystemExit(f"{demos / 'vlm'} holds a VLM of another size than METAWORLD_VLM (an older run's): "
                          f"move it away to train the current size (its checkpoints point to it)")
     steps = args.steps or METAWORLD_STEPS
-    name = f"metaworld-{args.expert_attention}-{steps}"
+    name = metaworld_name(args)
     # Decoded once into memory (8 GB at 40 demonstrations: 49 KB a frame), by two processes.
     policy = train_variant(args.out, name, ["--chunk-size", str(METAWORLD_CHUNK), "--expert-attention",
                                             args.expert_attention, "--save-every", str(max(1, steps // 4)),
@@ -430,6 +433,12 @@ def metaworld(args: argparse.Namespace) -> list[dict]:
     (args.out / f"{name}.md").write_text(metaworld_table(rows[-1], args) + "\n")
     print(metaworld_table(rows[-1], args))
     return rows
+
+
+def metaworld_name(args: argparse.Namespace) -> str:
+    """The run's and table's name: the expert's attention, the budget, and the recording's noise if any."""
+    noise = f"-noise{args.metaworld_noise:g}" if args.metaworld_noise else ""
+    return f"metaworld-{args.expert_attention}-{args.steps or METAWORLD_STEPS}{noise}"
 
 
 def evaluate_metaworld(policy: Path, tasks: list[str], episodes: int, seed: int, cache: Path) -> dict:
@@ -519,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metaworld: a task, a group (easy, medium, hard, very_hard) or mt50 (default)")
     p.add_argument("--metaworld-episodes", type=sim.positive_int, default=METAWORLD_EPISODES,
                    help=f"metaworld: demonstrations recorded per task (default {METAWORLD_EPISODES})")
+    p.add_argument("--metaworld-noise", type=sim.non_negative_float, default=METAWORLD_NOISE,
+                   help="metaworld: DART noise of the recording, the std of Gaussian noise on the executed hand "
+                        f"delta (1 = 1 cm a step; the expert's own action is recorded) (default {METAWORLD_NOISE:g})")
     p.add_argument("--expert-attention", choices=("interleaved", "cross", "self"), default="interleaved",
                    help="metaworld: the action expert's attention (the ablation trains each)")
     p.add_argument("--out", type=Path, default=Path("outputs/experiments"), help="where tables and plots go")
@@ -545,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     table = {"language": f"language-{language_steps(args)}",  # one per length
-             "metaworld": f"metaworld-{args.expert_attention}-{args.steps or METAWORLD_STEPS}"}.get(args.experiment, args.experiment)
+             "metaworld": metaworld_name(args)}.get(args.experiment, args.experiment)
     write_table(args.out, table, rows)
     print(f"{args.experiment}: {len(rows)} settings x {args.episodes} episodes in {time.perf_counter() - start:.0f} s; "
           f"{args.out / table}.csv/.json/.png", file=sys.stderr)
