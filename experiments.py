@@ -53,14 +53,20 @@ REMOTE_GPU_LATENCY_S = 0.3  # a policy server on a GPU across a network: inferen
 SLOW_REMOTE_LATENCY_S = 0.6  # the same over a slow link (Wi-Fi, the internet): still under g x one chunk
 DEMO_STEPS = demo.DEFAULTS["steps"]  # steps and attention train each policy with the demo's budget
 LANGUAGE_STEPS = 15_000  # at 5,000 steps the policy still ignored the colour word
-# Meta-World, sized for a 2-core CPU within about 3 hours (measured: record 34 min, train 66 min, evaluate
-# 3-8 min per checkpoint): 40 demonstrations of each of the 50 tasks (~77 frames each, 80 fps), a policy
-# twice the demo's width with 4x its image tokens (0.88 M parameters: the 128-pixel camera as it is, in
-# 16-pixel patches, 64 image tokens; the goal markers are a few pixels wide) with 20-action chunks
-# (0.25 s at 80 Hz), trained on all tasks at once with each episode's instruction. (Half the
-# demonstrations and the demo's policy did as well: docs/experiments.md, section 7.) The paper's rows.
+# Meta-World, sized for a 2-core CPU within about 3 hours: 40 demonstrations of each of the 50 tasks
+# (~77 frames each, 80 fps; recording 34 min), 20-action chunks (0.25 s at 80 Hz), one policy for all
+# tasks with each episode's instruction. The policy's size is a choice (--metaworld-vlm): "small" is the
+# demo's (0.42 M parameters, the 128-pixel camera resized to 96, 16 image tokens), "wide" twice its
+# width with 4x its image tokens (0.88 M: the camera as it is in 16-pixel patches, 64 image tokens).
+# On equal samples the two did as well (docs/experiments.md, section 7), and "small" trains 2.5x as
+# many samples a second at batch 64 (~500/s against ~190/s at 32, measured on a Xeon's 2 cores).
 METAWORLD_EPISODES = 40
-METAWORLD_VLM = demo.TinyVLM(image=128, patch=16, scale_factor=1, vision_hidden=64, vision_layers=3, text_hidden=96)
+METAWORLD_VLMS = {
+    "small": demo.TinyVLM(),
+    "wide": demo.TinyVLM(image=128, patch=16, scale_factor=1, vision_hidden=64, vision_layers=3, text_hidden=96),
+}
+METAWORLD_VLM = "small"
+METAWORLD_BATCH = 64
 METAWORLD_NOISE = 0.0
 METAWORLD_STEPS = 30_000
 METAWORLD_CHUNK = 20
@@ -193,17 +199,18 @@ def moving(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def train_variant(out: Path, name: str, flags: list[str], steps: int, seed: int, demos: Path = DEMO_DIR) -> str:
-    """A demo-sized policy trained on the dataset and VLM under `demos` (linked, not copied) with
-    `flags`; returns its checkpoint. A finished run is reused, a stopped one resumed; a training
+def train_variant(out: Path, name: str, flags: list[str], steps: int, seed: int, demos: Path = DEMO_DIR,
+                  vlm: Path | None = None) -> str:
+    """A demo-sized policy trained on the dataset and VLM under `demos` (linked, not copied; the VLM
+    from `vlm` if given) with `flags`; returns its checkpoint. A finished run is reused, a stopped one resumed; a training
     stopped now (Ctrl-C, SIGTERM) stops the experiment rather than evaluating half a policy."""
     import train
 
     run = out / "runs" / name
     run.mkdir(parents=True, exist_ok=True)
-    for part in ("dataset", "vlm"):
+    for part, source in (("dataset", demos / "dataset"), ("vlm", vlm or demos / "vlm")):
         if not (run / part).exists():
-            (run / part).symlink_to((demos / part).resolve())
+            (run / part).symlink_to(source.resolve())
     resume = ["--resume"] if (run / "checkpoints" / "last").exists() else []
     summary = train.main(["--output-dir", str(run), "--steps", str(steps), "--decay-steps", str(steps),
                           "--seed", str(seed), "--demo-eval-episodes", "0", *resume, *flags])
@@ -403,19 +410,20 @@ def metaworld(args: argparse.Namespace) -> list[dict]:
         recorded["wall_s"] = round(time.perf_counter() - start, 1)
         cli.write_text(demos / "record.json", json.dumps(recorded, indent=2) + "\n")
     record_s = json.loads((demos / "record.json").read_text())["wall_s"]
-    if not (demos / "vlm").is_dir():
-        demo.write_vlm(demos / "vlm", [sim_metaworld.INSTRUCTIONS[task] for task in tasks], METAWORLD_VLM)
-    written = json.loads((demos / "vlm" / "config.json").read_text())
-    if written != demo.vlm_config(written["text_config"]["vocab_size"], METAWORLD_VLM):
-        raise SystemExit(f"{demos / 'vlm'} holds a VLM of another size than METAWORLD_VLM (an older run's): "
-                         f"move it away to train the current size (its checkpoints point to it)")
+    vlm, size = demos / f"vlm-{args.metaworld_vlm}", METAWORLD_VLMS[args.metaworld_vlm]
+    if not vlm.is_dir():
+        demo.write_vlm(vlm, [sim_metaworld.INSTRUCTIONS[task] for task in tasks], size)
+    written = json.loads((vlm / "config.json").read_text())
+    if written != demo.vlm_config(written["text_config"]["vocab_size"], size):
+        raise SystemExit(f"{vlm} holds a VLM of another size than METAWORLD_VLMS[{args.metaworld_vlm!r}] (an older "
+                         f"run's): move it away to train the current size (its checkpoints point to it)")
     steps = args.steps or METAWORLD_STEPS
     name = metaworld_name(args)
     # Decoded once into memory (8 GB at 40 demonstrations: 49 KB a frame), by two processes.
     policy = train_variant(args.out, name, ["--chunk-size", str(METAWORLD_CHUNK), "--expert-attention",
                                             args.expert_attention, "--save-every", str(max(1, steps // 4)),
-                                            "--preload", "--num-workers", "2"],
-                           steps, 1000, demos)
+                                            "--batch-size", str(args.metaworld_batch), "--preload", "--num-workers", "2"],
+                           steps, 1000, demos, vlm)
     run = Path(policy).parents[2]
     rows = []
     for fraction in METAWORLD_CURVE:
@@ -438,7 +446,8 @@ def metaworld(args: argparse.Namespace) -> list[dict]:
 def metaworld_name(args: argparse.Namespace) -> str:
     """The run's and table's name: the expert's attention, the budget, and the recording's noise if any."""
     noise = f"-noise{args.metaworld_noise:g}" if args.metaworld_noise else ""
-    return f"metaworld-{args.expert_attention}-{args.steps or METAWORLD_STEPS}{noise}"
+    return (f"metaworld-{args.expert_attention}-{args.steps or METAWORLD_STEPS}-{args.metaworld_vlm}"
+            f"-b{args.metaworld_batch}{noise}")
 
 
 def evaluate_metaworld(policy: Path, tasks: list[str], episodes: int, seed: int, cache: Path) -> dict:
@@ -496,7 +505,9 @@ def metaworld_table(row: dict, args: argparse.Namespace) -> str:
     lines.append(f"| ours ({row['setting']}, from scratch, CPU) | " + " | ".join(ours(g) for g in groups)
                  + f" | {100 * row['group_average']:.1f} |")
     return "\n".join(lines) + (f"\n\n`python experiments.py metaworld --metaworld-tasks {args.metaworld_tasks} "
-                                f"--metaworld-episodes {args.metaworld_episodes} --steps {row['step']} "
+                                f"--metaworld-episodes {args.metaworld_episodes} --metaworld-vlm {args.metaworld_vlm} "
+                                f"--metaworld-batch {args.metaworld_batch} --metaworld-noise {args.metaworld_noise:g} "
+                                f"--steps {row['step']} "
                                 f"--expert-attention {args.expert_attention} --episodes {args.episodes} --seed {args.seed}`")
 
 
@@ -528,6 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metaworld: a task, a group (easy, medium, hard, very_hard) or mt50 (default)")
     p.add_argument("--metaworld-episodes", type=sim.positive_int, default=METAWORLD_EPISODES,
                    help=f"metaworld: demonstrations recorded per task (default {METAWORLD_EPISODES})")
+    p.add_argument("--metaworld-vlm", choices=sorted(METAWORLD_VLMS), default=METAWORLD_VLM,
+                   help=f"metaworld: the policy's size (default {METAWORLD_VLM}: the demo's, 0.42 M parameters; "
+                        "wide: 0.88 M, 64 image tokens)")
+    p.add_argument("--metaworld-batch", type=sim.positive_int, default=METAWORLD_BATCH,
+                   help=f"metaworld: training batch size (default {METAWORLD_BATCH})")
     p.add_argument("--metaworld-noise", type=sim.non_negative_float, default=METAWORLD_NOISE,
                    help="metaworld: DART noise of the recording, the std of Gaussian noise on the executed hand "
                         f"delta (1 = 1 cm a step; the expert's own action is recorded) (default {METAWORLD_NOISE:g})")
