@@ -11,7 +11,7 @@ Each experiment is one command; it writes a table (CSV and JSON) and a plot (PNG
     python experiments.py moving --policy P      # a cube sliding at speed v
     python experiments.py metaworld              # Meta-World MT50: record, train from scratch, evaluate
     python experiments.py metaworld --expert-attention cross   # (and self): the attention ablation there
-    python experiments.py realtime               # sync, async and --rtc (three policies) at latencies to 2 s
+    python experiments.py realtime               # sync, async and --rtc (four policies) at latencies to 2 s
 
 `steps` and `attention` train on the demo's dataset (outputs/demo/dataset) with the demo's recipe
 (demo.py); `language` records its own two-cube demonstrations and trains on them with the same recipe.
@@ -306,19 +306,22 @@ def realtime(args: argparse.Namespace) -> list[dict]:
     plus 0.3, 0.6, 1.0 and 2.0 s: sync, the paper's async (g = 0.7), and --rtc with three policies
     trained with the demo's recipe on the demo's data: a plain one (inference-time guidance toward the
     queued plan), one trained with a clean committed prefix (training-time RTC), one trained on
-    future states (it plans from where the arm will be when the chunk starts). Then the real SmolVLA's
-    timing, 50-action chunks at 30 fps, on demonstrations recorded at 30 fps."""
+    future states (it plans from where the arm will be when the chunk starts). Then sync, async and
+    --rtc again with a plain policy planning twice as far (20 actions, 2 s: more left to overlap after
+    d), and the real SmolVLA's timing, 50-action chunks at 30 fps, on demonstrations recorded at 30 fps."""
     steps = args.steps or DEMO_STEPS
     policies = {name: train_variant(args.out, f"realtime-{name}-{steps}", flags, steps, 1000)
                 for name, flags in REALTIME_POLICIES.items()}
     modes = [("sync", "plain", {"sync": True}), ("async", "plain", {}), ("rtc inference", "plain", {"rtc": True}),
-             ("rtc training", "prefix", {"rtc": True}), ("future state", "future", {"rtc": True})]
+             ("rtc training", "prefix", {"rtc": True}), ("future state", "future", {"rtc": True}),
+             ("long sync", "long", {"sync": True}), ("long async", "long", {}), ("long rtc", "long", {"rtc": True})]
     rows = []
     for mode, policy, fields in modes:
         settings = [(f"{mode} +{extra:g}s", {**fields, **realtime_latency(extra)}) for extra in REALTIME_LATENCIES]
         for row in cached_settings(args.out / "runs" / "realtime" / f"{mode.replace(' ', '_')}-{steps}.json",
                                    policies[policy], settings, args.episodes, args.seed):
-            row.update(realtime_mode=mode, policy_variant=policy, chunk_size=10)
+            row.update(realtime_mode=mode, policy_variant=policy,
+                       chunk_size=REALTIME_LONG_CHUNK if policy == "long" else demo.DEFAULTS["chunk_size"])
             rows.append(row)
     plot_realtime(args.out / "realtime.png", rows, [mode for mode, _, _ in modes])
     rows += realtime_30fps(args, steps)
@@ -328,10 +331,15 @@ def realtime(args: argparse.Namespace) -> list[dict]:
 # Each policy of the realtime experiment: the train.py flags that make it what it is (set either way,
 # so that a change of the demo's recipe cannot change what is compared).
 REALTIME_MAX_DELAY = 20  # ticks: 2.0 s at the demo's 10 fps, the largest latency tried
+# A chunk brings new actions only past the d ticks its computing took: with the demo's 10 (1 s) nothing
+# is left at +1.0 s (d = 11) and 2 actions overlap the old plan at +0.3 s. A plain policy planning 2 s
+# ahead runs sync, async and --rtc too.
+REALTIME_LONG_CHUNK = 20
 REALTIME_POLICIES = {
     "plain": ["--rtc-prefix-max", "0", "--future-state-max-offset", "0"],
     "prefix": ["--rtc-prefix-max", str(demo.DEFAULTS["chunk_size"] - 1), "--future-state-max-offset", "0"],
     "future": ["--rtc-prefix-max", "0", "--future-state-max-offset", str(REALTIME_MAX_DELAY)],
+    "long": ["--chunk-size", str(REALTIME_LONG_CHUNK), "--rtc-prefix-max", "0", "--future-state-max-offset", "0"],
 }
 REALTIME_LATENCIES = (0.0, 0.3, 0.6, 1.0, 2.0)  # added to the own latency
 REALTIME_30FPS_LATENCIES = (0.3, 1.0)

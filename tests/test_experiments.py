@@ -89,37 +89,45 @@ def test_each_setting_reaches_the_client_the_evaluation_or_the_scene(monkeypatch
 
 
 def test_metaworld_records_trains_and_evaluates_each_phase_once(tmp_path, capsys):
-    """The whole pipeline at a toy size: demonstrations of one task, a few training steps, an
-    evaluation per checkpoint of the curve judged by Meta-World, the table beside the paper's rows;
-    a second run reuses every phase (no recording, training or evaluation again)."""
+    """The whole pipeline at a toy size: demonstrations of one task (with DART noise), a few training
+    steps of the chosen size and batch, an evaluation per checkpoint of the curve judged by Meta-World,
+    the table beside the paper's rows; a second run reuses every phase (no recording, training or
+    evaluation again)."""
     import pytest
 
     pytest.importorskip("metaworld")
     argv = ["metaworld", "--metaworld-tasks", "reach-v3", "--metaworld-episodes", "3", "--steps", "4",
+            "--metaworld-vlm", "small", "--metaworld-batch", "8", "--metaworld-noise", "0.3",
             "--episodes", "1", "--seed", "500", "--out", str(tmp_path)]
     assert experiments.main(argv) == 0
-    rows = json.loads((tmp_path / "metaworld-interleaved-4.json").read_text())
+    name = "metaworld-interleaved-4-small-b8-noise0.3"
+    demos = tmp_path / "runs" / "metaworld_demos-reach-v3-3-noise0.3"
+    assert (demos / "dataset" / "meta" / "info.json").is_file()
+    vlm = json.loads((tmp_path / "runs" / name / "vlm" / "config.json").read_text())
+    assert vlm["vision_config"]["image_size"] == 96 and vlm["text_config"]["hidden_size"] == 64  # the demo's size
+    rows = json.loads((tmp_path / f"{name}.json").read_text())
     assert [r["step"] for r in rows] == [1, 2, 4]
     final = rows[-1]
     assert final["episodes"] == 1 and final["per_task"]["reach-v3"]["group"] == "easy" and final["seeds"] == [500, 500]
     assert set(final["per_group"]) == {"easy"} and 0.0 <= final["success_rate"] <= 1.0
-    table = (tmp_path / "metaworld-interleaved-4.md").read_text()
+    table = (tmp_path / f"{name}.md").read_text()
     assert "| SmolVLA (0.45B, paper) | 82.5 | 41.8 | 45.0 | 60.0 | 57.3 |" in table
-    assert "--metaworld-tasks reach-v3" in table
+    assert "--metaworld-tasks reach-v3" in table and "--metaworld-batch 8 --metaworld-noise 0.3" in table
     capsys.readouterr()
     assert experiments.main(argv) == 0
     out = capsys.readouterr().out
     assert "recording" not in out and "reach-v3:" not in out  # nothing recorded or evaluated again
     # two tasks: one process each (spawned), the summary in the tasks' order
-    policy = tmp_path / "runs" / "metaworld-interleaved-4" / "checkpoints" / "000004" / "pretrained_model"
+    policy = tmp_path / "runs" / name / "checkpoints" / "000004" / "pretrained_model"
     both = experiments.evaluate_metaworld(policy, ["reach-v3", "drawer-close-v3"], 1, 500, tmp_path / "two.json")
     assert list(both["per_task"]) == ["reach-v3", "drawer-close-v3"] and both["episodes"] == 2
     assert both["per_task"]["reach-v3"]["successes"] == final["per_task"]["reach-v3"]["successes"]
 
 
 def test_realtime_runs_each_way_on_its_own_policy_at_every_latency_and_resumes(tmp_path, monkeypatch):
-    """Five ways x five latencies on three policies trained with opposite flags, then the 30-fps,
-    50-action setting; each mode's rows are cached, so a second run evaluates nothing again."""
+    """Eight ways x five latencies on four policies trained with opposite flags (one with 20-action
+    chunks), then the 30-fps, 50-action setting; each mode's rows are cached, so a second run
+    evaluates nothing again."""
     import demo
     import sim
 
@@ -146,18 +154,21 @@ def test_realtime_runs_each_way_on_its_own_policy_at_every_latency_and_resumes(t
     rows = experiments.realtime(args)
     assert trained["realtime-prefix-3000"][0] == ["--rtc-prefix-max", "9", "--future-state-max-offset", "0"]
     assert trained["realtime-future-3000"][0] == ["--rtc-prefix-max", "0", "--future-state-max-offset", "20"]
+    assert trained["realtime-long-3000"][0][:2] == ["--chunk-size", "20"]
     assert trained["realtime-30fps-3000"][0][:2] == ["--chunk-size", "50"]
     assert trained["realtime-30fps-3000"][1] == tmp_path / "runs" / "realtime_demos30-100"
-    assert len(rows) == 5 * 5 + 3 * 2
+    assert len(rows) == 8 * 5 + 3 * 2
     by_setting = {r["setting"]: r for r in rows}
     sync = by_setting["sync +0.6s"]
     assert sync["sync"] is True and sync["policy_variant"] == "plain" and abs(sync["latency_s"] - 0.64) < 1e-9
     future = by_setting["future state +2s"]
     assert future["rtc"] is True and future["policy_variant"] == "future" and future["time_limit_s"] == 60.0
     assert by_setting["async +1s"]["time_limit_s"] == 25.0 and "rtc" not in by_setting["async +1s"]
+    assert by_setting["long rtc +1s"]["policy_variant"] == "long" and by_setting["long rtc +1s"]["chunk_size"] == 20
+    assert by_setting["long sync +1s"]["sync"] is True and by_setting["sync +1s"]["chunk_size"] == 10
     policies = {policy for policy, _ in evaluated}
     assert policies == {"policy/realtime-plain-3000", "policy/realtime-prefix-3000", "policy/realtime-future-3000",
-                        "policy/realtime-30fps-3000"}
+                        "policy/realtime-long-3000", "policy/realtime-30fps-3000"}
     assert (tmp_path / "realtime.png").is_file()
     evaluated.clear()
     assert experiments.realtime(args) == rows and evaluated == []  # every mode read back from its cache
