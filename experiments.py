@@ -58,8 +58,9 @@ LANGUAGE_STEPS = 15_000  # at 5,000 steps the policy still ignored the colour wo
 # tasks with each episode's instruction. The policy's size is a choice (--metaworld-vlm): "small" is the
 # demo's (0.42 M parameters, the 128-pixel camera resized to 96, 16 image tokens), "wide" twice its
 # width with 4x its image tokens (0.88 M: the camera as it is in 16-pixel patches, 64 image tokens).
-# On equal samples the two did as well (docs/experiments.md, section 7), and "small" trains 2.5x as
-# many samples a second at batch 64 (~500/s against ~190/s at 32, measured on a Xeon's 2 cores).
+# On equal samples the two did as well (docs/experiments.md, section 7), and "small" at batch 64 trains
+# 1.6x as many samples a second (~390/s on MT50 against ~240/s at 32, a Xeon's 2 cores): 24,000 steps
+# of 64 train in 65 min, 37.4% where the others reached 31-34%.
 METAWORLD_EPISODES = 40
 METAWORLD_VLMS = {
     "small": demo.TinyVLM(),
@@ -68,7 +69,7 @@ METAWORLD_VLMS = {
 METAWORLD_VLM = "small"
 METAWORLD_BATCH = 64
 METAWORLD_NOISE = 0.0
-METAWORLD_STEPS = 30_000
+METAWORLD_STEPS = 24_000
 METAWORLD_CHUNK = 20
 METAWORLD_EVAL_EPISODES = 10  # per task, as lerobot-eval runs Meta-World
 METAWORLD_JOBS = 2  # evaluation processes at most (sim.map_tasks), one per core: the demo machine's 2
