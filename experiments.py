@@ -203,8 +203,9 @@ def moving(args: argparse.Namespace) -> list[dict]:
 def train_variant(out: Path, name: str, flags: list[str], steps: int, seed: int, demos: Path = DEMO_DIR,
                   vlm: Path | None = None) -> str:
     """A demo-sized policy trained on the dataset and VLM under `demos` (linked, not copied; the VLM
-    from `vlm` if given) with `flags`; returns its checkpoint. A finished run is reused, a stopped one resumed; a training
-    stopped now (Ctrl-C, SIGTERM) stops the experiment rather than evaluating half a policy."""
+    from `vlm` if given) with `flags`; returns its checkpoint. A finished run is reused, a stopped one
+    resumed; a training stopped now (Ctrl-C, SIGTERM) stops the experiment rather than evaluating half
+    a policy."""
     import train
 
     run = out / "runs" / name
@@ -453,7 +454,8 @@ def metaworld(args: argparse.Namespace) -> list[dict]:
 
 
 def metaworld_name(args: argparse.Namespace) -> str:
-    """The run's and table's name: the expert's attention, the budget, and the recording's noise if any."""
+    """The run's and table's name: the expert's attention, the budget, the policy's size and batch, and
+    the recording's noise if any."""
     noise = f"-noise{args.metaworld_noise:g}" if args.metaworld_noise else ""
     return (f"metaworld-{args.expert_attention}-{args.steps or METAWORLD_STEPS}-{args.metaworld_vlm}"
             f"-b{args.metaworld_batch}{noise}")
