@@ -406,8 +406,7 @@ def metaworld(args: argparse.Namespace) -> list[dict]:
     import sim_metaworld
 
     tasks = sim_metaworld.tasks_for(args.metaworld_tasks)
-    noise = f"-noise{args.metaworld_noise:g}" if args.metaworld_noise else ""
-    demos = args.out / "runs" / f"metaworld_demos-{args.metaworld_tasks}-{args.metaworld_episodes}{noise}"
+    demos = args.out / "runs" / f"metaworld_demos-{args.metaworld_tasks}-{args.metaworld_episodes}{noise_tag(args)}"
     if not (demos / "dataset").is_dir():
         print(f"recording {args.metaworld_episodes} demonstrations of each of {len(tasks)} tasks ...", flush=True)
         start = time.perf_counter()
@@ -456,9 +455,14 @@ def metaworld(args: argparse.Namespace) -> list[dict]:
 def metaworld_name(args: argparse.Namespace) -> str:
     """The run's and table's name: the expert's attention, the budget, the policy's size and batch, and
     the recording's noise if any."""
-    noise = f"-noise{args.metaworld_noise:g}" if args.metaworld_noise else ""
     return (f"metaworld-{args.expert_attention}-{args.steps or METAWORLD_STEPS}-{args.metaworld_vlm}"
-            f"-b{args.metaworld_batch}{noise}")
+            f"-b{args.metaworld_batch}{noise_tag(args)}")
+
+
+def noise_tag(args: argparse.Namespace) -> str:
+    """The recording's DART noise in a name ("-noise0.3"), nothing without: the recording's directory and
+    the run's name carry the same tag, so a run never trains on another recording than its name says."""
+    return f"-noise{args.metaworld_noise:g}" if args.metaworld_noise else ""
 
 
 def evaluate_metaworld(policy: Path, tasks: list[str], episodes: int, seed: int, cache: Path) -> dict:
