@@ -46,7 +46,7 @@ DEMO_POLICY = policy_io.DEMO_POLICY
 DEMO_DIR = Path(demo.DEFAULTS["output_dir"])
 # The tiny policy's own latency, measured alone on 2 cores (41 ms mean): every setting uses it as a
 # fixed figure (plus any latency a setting adds) instead of timing each call, so a busy machine
-# cannot change the results. (Runs still differ episode by episode: the flow's noise is not seeded.)
+# cannot change the results; with the flow's noise seeded per episode (sim.evaluate), a setting repeats exactly.
 OWN_LATENCY_S = 0.04
 SMOLVLA_BASE_CPU_LATENCY_S = 3.9  # `python bench.py infer`: one smolvla_base chunk on 2 CPU cores
 REMOTE_GPU_LATENCY_S = 0.3  # a policy server on a GPU across a network: inference plus round trip

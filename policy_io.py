@@ -10,6 +10,7 @@ loaded (tests check it).
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -180,6 +181,17 @@ def make_policy_fn(policy) -> Callable[[Observation], np.ndarray]:
         return policy.predict_chunk(batch, **kwargs)[0].float().cpu().numpy()
 
     return run
+
+
+def seed_flow_noise(seed: int) -> None:
+    """Seed the generator a policy in this process draws its flow noise from (torch's global one), so
+    that an evaluation's episode sees the same draws whatever ran before it: two settings compared on
+    the same scene seeds differ by the setting, not by the luck of the noise, and a run repeats. No
+    policy here has drawn from torch if torch was never imported (the expert, a remote policy, whose
+    server draws its own noise): nothing to seed then, and the robot side stays free of torch."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(seed)
 
 
 def continuation(observation: Observation, rtc_prefix_max: int, future_state_max_offset: int) -> dict:

@@ -627,12 +627,14 @@ def evaluate(env: Environment, policy_fn: PolicyFn, spec: policy_io.PolicySpec, 
     """Closed-loop success rate of a policy through infer_async.RobotClient (the queue, threshold g
     and aggregation a real arm uses). Success is the world's own signal (SO-100: the cube in the box
     and at rest for SETTLE_S, read from the physics); completion time: simulated seconds from the
-    start to that moment."""
+    start to that moment. Each episode seeds the policy's flow noise with its scene seed
+    (policy_io.seed_flow_noise): settings compared on the same seeds see the same draws."""
     clock = env.clock
     results, frames = [], []
     for i in range(config.episodes):
         seed = config.seed + i
         task = env.reset(seed)
+        policy_io.seed_flow_noise(seed)
         client = infer_async.RobotClient(
             env.robot, env.cameras_for(spec), clock.timed(policy_fn, config.latency_s, config.measure_latency),
             spec, task, config.client, clock=clock.now, sleep=clock.sleep)

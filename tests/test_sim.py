@@ -182,6 +182,27 @@ def test_latency_passes_in_simulated_time(sim_robot):
     assert sim.evaluate(sim_robot, base, spec, config, log=lambda m: None)["idle_ticks"] > 0
 
 
+def test_each_episode_seeds_the_flow_noise_with_its_scene_seed(sim_robot):
+    """A policy drawing its noise as flow.SmolVLA does (torch's global generator): episode i's first
+    draw is what torch gives after manual_seed(seed + i), whatever was drawn before the evaluation."""
+    import torch
+
+    base, spec = sim_robot.expert_policy(30)
+    draws: list[torch.Tensor] = []
+
+    def policy(observation):
+        draws.append(torch.randn(3))
+        return base(observation)
+
+    config = sim.EvalConfig(episodes=2, seed=600, time_limit_s=0.5, measure_latency=False,
+                            client=infer_async.ClientConfig(fps=30, sync=True, n_action_steps=30))
+    torch.randn(5)  # whatever ran before
+    sim.evaluate(sim_robot, policy, spec, config, log=lambda m: None)
+    assert len(draws) == 2  # one chunk of 30 actions covers each 0.5 s episode
+    for seed, draw in zip((600, 601), draws):
+        assert torch.equal(draw, torch.randn(3, generator=torch.Generator().manual_seed(seed)))
+
+
 def test_wilson_interval_by_hand():
     low, high = sim.wilson_interval(8, 10)  # p = 0.8, n = 10, z = 1.96
     assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
