@@ -61,8 +61,8 @@ LANGUAGE_STEPS = 15_000  # at 5,000 steps the policy still ignored the colour wo
 # two did as well (docs/experiments.md, section 7), and "small" at batch 64 trains the most samples a
 # second (~550-600/s on a Xeon's 2 cores alone). What decides success is the samples trained: 24,000
 # steps of 64 reached 37.4% (the mean of the groups), 96,000 reached 69.6%, past the paper's 57.3%; the
-# default is the run measured, about 3.6 h in all on 2 cores (training 2 h 50 min), a little over the
-# 3 h asked for. Its 48,000-step checkpoint (mid-schedule, 3 episodes per task) was already at 62.5%:
+# default is the run measured, about 3.6 h in all on 2 cores (training 2 h 50 min), a little over
+# 3 hours. Its 48,000-step checkpoint (mid-schedule, 3 episodes per task) was already at 62.5%:
 # --steps 48000 (~2.3 h; not run as a schedule of its own) is the shorter choice.
 METAWORLD_EPISODES = 40
 METAWORLD_VLMS = {
